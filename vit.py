@@ -164,15 +164,12 @@ class VisionTransformer(nn.Module):
         return self.head(self.forward_features(x)[:, 0])
 
 
-def _vit(embed_dim, depth, num_heads, patch_size=16, **kwargs):
-    return VisionTransformer(embed_dim=embed_dim, depth=depth, num_heads=num_heads,
-                             **{"patch_size": patch_size, **kwargs})
-
-def vit_tiny(**kw): return _vit(192, 12, 3, **kw)
-def vit_small(**kw): return _vit(384, 12, 6, **kw)  # DeiT's 6 heads; MoCo v3 used 12 (pass num_heads=12)
-def vit_base(**kw): return _vit(768, 12, 12, **kw)
-def vit_large(**kw): return _vit(1024, 24, 16, **kw)
-def vit_huge(**kw): return _vit(1280, 32, 16, **{"patch_size": 14, **kw})
+# Factories: the standard sizes; any keyword (img_size, patch_size, num_heads, drop_path_rate, ...) overrides.
+def vit_tiny(**kw): return VisionTransformer(**{"embed_dim": 192, "depth": 12, "num_heads": 3, **kw})
+def vit_small(**kw): return VisionTransformer(**{"embed_dim": 384, "depth": 12, "num_heads": 6, **kw})  # MoCo v3: 12 heads
+def vit_base(**kw): return VisionTransformer(**{"embed_dim": 768, "depth": 12, "num_heads": 12, **kw})
+def vit_large(**kw): return VisionTransformer(**{"embed_dim": 1024, "depth": 24, "num_heads": 16, **kw})
+def vit_huge(**kw): return VisionTransformer(**{"embed_dim": 1280, "depth": 32, "num_heads": 16, "patch_size": 14, **kw})
 
 MODELS = {"vit_tiny": vit_tiny, "vit_small": vit_small, "vit_base": vit_base, "vit_large": vit_large,
           "vit_huge": vit_huge}

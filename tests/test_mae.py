@@ -1,0 +1,191 @@
+"""mae.py: equality with the official code, masking invariants, the loss against a slow formula, DDP gradients,
+a real-image run that resumes exactly, and one-line errors for bad input."""
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import mae
+import vit
+from helpers import run_ddp
+
+FIX = os.path.join(os.path.dirname(__file__), "fixtures")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_mae(norm_pix_loss=True, patch_size=8):
+    encoder = vit.VisionTransformer(img_size=32, patch_size=patch_size, embed_dim=64, depth=2, num_heads=4)
+    return mae.MaskedAutoencoder(encoder, decoder_embed_dim=32, decoder_depth=2, decoder_num_heads=4,
+                                 norm_pix_loss=norm_pix_loss)
+
+
+def test_equals_official_code():
+    """Official MAE weights (tiny, random) give the official loss, prediction and mask through mae.py."""
+    fx = torch.load(os.path.join(FIX, "mae_official.pt"), weights_only=True)
+    for norm_pix, key in ((True, "loss"), (False, "loss_no_norm_pix")):
+        model = tiny_mae(norm_pix)
+        model.load_state_dict(fx["state_dict"], strict=True)  # official names, decoder included, as is
+        loss, pred, mask = model(fx["imgs"], fx["mask_ratio"], noise=fx["noise"])
+        assert torch.allclose(loss, fx[key], atol=1e-6, rtol=1e-5), (loss, fx[key])
+        if norm_pix:
+            assert torch.allclose(pred, fx["pred"], atol=1e-5)
+            assert torch.equal(mask, fx["mask"])
+
+
+def test_encoder_is_shared_not_copied():
+    model = tiny_mae()
+    assert model.encoder.cls_token is model.cls_token and model.encoder.blocks is model.blocks
+    assert not any(k.startswith("encoder.") for k in model.state_dict())
+    model.to(torch.float64)  # moving the wrapper moves the encoder it calls
+    assert model.encoder.blocks[0].attn.qkv.weight.dtype == torch.float64 and model.encoder.cls_token.dtype == torch.float64
+
+
+def test_masking_invariants():
+    model = tiny_mae(patch_size=4)  # L = 64
+    noise = torch.rand(5, 64)
+    ids_keep, ids_restore, mask = model.random_masking(noise, 0.75)
+    assert ids_keep.shape == (5, 16)  # int(64 * 0.25)
+    assert torch.equal(mask.sum(1), torch.full((5,), 48.0))
+    ids_shuffle = noise.argsort(1)
+    assert torch.equal(torch.gather(ids_shuffle, 1, ids_restore), torch.arange(64).expand(5, -1))  # inverse
+    for b in range(5):
+        assert set(ids_keep[b].tolist()) == set((mask[b] == 0).nonzero().flatten().tolist())
+        assert set(ids_keep[b].tolist()) == set(noise[b].argsort()[:16].tolist())  # the lowest noise is kept
+
+
+def slow_mae_loss(imgs, pred, mask, p, norm_pix):
+    """MAE Sec. 3, written patch by patch: MSE between predicted and (normalized) pixels, averaged over the
+    removed patches only. Patch pixels are ordered (row, col, channel), the official patchify order."""
+    B, _, H, W = imgs.shape
+    total, count = 0.0, 0
+    for b in range(B):
+        for i in range(H // p):
+            for j in range(W // p):
+                idx = i * (W // p) + j
+                if mask[b, idx] == 0:
+                    continue
+                target = imgs[b, :, i * p:(i + 1) * p, j * p:(j + 1) * p].permute(1, 2, 0).reshape(-1)
+                if norm_pix:
+                    target = (target - target.mean()) / (target.var(unbiased=True) + 1e-6).sqrt()
+                total += ((pred[b, idx] - target) ** 2).mean()
+                count += 1
+    return total / count
+
+
+def test_loss_against_slow_formula():
+    torch.manual_seed(0)
+    imgs = torch.randn(3, 3, 32, 32)
+    for norm_pix in (True, False):
+        model = tiny_mae(norm_pix)
+        loss, pred, mask = model(imgs, 0.75)
+        assert torch.allclose(loss, slow_mae_loss(imgs, pred, mask, 8, norm_pix), atol=1e-5)
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(model.unpatchify(model.patchify(x)), x)
+
+
+def _ddp_grads(rank, world_size, out_dir):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    dist.init_process_group("gloo")
+    torch.manual_seed(0)
+    model = tiny_mae()
+    imgs, noise = torch.randn(8, 3, 32, 32), torch.rand(8, 16)  # the same on every rank (same seed)
+    half = slice(rank * 4, rank * 4 + 4)
+    ddp = DDP(model)
+    loss, _, _ = ddp(imgs[half], 0.75, noise[half])
+    loss.backward()
+    torch.save({n: p.grad for n, p in model.named_parameters() if p.grad is not None}, os.path.join(out_dir, f"g{rank}.pt"))
+
+
+def test_ddp_gradients_equal_single_process(tmp_path):
+    """2 gloo processes x 4 images == 1 process x 8 images: every sample masks the same count, so the mean of the
+    per-rank losses is the global loss, and DDP's gradient average is the global gradient."""
+    run_ddp(_ddp_grads, str(tmp_path))
+    torch.manual_seed(0)
+    model = tiny_mae()
+    imgs, noise = torch.randn(8, 3, 32, 32), torch.rand(8, 16)
+    model(imgs, 0.75, noise)[0].backward()
+    g0, g1 = torch.load(tmp_path / "g0.pt"), torch.load(tmp_path / "g1.pt")
+    assert set(g0) == {n for n, p in model.named_parameters() if p.requires_grad}  # every parameter gets a gradient
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert torch.allclose(g0[n], p.grad, atol=1e-6, rtol=1e-4), n
+            assert torch.equal(g0[n], g1[n]), n
+
+
+def tiny_args(data, out, *extra):
+    return ["--data", data, "--output-dir", str(out), "--model", "vit_tiny", "--img-size", "32", "--patch-size", "8",
+            "--batch-size", "16", "--epochs", "2", "--warmup-epochs", "1", "--blr", "1e-3", "--decoder-embed-dim", "32",
+            "--decoder-depth", "1", "--decoder-num-heads", "2", "--num-workers", "0", "--log-every", "3", *extra]
+
+
+def test_real_images_run_and_exact_resume(image_root, tmp_path):
+    torch.set_num_threads(1)
+    full = mae.main(tiny_args(image_root, tmp_path / "a"))  # 160 images / 16 = 10 steps per epoch
+    for f in ("checkpoint.pt", "encoder.pt", "args.json", "log.jsonl", "recon_0002.png"):
+        assert os.path.isfile(tmp_path / "a" / f), f
+    ckpt = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] == 2 and set(ckpt) >= {"model", "optimizer", "epoch", "args"}
+    enc = vit.vit_tiny(img_size=32, patch_size=8)
+    vit.load_pretrained(enc, str(tmp_path / "a" / "encoder.pt"), verbose=False)  # vit.py reads what mae.py writes
+    # killed in the middle of epoch 2 (after its epoch-1 checkpoint), then restarted with the same command
+    mae.main(tiny_args(image_root, tmp_path / "b", "--max-steps", "14"))
+    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    resumed = mae.main(tiny_args(image_root, tmp_path / "b"))
+    for (n, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), n
+    first = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)["model"]
+    assert not torch.equal(first["blocks.0.attn.qkv.weight"], mae.MaskedAutoencoder(vit.vit_tiny(img_size=32, patch_size=8),
+                           32, 1, 2).state_dict()["blocks.0.attn.qkv.weight"])  # it trained
+
+
+def test_nonfinite_loss_stops_and_keeps_checkpoint(image_root, tmp_path):
+    torch.set_num_threads(1)
+    mae.main(tiny_args(image_root, tmp_path, "--epochs", "1"))
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+    with pytest.raises(mae.StopRun, match="non-finite loss"):
+        mae.main(tiny_args(image_root, tmp_path, "--epochs", "3", "--blr", "1e30"))
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before
+
+
+def test_bad_input_one_line_errors(image_root, tmp_path):
+    with pytest.raises(mae.StopRun, match="no such folder"):
+        mae.main(tiny_args(str(tmp_path / "nope"), tmp_path / "o"))
+    os.makedirs(tmp_path / "flat")
+    with pytest.raises(mae.StopRun, match="no 'train' folder"):
+        mae.main(tiny_args(str(tmp_path / "flat"), tmp_path / "o"))
+    os.makedirs(tmp_path / "empty" / "train")
+    with pytest.raises(mae.StopRun, match="no class folders"):
+        mae.main(tiny_args(str(tmp_path / "empty"), tmp_path / "o"))
+    bad = tmp_path / "bad"
+    shutil.copytree(image_root, bad)
+    first_class = sorted(os.listdir(bad / "train"))[0]
+    (bad / "train" / first_class / "0000_broken.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(mae.StopRun, match="cannot read image .*0000_broken.jpg"):
+        mae.main(tiny_args(str(bad), tmp_path / "o2", "--max-steps", "20"))
+    mae.main(tiny_args(image_root, tmp_path / "o3", "--epochs", "1"))  # writes checkpoint.pt of a patch-8 model
+    with pytest.raises(mae.StopRun, match="patch-size"):  # a checkpoint of another model in --output-dir
+        mae.main(tiny_args(image_root, tmp_path / "o3", "--epochs", "2") + ["--patch-size", "4"])
+
+
+def test_cli_error_is_one_line(tmp_path):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "mae.py"), "--data", str(tmp_path / "missing")],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 1
+    assert r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error: --data"), r.stderr
+
+
+def _batch_not_divisible(rank, world_size, image_root, out):
+    try:
+        mae.main(tiny_args(image_root, out, "--batch-size", "15"))
+    except mae.StopRun as e:
+        assert "divisible" in str(e)
+        return
+    raise AssertionError("no error for a batch size not divisible by the process count")
+
+
+def test_batch_not_divisible_by_processes(image_root, tmp_path):
+    run_ddp(_batch_not_divisible, image_root, str(tmp_path))
