@@ -1,0 +1,404 @@
+"""MiCL: Masked Image Contrastive Learning (Yang & Xu, arXiv 2411.09858, 2024; v2 renamed "OCL"), in one file.
+
+Two views of one image without any hand-made augmentation between them: one random mask per image keeps 10% of
+the patches, the kept patches (in random order) are split into two disjoint halves, and each half, with its own CLS
+token, goes through the same ViT. The two CLS features of an image are a positive pair; the other images of the
+batch are the negatives (symmetric InfoNCE). No projector, predictor, momentum encoder or decoder: the encoder is all.
+Facts from the authors' (anonymous) release AnonymGiant/OCL @ 9445a98 (models_mae.py, main_pretrain.py).
+
+Run (defaults = the released recipe, ViT-L/16; the paper: 133 h on 4x A100, 85.8% ImageNet fine-tune):
+    torchrun --nproc_per_node 4 micl.py --data /imagenet --output-dir runs/micl_vitl     # 1800 images per GPU
+    python micl.py --data cifar10 --model vit_tiny --img-size 32 --patch-size 4 --batch-size 256 --epochs 100
+A run auto-resumes from OUTPUT_DIR/checkpoint.pt. The encoder ends up in OUTPUT_DIR/encoder.pt (vit.py / timm names).
+
+Recipe (release -> this file's default):
+    ViT-L/16, mask ratio 0.9 (kept int(L(1-r)) // 2 * 2 = 18 of 196 patches, 9 per view), CLS after the final norm,
+    phi(c) = (1 + c) / 2 / (1 + kappa (1 - c)) with kappa 1/64, tau 0.07, AdamW(0.9, 0.95), wd 0.05 (not on 1-D
+    parameters), lr = blr * batch / 256 with blr 5e-5, 10 warm-up epochs then per-iteration cosine to 0, 200 epochs,
+    batch 1800 per GPU x 4 GPUs = 7200 (lr 1.41e-3), RandomResizedCrop(224, scale 0.2-1, bicubic) + flip (the same
+    crop for both views), no gradient clipping.
+THE PER-GPU BATCH IS PART OF THE METHOD. The release contrasts within each GPU's batch only (no all_gather), and so
+does this file by default: each image has per-GPU batch - 1 negatives. --batch-size here is global (as in every
+script of this project), so the release's 1799 negatives need --batch-size 7200 on 4 processes; on 8 GPUs the same
+command gives 899 negatives and another method. --gather contrasts against the global batch instead (a deviation
+from the release, then only the global batch matters).
+Deviations from the release, on purpose:
+    - A non-finite loss stops the run (checked every --log-every steps). The release prints it and carries on
+      (engine_pretrain.py: the sys.exit is commented out), so a diverged run keeps training silently.
+    - bf16 autocast by default (release: fp16 + GradScaler, still available as --amp fp16); the loss runs in fp32.
+    - DDP without find_unused_parameters; seed 0 (release: 42); checkpoint every epoch (release: every 40).
+    - The patch embedding of each image is computed twice, once per view (see MiCL.forward); the release embeds once.
+    - The release's PRETRAIN.md is MAE's (mask 0.75, 800 epochs); the code defaults above are what it runs.
+
+Sections: model | data | boilerplate (identical in every method script) | arguments | main.
+"""
+import argparse
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+import torchvision.transforms as T
+from tqdm import tqdm
+
+import vit
+
+# ----------------------------------------------------------------------------------------------------------- model
+
+def all_gather_grad(x):
+    """(n, ...) on every rank -> (world_size * n, ...), rank order, WITH gradient: the backward hands each rank the
+    sum over all ranks of the gradient w.r.t. its slice, so other ranks' losses reach this rank's encoder.
+    (dist.all_gather has no gradient; the common "put my own tensor back in my slot" fix loses those cross-rank terms.)
+    .contiguous(): autograd all_gather once computed wrong gradients for non-contiguous inputs (pytorch#120386)."""
+    return torch.cat(dist_nn.all_gather(x.contiguous()), dim=0)
+
+
+def phi(c, kappa):
+    """MiCL's similarity map (release compute_tSP, a t-vMF-style kernel): cosine c in [-1, 1] -> [0, 1], equal to
+    (1 + c) / 2 at kappa = 0; kappa > 0 pushes dissimilar pairs further down."""
+    return 0.5 * (1 + c) / (1 + kappa * (1 - c))
+
+
+def contrastive_loss(m, n, kappa=1 / 64, tau=0.07, gather=False):
+    """Symmetric InfoNCE on L2-normalized features m (view A) and n (view B), both (N, D), row i = image i:
+        loss = 1/2 [CE(phi(m n^T) / tau, arange) + CE(phi(n m^T) / tau, arange)]
+    gather=False: the negatives are the local batch (the release). gather=True: the other ranks' images too; the
+    labels are offset by rank, and the loss is the mean over local images, so DDP's gradient average is the gradient
+    of the mean loss over the global batch."""
+    labels = torch.arange(m.shape[0], device=m.device)  # (N,) image i's positive is column i
+    m_all, n_all = m, n
+    if gather and dist.is_initialized() and dist.get_world_size() > 1:
+        m_all, n_all = all_gather_grad(m), all_gather_grad(n)  # (W*N, D)
+        labels = labels + m.shape[0] * dist.get_rank()  # equal N on every rank: drop_last in make_loader
+    logits_mn = phi(m @ n_all.T, kappa) / tau  # (N, N or W*N)
+    logits_nm = phi(n @ m_all.T, kappa) / tau
+    return 0.5 * (F.cross_entropy(logits_mn, labels) + F.cross_entropy(logits_nm, labels))
+
+
+class MiCL(nn.Module):
+    def __init__(self, encoder, mask_ratio=0.9, kappa=1 / 64, tau=0.07, gather=False):
+        super().__init__()
+        # As in mae.py: the encoder's parts are registered at the top level, so state_dict() has the plain encoder
+        # names (patch_embed.*, cls_token, pos_embed, blocks.*, norm.*), which are also the release's names.
+        # self.encoder is the same module, kept unregistered so its weights are not listed twice.
+        self.__dict__["encoder"] = encoder
+        self.patch_embed, self.cls_token, self.pos_embed = encoder.patch_embed, encoder.cls_token, encoder.pos_embed
+        self.blocks, self.norm = encoder.blocks, encoder.norm
+        self.mask_ratio, self.kappa, self.tau, self.gather = mask_ratio, kappa, tau, gather
+        L = encoder.patch_embed.num_patches
+        assert self.len_keep(L) >= 2, f"mask ratio {mask_ratio} keeps {self.len_keep(L)} of {L} patches; need 2 or more"
+
+    def len_keep(self, L):
+        return int(L * (1 - self.mask_ratio)) // 2 * 2  # release: rounded down to even, 196 -> int(19.6) = 19 -> 18
+
+    def split_views(self, noise):
+        """noise (N, L) -> (ids_a, ids_b), each (N, K/2): patch indices of the two views, disjoint.
+        One random permutation per image (argsort of the noise); the first K indices are kept, in that shuffled
+        order, and the first half goes to view A, the second to view B (the release's reshape(2N, K/2, D))."""
+        K = self.len_keep(noise.shape[1])
+        ids_keep = torch.argsort(noise, dim=1)[:, :K]  # (N, K) the K patches with the lowest noise, random order
+        return ids_keep[:, : K // 2], ids_keep[:, K // 2:]
+
+    def forward(self, imgs, noise=None):
+        """imgs (N, 3, H, W); noise (N, L) in [0, 1) decides the masks (drawn at random when None). Returns the loss."""
+        N = imgs.shape[0]
+        if noise is None:
+            noise = torch.rand(N, self.patch_embed.num_patches, device=imgs.device)
+        ids_a, ids_b = self.split_views(noise)  # 2x (N, K/2)
+        # Both views as one 2N batch (rows 0..N-1 view A, N..2N-1 view B), through vit.py's documented interface.
+        # Cost of that readability: forward_features embeds all L patches of every row before it keeps K/2, so the
+        # patch embedding (one conv layer) runs twice per image. For ViT-L/16 at 224 px that is ~0.15 GMAC per
+        # image against ~6 GMAC for the 24 blocks on 2 x 10 tokens, plus a transient (2N, L, D) activation.
+        x = self.encoder.forward_features(torch.cat([imgs, imgs]), torch.cat([ids_a, ids_b]))  # (2N, 1+K/2, D)
+        with torch.autocast(imgs.device.type, enabled=False):  # fp32: autocast would run the matmuls in bf16/fp16
+            z = F.normalize(x[:, 0].float(), dim=-1)  # (2N, D) CLS after the final norm, unit length
+            return contrastive_loss(z[:N], z[N:], self.kappa, self.tau, self.gather)
+
+
+def train_transform(args):
+    # The release's main_pretrain.py = MAE's: RandomResizedCrop(scale 0.2-1, bicubic) + flip, nothing else.
+    # Both views come from this one crop: the masks are the only difference between them.
+    return T.Compose([T.RandomResizedCrop(args.img_size, scale=(0.2, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+                      T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+# ======================================================================= boilerplate: identical in every method script
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class StopRun(Exception):
+    """A problem the user can fix (bad input, a diverged run): printed as one line, without a traceback."""
+
+
+def one_line(e):
+    """The message of a StopRun, also when it was raised inside a DataLoader worker and wrapped there."""
+    lines = str(e).strip().splitlines()
+    return lines[-1].split("StopRun: ", 1)[-1] if len(lines) > 1 else str(e)
+
+
+def pil_loader(path):
+    from PIL import Image
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except Exception as e:
+        raise StopRun(f"cannot read image {path} ({type(e).__name__}: {e}); delete or replace that file") from None
+
+
+def build_dataset(args, transform, split="train"):
+    """--data ROOT: ROOT/<split> as an ImageFolder (ImageNet layout). --data cifar10|cifar100|stl10: torchvision
+    downloads into --data-root on first use ('val' is the test split)."""
+    import torchvision.datasets as datasets
+    train = split == "train"
+    if args.data == "cifar10":
+        return datasets.CIFAR10(args.data_root, train=train, transform=transform, download=True)
+    if args.data == "cifar100":
+        return datasets.CIFAR100(args.data_root, train=train, transform=transform, download=True)
+    if args.data == "stl10":
+        return datasets.STL10(args.data_root, split="train+unlabeled" if train else "test", transform=transform,
+                              download=True)
+    folder = os.path.join(args.data, split)
+    if not os.path.isdir(args.data):
+        raise StopRun(f"--data {args.data}: no such folder; pass an ImageNet-layout root (ROOT/{split}/<class>/<image>) "
+                      f"or one of cifar10, cifar100, stl10")
+    if not os.path.isdir(folder):
+        raise StopRun(f"--data {args.data}: no '{split}' folder inside; expected the ImageNet layout "
+                      f"ROOT/{split}/<class>/<image>")
+    try:
+        return datasets.ImageFolder(folder, transform=transform, loader=pil_loader)
+    except FileNotFoundError as e:
+        raise StopRun(f"--data {args.data}: {folder} holds no class folders with images ({e}); expected "
+                      f"ROOT/{split}/<class>/<image>") from None
+
+
+def setup_distributed(args):
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain `python` runs one process on cuda:0 or the CPU."""
+    if "RANK" in os.environ:
+        rank, world_size, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_rank)
+            dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
+        else:
+            dist.init_process_group("gloo")  # CPU: tests and debugging
+    else:
+        rank, world_size, local_rank = 0, 1, 0
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if args.batch_size % world_size:
+        raise StopRun(f"--batch-size {args.batch_size} is global and must be divisible by the {world_size} processes; "
+                      f"use e.g. {args.batch_size // world_size * world_size}")
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True
+    return rank, world_size, device
+
+
+def print0(*a, **kw):
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        tqdm.write(" ".join(str(x) for x in a), **kw)
+
+
+def lr_at(step, steps_per_epoch, args):
+    """Per-iteration schedule (MAE util/lr_sched.py): 1) linear warm-up from 0 over warmup_epochs,
+    2) half-cosine from lr to 0 over the remaining epochs. A pure function of the step, so resuming needs no state."""
+    epoch = step / steps_per_epoch
+    if epoch < args.warmup_epochs:
+        return args.lr * epoch / args.warmup_epochs
+    return args.lr * 0.5 * (1.0 + math.cos(math.pi * (epoch - args.warmup_epochs) / (args.epochs - args.warmup_epochs)))
+
+
+def make_loader(dataset, args, rank, world_size, device):
+    # drop_last: every step sees the same per-GPU batch (contrastive labels assume it); the sampler shuffles by seed+epoch
+    if len(dataset) < args.batch_size:
+        raise StopRun(f"--data has {len(dataset)} training images, fewer than one --batch-size {args.batch_size}; "
+                      f"lower --batch-size")
+    sampler = torch.utils.data.DistributedSampler(dataset, world_size, rank, shuffle=True, seed=args.seed, drop_last=True)
+    return torch.utils.data.DataLoader(dataset, batch_size=args.batch_size // world_size, sampler=sampler,
+                                       num_workers=args.num_workers, pin_memory=device.type == "cuda", drop_last=True)
+
+
+def autocast(args, device):
+    if args.amp == "none" or device.type != "cuda":
+        return contextlib.nullcontext()  # CPU runs in fp32
+    return torch.autocast("cuda", dtype=torch.bfloat16 if args.amp == "bf16" else torch.float16)
+
+
+def save_checkpoint(obj, path):
+    """Atomic: write a temporary file, then rename it over the old one; a crash never leaves a half-written file."""
+    torch.save(obj, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def resume(path, args, model, optimizer, scaler):
+    """Load OUTPUT_DIR/checkpoint.pt if there is one; returns the epoch to start from."""
+    if not os.path.isfile(path):
+        return 0
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    for k in ("model", "img_size", "patch_size"):
+        if ckpt["args"].get(k) != getattr(args, k):
+            raise StopRun(f"{path} was written with --{k.replace('_', '-')} {ckpt['args'].get(k)}, not "
+                          f"{getattr(args, k)}; pass the same value or another --output-dir")
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scaler.load_state_dict(ckpt["scaler"]) if ckpt.get("scaler") else None
+    print0(f"resumed from {path} at epoch {ckpt['epoch']}")
+    return ckpt["epoch"]
+
+
+def add_common_args(p, **defaults):
+    """The command line every method script shares; each script passes its paper defaults."""
+    p.add_argument("--data", required=True, help="ImageNet-layout root (ROOT/train/<class>/*) or cifar10|cifar100|stl10")
+    p.add_argument("--data-root", default="./data", help="download folder for --data cifar10|cifar100|stl10")
+    p.add_argument("--output-dir", default=defaults["output_dir"], help="checkpoint.pt, encoder.pt, args.json, log.jsonl")
+    p.add_argument("--model", default=defaults["model"], choices=list(vit.MODELS), help="encoder size")
+    p.add_argument("--img-size", type=int, default=224, help="input resolution")
+    p.add_argument("--patch-size", type=int, default=None, help="patch size (default: the model's, 16 or 14)")
+    p.add_argument("--epochs", type=int, default=defaults["epochs"], help="training epochs")
+    p.add_argument("--warmup-epochs", type=int, default=defaults["warmup_epochs"], help="linear warm-up epochs")
+    p.add_argument("--batch-size", type=int, default=defaults["batch_size"], help="GLOBAL batch, over all processes")
+    p.add_argument("--blr", type=float, default=defaults["blr"], help="base lr; lr = blr * batch_size / 256")
+    p.add_argument("--weight-decay", type=float, default=defaults["weight_decay"], help="AdamW weight decay")
+    p.add_argument("--num-workers", type=int, default=min(10, os.cpu_count() or 1), help="data workers per process")
+    p.add_argument("--amp", default="bf16", choices=["bf16", "fp16", "none"], help="autocast dtype on CUDA (CPU: fp32)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--seed", type=int, default=0, help="seed for init (same on all ranks) and data (seed+rank)")
+    p.add_argument("--init", default=None, help="start from these weights (any file vit.load_pretrained reads)")
+    p.add_argument("--log-every", type=int, default=20, help="steps between log lines (and non-finite loss checks)")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps in total")
+    return p
+# ================================================================================================= end boilerplate
+
+# ------------------------------------------------------------------------------------------------------- arguments
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description="MiCL pre-training (Yang & Xu 2024)", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_common_args(p, output_dir="runs/micl", model="vit_large", epochs=200, warmup_epochs=10, batch_size=7200,
+                    blr=5e-5, weight_decay=0.05)  # release main_pretrain.py; batch = 1800 per GPU x 4 GPUs
+    p.add_argument("--mask-ratio", type=float, default=0.9, help="fraction of patches removed; the kept ones are split "
+                   "into the two views (release: 0.9, main_pretrain.py)")
+    p.add_argument("--kappa", type=float, default=1 / 64, help="kappa of phi(c) = (1+c)/2/(1+kappa(1-c)) (release: 1/64)")
+    p.add_argument("--tau", type=float, default=0.07, help="InfoNCE temperature (release: 0.07)")
+    p.add_argument("--gather", action="store_true", help="negatives from all processes (global batch) instead of the "
+                   "per-GPU batch only (release: per GPU; then results depend on the per-GPU batch)")
+    return p.parse_args(argv)
+
+# ------------------------------------------------------------------------------------------------------------ main
+
+def main(argv=None):
+    args = get_args(argv)
+    rank, world_size, device = setup_distributed(args)
+    is_main = rank == 0
+    args.lr = args.blr * args.batch_size / 256
+    os.makedirs(args.output_dir, exist_ok=True)
+    print0(f"lr = blr {args.blr} x batch {args.batch_size} / 256 = {args.lr:.3g}; {world_size} process(es) x "
+           f"{args.batch_size // world_size} images on {device}; torch {torch.__version__}")
+    negatives = (args.batch_size if args.gather else args.batch_size // world_size) - 1
+    print0(f"negatives per image: {negatives} ({'global batch, --gather' if args.gather else 'per-GPU batch'}; "
+           f"release: 1799 per GPU)")
+
+    # data
+    dataset = build_dataset(args, train_transform(args))
+    loader = make_loader(dataset, args, rank, world_size, device)
+    steps_per_epoch = len(loader)
+
+    # model: the same seed on every rank, and DDP also broadcasts rank 0's weights
+    torch.manual_seed(args.seed)
+    encoder = vit.MODELS[args.model](img_size=args.img_size, **({"patch_size": args.patch_size} if args.patch_size else {}))
+    args.patch_size = encoder.patch_size
+    L = encoder.patch_embed.num_patches
+    if not 0 <= args.mask_ratio < 1 or int(L * (1 - args.mask_ratio)) < 2:
+        raise StopRun(f"--mask-ratio {args.mask_ratio} keeps {int(L * (1 - args.mask_ratio))} of {L} patches; "
+                      f"each view needs one, so keep 2 or more (release: 0.9)")
+    if is_main:
+        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
+            json.dump(vars(args), f, indent=2)
+    model = MiCL(encoder, args.mask_ratio, args.kappa, args.tau, args.gather)
+    K = model.len_keep(L)
+    print0(f"mask ratio {args.mask_ratio}: {K} of {L} patches kept, {K // 2} per view")
+    if args.init:
+        vit.load_pretrained(encoder, args.init, verbose=is_main)
+    model.to(device)
+    model_without_ddp = model
+
+    # optimizer: AdamW(0.9, 0.95), no weight decay on 1-D parameters (norms, biases); the fixed pos-embed is skipped
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for n, p in params if p.ndim > 1], "weight_decay": args.weight_decay},
+              {"params": [p for n, p in params if p.ndim <= 1], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+    scaler = torch.amp.GradScaler("cuda", enabled=args.amp == "fp16" and device.type == "cuda")
+    ckpt_path = os.path.join(args.output_dir, "checkpoint.pt")
+    start_epoch = resume(ckpt_path, args, model_without_ddp, optimizer, scaler)
+
+    if args.compile:
+        model = torch.compile(model)
+    if world_size > 1:
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    # train
+    global_step = start_epoch * steps_per_epoch
+    log_file = open(os.path.join(args.output_dir, "log.jsonl"), "a") if is_main else None
+    for epoch in range(start_epoch, args.epochs):
+        if args.max_steps is not None and global_step >= args.max_steps:
+            break
+        torch.manual_seed(args.seed + 10_000 * epoch + rank)  # data, masks and worker seeds: a function of (seed, epoch, rank)
+        loader.sampler.set_epoch(epoch)
+        loss_sum, n_sum, t0 = torch.zeros((), device=device), 0, time.perf_counter()
+        for it, (imgs, _) in enumerate(tqdm(loader, desc=f"epoch {epoch}", disable=not is_main, leave=False, dynamic_ncols=True)):
+            lr = lr_at(global_step, steps_per_epoch, args)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            imgs = imgs.to(device, non_blocking=True)
+            with autocast(args, device):
+                loss = model(imgs)  # one forward of one module per step: both views and the loss
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            global_step += 1
+            loss_sum += loss.detach()
+            n_sum += 1
+            if global_step % args.log_every == 0 or it == steps_per_epoch - 1:
+                if world_size > 1:
+                    dist.all_reduce(loss_sum)
+                    loss_sum /= world_size
+                loss_avg = loss_sum.item() / n_sum  # host sync, once per log interval
+                if not math.isfinite(loss_avg):  # the release only prints this and trains on
+                    raise StopRun(f"non-finite loss ({loss_avg}) within steps {global_step - n_sum + 1}-{global_step}; "
+                                  f"the last checkpoint ({ckpt_path}) is intact: lower --blr or use --amp bf16")
+                dt = time.perf_counter() - t0
+                log = {"epoch": epoch, "step": global_step, "loss": round(loss_avg, 5), "lr": lr,
+                       "img_per_s": round(n_sum * args.batch_size / dt, 1),
+                       "mem_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if device.type == "cuda" else 0.0}
+                print0(json.dumps(log))
+                log_file.write(json.dumps(log) + "\n") if is_main else None
+                log_file.flush() if is_main else None
+                loss_sum, n_sum, t0 = torch.zeros((), device=device), 0, time.perf_counter()
+            if args.max_steps is not None and global_step >= args.max_steps:
+                break
+        else:  # the epoch ran to its end: checkpoint it (rank 0 writes, everyone waits)
+            if is_main:
+                save_checkpoint({"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
+                                 "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                                 "epoch": epoch + 1, "args": vars(args)}, ckpt_path)
+            dist.barrier() if world_size > 1 else None
+
+    if is_main:  # the encoder alone, in vit.py / timm names
+        save_checkpoint(encoder.state_dict(), os.path.join(args.output_dir, "encoder.pt"))
+        print0(f"done: {args.output_dir}/encoder.pt after {global_step} steps")
+        log_file.close()
+    if world_size > 1:
+        dist.destroy_process_group()
+    return model_without_ddp
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except StopRun as e:
+        sys.exit(f"error: {one_line(e)}")

@@ -1,0 +1,505 @@
+"""MoCo v3: An Empirical Study of Training Self-Supervised Vision Transformers (Chen, Xie, He, ICCV 2021), end to end
+in one file.
+
+Two augmented views of each image go through a ViT whose head is an MLP projector, then through an MLP predictor:
+the queries q1, q2. A momentum copy of the ViT + projector (an exponential moving average of its weights, no
+gradient) turns the same views into keys k1, k2. InfoNCE then asks q1 to pick k2 of the same image among the keys of
+every image in the GLOBAL batch (gathered from all GPUs; no queue), and q2 to pick k1. Facts from the official code:
+facebookresearch/moco-v3 @ c349e6e (moco/builder.py, vits.py, main_moco.py, moco/loader.py, CONFIG.md).
+
+Run (defaults = the ViT-B recipe of CONFIG.md: 300 epochs, global batch 4096, blr 1.5e-4, wd 0.1, tau 0.2):
+    torchrun --nproc_per_node 8 moco.py --data /imagenet --output-dir runs/moco_vitb
+    torchrun --nproc_per_node 8 moco.py --data /imagenet --model vit_small --num-heads 12   # the paper's ViT-S
+    python moco.py --data cifar10 --model vit_tiny --img-size 32 --patch-size 4 --batch-size 256 --epochs 100 \
+        --warmup-epochs 10 --blr 1e-3
+A run auto-resumes from OUTPUT_DIR/checkpoint.pt. The base encoder, without its projector, ends up in
+OUTPUT_DIR/encoder.pt (vit.py / timm names). The paper's ViT-S has 12 heads, not DeiT's 6 (moco-v3#7).
+
+Recipe (official -> this file's default):
+    projector D->4096->4096->256 as the ViT head, predictor 256->4096->256; every Linear without bias, BN+ReLU after
+    each hidden Linear, a final BatchNorm without affine (builder.py _build_mlp); momentum encoder = a copy of the ViT
+    + projector. Loss 2*tau*[CE(q1 k2^T / tau) + CE(q2 k1^T / tau)], tau 0.2. Momentum m from 0.99 to 1 on a
+    half-cosine over training, per iteration (--moco-m-cos). Frozen random patch projection (--stop-grad-conv1).
+    AdamW with PyTorch's default betas (0.9, 0.999) and weight decay 0.1 on ALL parameters (no parameter groups:
+    biases, LayerNorm, BN and cls_token are decayed too), lr = blr * global_batch / 256 with blr 1.5e-4, 40 warm-up
+    epochs then a per-iteration cosine to 0, 300 epochs, batch 4096.
+    ViT init (vits.py): qkv uniform +-sqrt(6/(D + D)) (q, k, v treated as three D x D matrices), other Linear
+    xavier-uniform with zero bias, cls_token normal(std 1e-6), patch projection uniform +-sqrt(6/(3 p^2 + D)) with
+    zero bias, fixed sin-cos positions in MoCo's layout; the MLP heads keep PyTorch's default init.
+    Augmentation (BYOL's, main_moco.py): two asymmetric views, each RandomResizedCrop(scale 0.08-1, bilinear),
+    ColorJitter(0.4, 0.4, 0.2, 0.1) p 0.8, grayscale p 0.2, Gaussian blur sigma in [0.1, 2] (p 1.0 on view 1, p 0.1 on
+    view 2), solarize (threshold 128) p 0.2 on view 2 only, horizontal flip, ImageNet normalization.
+Deviations from the official code, on purpose:
+    - bf16 autocast by default (official: fp16 + GradScaler, still available as --amp fp16).
+    - Blur is torchvision's T.GaussianBlur with a kernel of about a tenth of the image (23 px at 224, odd, >= 3;
+      BYOL's choice) instead of PIL's GaussianBlur(radius=sigma); sigma is in pixels in both. Every random choice
+      uses the torch RNG (the official blur and solarize use Python's `random`), so --seed reproduces a run.
+    - The crop size is --img-size (official: 224, hard-coded).
+    - SyncBatchNorm only under CUDA DDP: PyTorch's SyncBatchNorm is CUDA-only, so under CPU/gloo every process
+      normalizes its own part of the batch (per-GPU BN), and the result depends on the number of processes.
+    - One process without torch.distributed works (official: DDP is required): the key gather is then the identity.
+    - The momentum always follows the cosine (official: the --moco-m-cos flag, on in the ViT recipe).
+    - AdamW gets the trainable parameters only. The frozen patch projection and pos-embed never have a gradient,
+      and PyTorch's AdamW skips such parameters, decay included, so the update is the same.
+    - No gradient accumulation, on purpose: for a contrastive loss k accumulated micro-batches are not one k-times
+      larger batch (each micro-batch sees only its own negatives and its own BN statistics). Lower --batch-size
+      instead (the README of moco-v3: smaller batches are more stable, only slower; lr follows through blr).
+    - Checkpoints go to --output-dir every epoch; a non-finite loss is checked every --log-every steps. --init
+      takes a full MoCo state (ours, or official) or any encoder file vit.load_pretrained reads (into both encoders).
+
+Sections: model | data | boilerplate (identical in every method script) | arguments | main.
+"""
+import argparse
+import contextlib
+import functools
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+import torchvision.transforms as T
+from tqdm import tqdm
+
+import vit
+
+# ----------------------------------------------------------------------------------------------------------- model
+
+def moco_vit(arch, stop_grad_conv1=True, **kw):
+    """A vit.py encoder with MoCo v3's init (vits.py VisionTransformerMoCo). arch: vit.MODELS[name] or
+    vit.VisionTransformer; kw go to it (img_size, patch_size, num_heads, ...)."""
+    encoder = arch(pos_embed_layout="moco", **kw)  # MoCo's sin-cos layout: [sin, cos](row), [sin, cos](col)
+    # Every weight is re-initialized as vits.py does; the MLP heads, added later by MoCo, keep PyTorch's default init.
+    for name, m in encoder.named_modules():
+        if isinstance(m, nn.Linear):
+            if "qkv" in name:  # q, k, v are three D x D maps: xavier bound of one of them, sqrt(6 / (D + D))
+                bound = math.sqrt(6.0 / (m.weight.shape[0] // 3 + m.weight.shape[1]))
+                nn.init.uniform_(m.weight, -bound, bound)
+            else:
+                nn.init.xavier_uniform_(m.weight)
+            nn.init.zeros_(m.bias)
+    nn.init.normal_(encoder.cls_token, std=1e-6)
+    proj = encoder.patch_embed.proj  # xavier bound of the conv seen as a (3 p^2 -> D) Linear
+    bound = math.sqrt(6.0 / (proj.in_channels * proj.kernel_size[0] * proj.kernel_size[1] + proj.out_channels))
+    nn.init.uniform_(proj.weight, -bound, bound)
+    nn.init.zeros_(proj.bias)
+    if stop_grad_conv1:  # "random patch projection" (paper Sec. 4.2): frozen at init, it stabilizes training
+        proj.requires_grad_(False)
+    return encoder
+
+
+def build_mlp(num_layers, in_dim, mlp_dim, out_dim):
+    """builder.py _build_mlp with last_bn=True: [Linear(no bias), BN, ReLU] per hidden layer, then Linear(no bias),
+    BN(affine=False) ("SimCLR's design, gamma removed"). Sequential indices as official, so checkpoints load."""
+    layers = []
+    for i in range(num_layers):
+        d_in, d_out = in_dim if i == 0 else mlp_dim, out_dim if i == num_layers - 1 else mlp_dim
+        layers.append(nn.Linear(d_in, d_out, bias=False))
+        layers += [nn.BatchNorm1d(d_out), nn.ReLU(inplace=True)] if i < num_layers - 1 else [nn.BatchNorm1d(d_out, affine=False)]
+    return nn.Sequential(*layers)
+
+
+@torch.no_grad()
+def all_gather_nograd(x):
+    """Concatenate x from every rank along dim 0: (n, C) -> (world_size * n, C), rank order.
+    *** NO GRADIENT ***: dist.all_gather is not differentiable. Right for the momentum keys only, which carry no
+    gradient anyway. Without a process group it returns x (detached)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return x.detach()
+    out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out)
+
+
+def contrastive_loss(q, k, T=0.2):
+    """InfoNCE (paper Eq. 1; builder.py contrastive_loss). q (n, C) this rank's queries, k (n, C) this rank's keys.
+    Logits (n, N) against the keys of the whole global batch; the positive of query i of rank r is key n*r + i.
+    The 2*tau factor follows the official code (moco-v3#31: it only rescales the gradient)."""
+    q = F.normalize(q.float(), dim=1)  # fp32: normalization and the softmax are precision-sensitive
+    k = F.normalize(k.float(), dim=1)
+    k = all_gather_nograd(k)  # (N, C), N = n * world_size
+    logits = q @ k.t() / T  # (n, N)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    labels = torch.arange(q.shape[0], device=q.device) + q.shape[0] * rank  # equal n on every rank: drop_last
+    return F.cross_entropy(logits, labels) * (2 * T)
+
+
+class MoCo(nn.Module):
+    """builder.py MoCo_ViT. encoder_fn() builds one vit.py encoder; it is called once per encoder, as officially."""
+    def __init__(self, encoder_fn, dim=256, mlp_dim=4096, T=0.2):
+        super().__init__()
+        self.T = T
+        self.base_encoder, self.momentum_encoder = encoder_fn(), encoder_fn()
+        D = self.base_encoder.embed_dim
+        self.base_encoder.head = build_mlp(3, D, mlp_dim, dim)  # projector: the ViT's CLS token -> (B, dim)
+        self.momentum_encoder.head = build_mlp(3, D, mlp_dim, dim)
+        self.predictor = build_mlp(2, dim, mlp_dim, dim)  # ViT: last BN kept (the ResNet predictor drops it)
+        for pb, pm in zip(self.base_encoder.parameters(), self.momentum_encoder.parameters()):
+            pm.data.copy_(pb.data)  # the momentum encoder starts as a copy ...
+            pm.requires_grad = False  # ... and is never trained by gradients
+
+    @torch.no_grad()
+    def update_momentum_encoder(self, m):
+        """theta_m <- m * theta_m + (1 - m) * theta_b over the ViT + projector parameters. Buffers (BN running
+        statistics) are not averaged: each encoder keeps its own, as officially."""
+        for pb, pm in zip(self.base_encoder.parameters(), self.momentum_encoder.parameters()):
+            pm.copy_(pm * m + pb.detach() * (1.0 - m))  # the official arithmetic: bit-identical momentum weights
+
+    def forward(self, x1, x2, m):
+        """x1, x2 (B, 3, H, W): the two views of the same B images; m: momentum for this step. Returns the loss.
+        One view per encoder call, as officially: the BN statistics are per view."""
+        q1 = self.predictor(self.base_encoder(x1))  # (B, dim)
+        q2 = self.predictor(self.base_encoder(x2))
+        with torch.no_grad():  # keys: no gradient
+            self.update_momentum_encoder(m)  # first update, then compute the keys with the new weights
+            k1 = self.momentum_encoder(x1)  # (B, dim)
+            k2 = self.momentum_encoder(x2)
+        return contrastive_loss(q1, k2, self.T) + contrastive_loss(q2, k1, self.T)  # symmetrized
+
+
+def momentum_at(step, steps_per_epoch, args):
+    """main_moco.py adjust_moco_momentum: m = 1 - (1 - m0) * (1 + cos(pi * t / E)) / 2, t the fractional epoch,
+    so m goes from m0 (0.99) at the first step to 1 at the end. A pure function of the step, like lr_at."""
+    t = step / steps_per_epoch
+    return 1.0 - 0.5 * (1.0 + math.cos(math.pi * t / args.epochs)) * (1.0 - args.moco_m)
+
+
+def load_init(model, path, verbose=True):
+    """--init PATH. A full MoCo state whose names and shapes all match (our checkpoint.pt, or an official MoCo v3
+    checkpoint with 'module.' names) restores everything: both encoders, projectors and the predictor. Anything else
+    that vit.load_pretrained reads (encoder.pt, MAE, timm) goes into BOTH encoders; the heads stay as initialized."""
+    if not os.path.isfile(path):
+        raise StopRun(f"--init {path}: no such file; pass a checkpoint.pt, encoder.pt or an official .pth(.tar)")
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise StopRun(f"--init {path}: cannot read it as a PyTorch checkpoint ({type(e).__name__})") from None
+    if not isinstance(sd, dict):
+        raise StopRun(f"--init {path}: holds a {type(sd).__name__}, not a state dict")
+    full = next((sd[k] for k in ("model", "state_dict") if isinstance(sd.get(k), dict)), sd)
+    full = {k.removeprefix("module."): v for k, v in full.items()}
+    own = model.state_dict()
+    if all(torch.is_tensor(full.get(k)) and full[k].shape == v.shape for k, v in own.items()):
+        model.load_state_dict({k: full[k] for k in own})
+        return "full MoCo state (both encoders, projectors, predictor)"
+    try:
+        for enc in (model.base_encoder, model.momentum_encoder):
+            vit.load_pretrained(enc, sd, verbose=verbose and enc is model.base_encoder)
+    except ValueError as e:
+        raise StopRun(f"--init {path}: {e}") from None
+    return "encoder weights into both encoders; projectors and predictor as initialized"
+
+# ------------------------------------------------------------------------------------------------------------ data
+
+def blur_kernel_size(img_size):
+    """About a tenth of the image, odd, >= 3 (BYOL / SimCLR: 23 at 224)."""
+    return max(3, int(0.1 * img_size) // 2 * 2 + 1)
+
+
+def view_transform(args, blur_p, solarize_p):
+    """One of BYOL's two asymmetric pipelines (main_moco.py augmentation1 / augmentation2)."""
+    return T.Compose([
+        T.RandomResizedCrop(args.img_size, scale=(args.crop_min, 1.0)),  # bilinear, as officially
+        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),  # "not strengthened" (official comment)
+        T.RandomGrayscale(p=0.2),
+        T.RandomApply([T.GaussianBlur(blur_kernel_size(args.img_size), sigma=(0.1, 2.0))], p=blur_p),
+        *([T.RandomSolarize(128, p=solarize_p)] if solarize_p > 0 else []),  # PIL ImageOps.solarize's threshold
+        T.RandomHorizontalFlip(),
+        T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+class TwoViews:
+    """One image -> [view1, view2] (moco/loader.py TwoCropsTransform): view 1 always blurred, view 2 rarely blurred
+    and sometimes solarized."""
+    def __init__(self, args):
+        self.view1 = view_transform(args, blur_p=1.0, solarize_p=0.0)
+        self.view2 = view_transform(args, blur_p=0.1, solarize_p=0.2)
+
+    def __call__(self, img):
+        return [self.view1(img), self.view2(img)]
+
+
+# ======================================================================= boilerplate: identical in every method script
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class StopRun(Exception):
+    """A problem the user can fix (bad input, a diverged run): printed as one line, without a traceback."""
+
+
+def one_line(e):
+    """The message of a StopRun, also when it was raised inside a DataLoader worker and wrapped there."""
+    lines = str(e).strip().splitlines()
+    return lines[-1].split("StopRun: ", 1)[-1] if len(lines) > 1 else str(e)
+
+
+def pil_loader(path):
+    from PIL import Image
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except Exception as e:
+        raise StopRun(f"cannot read image {path} ({type(e).__name__}: {e}); delete or replace that file") from None
+
+
+def build_dataset(args, transform, split="train"):
+    """--data ROOT: ROOT/<split> as an ImageFolder (ImageNet layout). --data cifar10|cifar100|stl10: torchvision
+    downloads into --data-root on first use ('val' is the test split)."""
+    import torchvision.datasets as datasets
+    train = split == "train"
+    if args.data == "cifar10":
+        return datasets.CIFAR10(args.data_root, train=train, transform=transform, download=True)
+    if args.data == "cifar100":
+        return datasets.CIFAR100(args.data_root, train=train, transform=transform, download=True)
+    if args.data == "stl10":
+        return datasets.STL10(args.data_root, split="train+unlabeled" if train else "test", transform=transform,
+                              download=True)
+    folder = os.path.join(args.data, split)
+    if not os.path.isdir(args.data):
+        raise StopRun(f"--data {args.data}: no such folder; pass an ImageNet-layout root (ROOT/{split}/<class>/<image>) "
+                      f"or one of cifar10, cifar100, stl10")
+    if not os.path.isdir(folder):
+        raise StopRun(f"--data {args.data}: no '{split}' folder inside; expected the ImageNet layout "
+                      f"ROOT/{split}/<class>/<image>")
+    try:
+        return datasets.ImageFolder(folder, transform=transform, loader=pil_loader)
+    except FileNotFoundError as e:
+        raise StopRun(f"--data {args.data}: {folder} holds no class folders with images ({e}); expected "
+                      f"ROOT/{split}/<class>/<image>") from None
+
+
+def setup_distributed(args):
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain `python` runs one process on cuda:0 or the CPU."""
+    if "RANK" in os.environ:
+        rank, world_size, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_rank)
+            dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
+        else:
+            dist.init_process_group("gloo")  # CPU: tests and debugging
+    else:
+        rank, world_size, local_rank = 0, 1, 0
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if args.batch_size % world_size:
+        raise StopRun(f"--batch-size {args.batch_size} is global and must be divisible by the {world_size} processes; "
+                      f"use e.g. {args.batch_size // world_size * world_size}")
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True
+    return rank, world_size, device
+
+
+def print0(*a, **kw):
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        tqdm.write(" ".join(str(x) for x in a), **kw)
+
+
+def lr_at(step, steps_per_epoch, args):
+    """Per-iteration schedule (MAE util/lr_sched.py): 1) linear warm-up from 0 over warmup_epochs,
+    2) half-cosine from lr to 0 over the remaining epochs. A pure function of the step, so resuming needs no state."""
+    epoch = step / steps_per_epoch
+    if epoch < args.warmup_epochs:
+        return args.lr * epoch / args.warmup_epochs
+    return args.lr * 0.5 * (1.0 + math.cos(math.pi * (epoch - args.warmup_epochs) / (args.epochs - args.warmup_epochs)))
+
+
+def make_loader(dataset, args, rank, world_size, device):
+    # drop_last: every step sees the same per-GPU batch (contrastive labels assume it); the sampler shuffles by seed+epoch
+    if len(dataset) < args.batch_size:
+        raise StopRun(f"--data has {len(dataset)} training images, fewer than one --batch-size {args.batch_size}; "
+                      f"lower --batch-size")
+    sampler = torch.utils.data.DistributedSampler(dataset, world_size, rank, shuffle=True, seed=args.seed, drop_last=True)
+    return torch.utils.data.DataLoader(dataset, batch_size=args.batch_size // world_size, sampler=sampler,
+                                       num_workers=args.num_workers, pin_memory=device.type == "cuda", drop_last=True)
+
+
+def autocast(args, device):
+    if args.amp == "none" or device.type != "cuda":
+        return contextlib.nullcontext()  # CPU runs in fp32
+    return torch.autocast("cuda", dtype=torch.bfloat16 if args.amp == "bf16" else torch.float16)
+
+
+def save_checkpoint(obj, path):
+    """Atomic: write a temporary file, then rename it over the old one; a crash never leaves a half-written file."""
+    torch.save(obj, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def resume(path, args, model, optimizer, scaler):
+    """Load OUTPUT_DIR/checkpoint.pt if there is one; returns the epoch to start from."""
+    if not os.path.isfile(path):
+        return 0
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    for k in ("model", "img_size", "patch_size"):
+        if ckpt["args"].get(k) != getattr(args, k):
+            raise StopRun(f"{path} was written with --{k.replace('_', '-')} {ckpt['args'].get(k)}, not "
+                          f"{getattr(args, k)}; pass the same value or another --output-dir")
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scaler.load_state_dict(ckpt["scaler"]) if ckpt.get("scaler") else None
+    print0(f"resumed from {path} at epoch {ckpt['epoch']}")
+    return ckpt["epoch"]
+
+
+def add_common_args(p, **defaults):
+    """The command line every method script shares; each script passes its paper defaults."""
+    p.add_argument("--data", required=True, help="ImageNet-layout root (ROOT/train/<class>/*) or cifar10|cifar100|stl10")
+    p.add_argument("--data-root", default="./data", help="download folder for --data cifar10|cifar100|stl10")
+    p.add_argument("--output-dir", default=defaults["output_dir"], help="checkpoint.pt, encoder.pt, args.json, log.jsonl")
+    p.add_argument("--model", default=defaults["model"], choices=list(vit.MODELS), help="encoder size")
+    p.add_argument("--img-size", type=int, default=224, help="input resolution")
+    p.add_argument("--patch-size", type=int, default=None, help="patch size (default: the model's, 16 or 14)")
+    p.add_argument("--epochs", type=int, default=defaults["epochs"], help="training epochs")
+    p.add_argument("--warmup-epochs", type=int, default=defaults["warmup_epochs"], help="linear warm-up epochs")
+    p.add_argument("--batch-size", type=int, default=defaults["batch_size"], help="GLOBAL batch, over all processes")
+    p.add_argument("--blr", type=float, default=defaults["blr"], help="base lr; lr = blr * batch_size / 256")
+    p.add_argument("--weight-decay", type=float, default=defaults["weight_decay"], help="AdamW weight decay")
+    p.add_argument("--num-workers", type=int, default=min(10, os.cpu_count() or 1), help="data workers per process")
+    p.add_argument("--amp", default="bf16", choices=["bf16", "fp16", "none"], help="autocast dtype on CUDA (CPU: fp32)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--seed", type=int, default=0, help="seed for init (same on all ranks) and data (seed+rank)")
+    p.add_argument("--init", default=None, help="start from these weights (any file vit.load_pretrained reads)")
+    p.add_argument("--log-every", type=int, default=20, help="steps between log lines (and non-finite loss checks)")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps in total")
+    return p
+# ================================================================================================= end boilerplate
+
+# ------------------------------------------------------------------------------------------------------- arguments
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description="MoCo v3 pre-training (Chen, Xie, He 2021)", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_common_args(p, output_dir="runs/moco", model="vit_base", epochs=300, warmup_epochs=40, batch_size=4096,
+                    blr=1.5e-4, weight_decay=0.1)  # MoCo v3 CONFIG.md ViT recipe (wd on all parameters)
+    p.add_argument("--num-heads", type=int, default=None, help="attention heads (default: the model's). The paper's "
+                   "ViT-S has 12 (vit.py's vit_small: 6): pass 12 for it, also with an official ViT-S checkpoint")
+    p.add_argument("--moco-dim", type=int, default=256, help="output dim of projector and predictor (paper: 256)")
+    p.add_argument("--moco-mlp-dim", type=int, default=4096, help="hidden dim of projector and predictor (paper: 4096)")
+    p.add_argument("--moco-t", type=float, default=0.2, help="softmax temperature tau (paper ViT: 0.2)")
+    p.add_argument("--moco-m", type=float, default=0.99, help="momentum at step 0; cosine to 1 at the end (paper: 0.99)")
+    p.add_argument("--stop-grad-conv1", action=argparse.BooleanOptionalAction, default=True,
+                   help="freeze the random patch projection (paper ViT recipe: on; it avoids loss spikes)")
+    p.add_argument("--crop-min", type=float, default=0.08, help="RandomResizedCrop min scale (paper ViT: 0.08)")
+    return p.parse_args(argv)
+
+# ------------------------------------------------------------------------------------------------------------ main
+
+def main(argv=None):
+    args = get_args(argv)
+    if not 0.0 <= args.moco_m <= 1.0:
+        raise StopRun(f"--moco-m {args.moco_m} must lie in [0, 1] (paper: 0.99)")
+    rank, world_size, device = setup_distributed(args)
+    is_main = rank == 0
+    if args.batch_size // world_size < 2:
+        raise StopRun(f"--batch-size {args.batch_size} gives {args.batch_size // world_size} image(s) per process; the "
+                      f"BatchNorm in the projector and predictor needs at least 2: use --batch-size {2 * world_size} or more")
+    args.lr = args.blr * args.batch_size / 256
+    os.makedirs(args.output_dir, exist_ok=True)
+    print0(f"lr = blr {args.blr} x batch {args.batch_size} / 256 = {args.lr:.3g}; {world_size} process(es) x "
+           f"{args.batch_size // world_size} images on {device}; torch {torch.__version__}")
+
+    # data
+    dataset = build_dataset(args, TwoViews(args))
+    loader = make_loader(dataset, args, rank, world_size, device)
+    steps_per_epoch = len(loader)
+
+    # model: the same seed on every rank, and DDP also broadcasts rank 0's weights
+    torch.manual_seed(args.seed)
+    kw = {k: v for k, v in (("patch_size", args.patch_size), ("num_heads", args.num_heads)) if v}
+    encoder_fn = functools.partial(moco_vit, vit.MODELS[args.model], args.stop_grad_conv1, img_size=args.img_size, **kw)
+    try:
+        model = MoCo(encoder_fn, args.moco_dim, args.moco_mlp_dim, args.moco_t)
+    except AssertionError as e:  # vit.py checks the sizes: e.g. embed_dim not divisible by --num-heads
+        raise StopRun(f"--model {args.model}: {e}") from None
+    args.patch_size, args.num_heads = model.base_encoder.patch_size, model.base_encoder.blocks[0].attn.num_heads
+    if is_main:
+        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
+            json.dump(vars(args), f, indent=2)
+    if args.init:
+        print0(f"--init {args.init}: " + load_init(model, args.init, verbose=is_main))
+    model.to(device)
+    if world_size > 1 and device.type == "cuda":
+        # main_moco.py converts every BN to SyncBN, so the projector/predictor statistics are over the global batch
+        # of the recipe. SyncBatchNorm is CUDA-only in PyTorch: on CPU/gloo each process keeps per-process BN.
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model_without_ddp = model
+
+    # optimizer: AdamW with default betas and weight decay on every trainable parameter, as main_moco.py
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
+                                  weight_decay=args.weight_decay, fused=device.type == "cuda")
+    scaler = torch.amp.GradScaler("cuda", enabled=args.amp == "fp16" and device.type == "cuda")
+    ckpt_path = os.path.join(args.output_dir, "checkpoint.pt")
+    start_epoch = resume(ckpt_path, args, model_without_ddp, optimizer, scaler)
+
+    if args.compile:
+        model = torch.compile(model)
+    if world_size > 1:  # one forward of one module per step: both views, the momentum update and the loss
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    # train
+    global_step = start_epoch * steps_per_epoch
+    log_file = open(os.path.join(args.output_dir, "log.jsonl"), "a") if is_main else None
+    for epoch in range(start_epoch, args.epochs):
+        if args.max_steps is not None and global_step >= args.max_steps:
+            break
+        torch.manual_seed(args.seed + 10_000 * epoch + rank)  # views and worker seeds: a function of (seed, epoch, rank)
+        loader.sampler.set_epoch(epoch)
+        loss_sum, n_sum, t0 = torch.zeros((), device=device), 0, time.perf_counter()
+        for it, ((x1, x2), _) in enumerate(tqdm(loader, desc=f"epoch {epoch}", disable=not is_main, leave=False, dynamic_ncols=True)):
+            lr = lr_at(global_step, steps_per_epoch, args)
+            m = momentum_at(global_step, steps_per_epoch, args)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            x1, x2 = x1.to(device, non_blocking=True), x2.to(device, non_blocking=True)
+            with autocast(args, device):
+                loss = model(x1, x2, m)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            global_step += 1
+            loss_sum += loss.detach()
+            n_sum += 1
+            if global_step % args.log_every == 0 or it == steps_per_epoch - 1:
+                if world_size > 1:
+                    dist.all_reduce(loss_sum)
+                    loss_sum /= world_size
+                loss_avg = loss_sum.item() / n_sum  # host sync, once per log interval
+                if not math.isfinite(loss_avg):
+                    raise StopRun(f"non-finite loss ({loss_avg}) within steps {global_step - n_sum + 1}-{global_step}; "
+                                  f"the last checkpoint ({ckpt_path}) is intact: lower --blr or use --amp bf16")
+                dt = time.perf_counter() - t0
+                log = {"epoch": epoch, "step": global_step, "loss": round(loss_avg, 5), "lr": lr, "m": m,
+                       "img_per_s": round(n_sum * args.batch_size / dt, 1),
+                       "mem_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if device.type == "cuda" else 0.0}
+                print0(json.dumps(log))
+                log_file.write(json.dumps(log) + "\n") if is_main else None
+                log_file.flush() if is_main else None
+                loss_sum, n_sum, t0 = torch.zeros((), device=device), 0, time.perf_counter()
+            if args.max_steps is not None and global_step >= args.max_steps:
+                break
+        else:  # the epoch ran to its end: checkpoint it (rank 0 writes, everyone waits)
+            if is_main:
+                save_checkpoint({"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
+                                 "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                                 "epoch": epoch + 1, "args": vars(args)}, ckpt_path)
+            dist.barrier() if world_size > 1 else None
+
+    if is_main:  # the base encoder alone, without its projector head: vit.py / timm names
+        encoder = {k: v for k, v in model_without_ddp.base_encoder.state_dict().items() if not k.startswith("head.")}
+        save_checkpoint(encoder, os.path.join(args.output_dir, "encoder.pt"))
+        print0(f"done: {args.output_dir}/encoder.pt after {global_step} steps")
+        log_file.close()
+    if world_size > 1:
+        dist.destroy_process_group()
+    return model_without_ddp
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except StopRun as e:
+        sys.exit(f"error: {one_line(e)}")
