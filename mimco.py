@@ -1,0 +1,517 @@
+"""MimCo: masked image modeling with a contrastive teacher (Zhou, Yu, Luo, Wang, Li; ACM MM 2022, arXiv 2209.03063).
+
+Two stages. Stage 1 trains a contrastive model (MoCo v3: moco.py, or the official weights). Stage 2, this file,
+freezes it as the TEACHER, which sees the full image, and trains a STUDENT ViT that sees a random 25% of the patches
+(MAE's masking and a light MAE-style decoder) against two contrastive targets, loss = L_patch + lambda * L_image:
+    patch level: the decoder's prediction at each removed patch must pick the teacher's feature of that patch among
+        the teacher's features of the other removed patches (InfoNCE);
+    image level: the student's global feature of the masked image must pick the teacher's global feature of the same
+        image among those of every image in the GLOBAL batch (InfoNCE, teacher features gathered, as in MoCo v3).
+NO OFFICIAL CODE EXISTS and the paper body was not available: a "MimCo-style" reading of the abstract and a review.
+
+Run (stage 1 = MoCo v3 ViT-S with 12 heads, the paper's teacher; stage 2 = the paper's ViT-S 100-epoch setting):
+    torchrun --nproc_per_node 8 moco.py --data /imagenet --model vit_small --num-heads 12 --output-dir runs/moco
+    torchrun --nproc_per_node 8 mimco.py --data /imagenet --teacher runs/moco/encoder.pt --output-dir runs/mimco
+    python mimco.py --data cifar10 --teacher runs/moco_cifar/encoder.pt --teacher-model vit_tiny --model vit_tiny \
+        --img-size 32 --patch-size 4 --batch-size 256 --epochs 100 --decoder-embed-dim 128 --decoder-depth 2
+--teacher also reads official MoCo v3 files ({'state_dict': {'module.base_encoder.*'}}); student and teacher share
+the patch grid (--img-size, --patch-size). A run auto-resumes from OUTPUT_DIR/checkpoint.pt (student, decoder, head;
+the teacher is reloaded from --teacher, never stored). The student encoder ends up in OUTPUT_DIR/encoder.pt.
+
+Where each choice comes from (paper = abstract; review = a third-party summary; ours = UNVERIFIED, each a flag):
+    paper   two stages; a pre-trained contrastive model (MoCo v3) is the teacher; patch-level and image-level losses;
+            ViT-S/16, MoCo v3 ViT-S teacher, 100 epochs -> 82.53% ImageNet fine-tune (this file's default setting)
+    review  both losses are contrastive (patch-level contrastive beat L1 feature regression); the image-level loss is
+            on the global feature of the masked image and is what raises linear separability
+    ours    teacher frozen, in eval mode, on the full image, without its projector: features = its tokens after the
+            final norm (--teacher-feature cls|mean for the image level)
+    ours    MAE random masking 0.75 (--mask-ratio); the student encoder sees the visible patches only
+    ours    decoder 256-d x 4 blocks x 8 heads (MAE ViT-B: 512 x 8 x 16): lighter than the 384-d ViT-S encoder, as
+            MAE's is lighter than its encoder; MAE found fine-tuning insensitive to decoder size (MAE Table 1a-b)
+    ours    patch InfoNCE on L2-normalized vectors, tau 0.2 (MoCo v3's ViT value), negatives = the other removed
+            patches of the same image (--patch-negatives batch: of the whole per-process batch)
+    ours    image InfoNCE, tau 0.2; student CLS after the final norm -> Linear-GELU-Linear head (2048 hidden; no BN,
+            which would couple the samples and need SyncBN) -> teacher dim; no 2*tau factor (MoCo v3 has one)
+    ours    lambda 1.0; student ViT-S with vit.py's 6 heads (DeiT's, as fine-tuning recipes use; --num-heads 12 for
+            MoCo v3's); MAE's optimizer: AdamW(0.9, 0.95), wd 0.05 not on 1-D parameters, blr 1.5e-4, batch 4096,
+            per-iteration cosine; 10 warm-up epochs (MoCo v3's main_moco.py default for 100 epochs; MAE's 40 are for
+            800); MAE's augmentation RandomResizedCrop(scale 0.2-1, bicubic) + flip, one crop for both networks
+    ours, as every script: bf16 autocast (--amp), losses in fp32, no find_unused_parameters, non-finite loss check.
+
+Sections: model | data | boilerplate (identical in every method script) | arguments | main.
+"""
+import argparse
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+import torchvision.transforms as T
+from tqdm import tqdm
+
+import vit
+
+# ----------------------------------------------------------------------------------------------------------- model
+
+@torch.no_grad()
+def all_gather_nograd(x):
+    """Concatenate x from every rank along dim 0: (n, C) -> (world_size * n, C), rank order.
+    *** NO GRADIENT ***: dist.all_gather is not differentiable. Right for the teacher's features only, which carry no
+    gradient anyway. Without a process group it returns x (detached)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return x.detach()
+    out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out)
+
+
+def patch_nce(pred, target, ids_masked, tau=0.2, negatives="image"):
+    """Patch level (ours: the InfoNCE reading). pred (B, L, C) student predictions, target (B, L, C) teacher patch
+    tokens, ids_masked (B, M) the removed positions. For removed position i of image b, with p, t L2-normalized:
+        loss_bi = -log [ exp(p_bi . t_bi / tau) / sum_(c, j) exp(p_bi . t_cj / tau) ]
+    over candidates (c, j) = the M removed positions of image b ("image") or all B*M of the local batch ("batch");
+    the mean over all B*M removed positions."""
+    idx = ids_masked[:, :, None]
+    p = F.normalize(torch.gather(pred.float(), 1, idx.expand(-1, -1, pred.shape[2])), dim=-1)  # (B, M, C); fp32:
+    t = F.normalize(torch.gather(target.float(), 1, idx.expand(-1, -1, target.shape[2])), dim=-1)  # normalize, softmax
+    B, M, _ = p.shape
+    if negatives == "image":
+        logits = p @ t.transpose(1, 2) / tau  # (B, M, M): row i against the removed patches of its own image
+        return F.cross_entropy(logits.flatten(0, 1), torch.arange(M, device=p.device).repeat(B))
+    logits = p.flatten(0, 1) @ t.flatten(0, 1).t() / tau  # (B*M, B*M): against every removed patch of the batch
+    return F.cross_entropy(logits, torch.arange(B * M, device=p.device))
+
+
+def image_nce(q, k, tau=0.2):
+    """Image level (ours: the InfoNCE reading, set up as MoCo v3's loss). q (n, C) student global features and k (n, C)
+    teacher global features of this rank's n images. Logits (n, N) against the teacher features of the GLOBAL batch;
+    the positive of image i of rank r is n*r + i. The mean over the local images: the mean over ranks (DDP's gradient
+    average) is then the loss of one process on the whole batch, since k carries no gradient."""
+    q = F.normalize(q.float(), dim=1)  # fp32: normalization and the softmax are precision-sensitive
+    k = all_gather_nograd(F.normalize(k.float(), dim=1))  # (N, C), N = n * world_size
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    labels = torch.arange(q.shape[0], device=q.device) + q.shape[0] * rank  # equal n on every rank: drop_last
+    return F.cross_entropy(q @ k.t() / tau, labels)
+
+
+class MimCo(nn.Module):
+    def __init__(self, encoder, teacher, decoder_embed_dim=256, decoder_depth=4, decoder_num_heads=8,
+                 head_hidden_dim=2048, mask_ratio=0.75, patch_tau=0.2, image_tau=0.2, image_weight=1.0,
+                 patch_negatives="image", teacher_feature="cls"):
+        super().__init__()
+        assert teacher.patch_embed.grid_size == encoder.patch_embed.grid_size, "student and teacher patch grids differ"
+        assert patch_negatives in ("image", "batch") and teacher_feature in ("cls", "mean")
+        self.encoder = encoder  # registered: state_dict keys encoder.* (what graft.py expects of a MimCo checkpoint)
+        # The teacher is NOT registered: it is not in state_dict() (so not in checkpoint.pt), parameters() (so not in
+        # the optimizer), nor seen by DDP; and model.train() does not reach it, so it stays in eval mode. _apply
+        # below moves it with the model. Frozen besides, and run under no_grad.
+        self.__dict__["teacher"] = teacher.requires_grad_(False).eval()
+        self.mask_ratio, self.patch_tau, self.image_tau, self.image_weight = mask_ratio, patch_tau, image_tau, image_weight
+        self.patch_negatives, self.teacher_feature = patch_negatives, teacher_feature
+        D, Dt = encoder.embed_dim, teacher.embed_dim
+
+        # Decoder as MAE's (mae.py), but predicting a teacher feature (Dt) per patch instead of pixels.
+        self.decoder_embed = nn.Linear(D, decoder_embed_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
+        self.decoder_pos_embed = nn.Parameter(vit.sincos_pos_embed(decoder_embed_dim, encoder.patch_embed.grid_size)[None],
+                                              requires_grad=False)  # (1, 1+L, Dd)
+        self.decoder_blocks = nn.ModuleList([vit.Block(decoder_embed_dim, decoder_num_heads) for _ in range(decoder_depth)])
+        self.decoder_norm = nn.LayerNorm(decoder_embed_dim, eps=1e-6)
+        self.decoder_pred = nn.Linear(decoder_embed_dim, Dt)
+        # Image-level head: student CLS (D) -> teacher dim (Dt). No BatchNorm: the loss stays per sample.
+        self.image_head = nn.Sequential(nn.Linear(D, head_hidden_dim), nn.GELU(), nn.Linear(head_hidden_dim, Dt))
+        for m in [self.decoder_embed, self.decoder_pred, *self.decoder_blocks.modules(), *self.image_head]:  # MAE init
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight), nn.init.zeros_(m.bias)
+        nn.init.normal_(self.mask_token, std=0.02)
+
+    def _apply(self, fn, *args, **kwargs):  # .to(), .cuda(), .double() ... also move the unregistered teacher
+        self.teacher._apply(fn, *args, **kwargs)
+        return super()._apply(fn, *args, **kwargs)
+
+    def random_masking(self, noise):
+        """Per-sample random masking as MAE's: keep the len_keep patches with the lowest noise.
+        Returns ids_keep (B, K), ids_restore (B, L) and ids_masked (B, M = L - K), the removed positions."""
+        len_keep = int(noise.shape[1] * (1 - self.mask_ratio))  # 196 * 0.25 = 49
+        ids_shuffle = torch.argsort(noise, dim=1)  # ascending: small noise is kept
+        ids_restore = torch.argsort(ids_shuffle, dim=1)  # inverse permutation
+        return ids_shuffle[:, :len_keep], ids_restore, ids_shuffle[:, len_keep:]
+
+    def forward_decoder(self, latent, ids_restore):
+        """latent (B, 1+K, D) -> predicted teacher features (B, L, Dt) at every position; as mae.py's decoder."""
+        x = self.decoder_embed(latent)  # (B, 1+K, Dd)
+        B, L = ids_restore.shape
+        mask_tokens = self.mask_token.expand(B, L + 1 - x.shape[1], -1)  # one per removed patch
+        x_ = torch.cat([x[:, 1:], mask_tokens], dim=1)  # (B, L, Dd) in shuffled order
+        x_ = torch.gather(x_, 1, ids_restore[:, :, None].expand(-1, -1, x.shape[2]))  # unshuffle
+        x = torch.cat([x[:, :1], x_], dim=1) + self.decoder_pos_embed  # CLS back in front
+        for blk in self.decoder_blocks:
+            x = blk(x)
+        return self.decoder_pred(self.decoder_norm(x))[:, 1:]  # (B, L, Dt), CLS dropped
+
+    def forward(self, imgs, noise=None):
+        """imgs (B, 3, H, W); noise (B, L) in [0, 1) decides the mask (drawn at random when None).
+        Returns (loss, {"loss_patch", "loss_image"} detached)."""
+        if noise is None:
+            noise = torch.rand(imgs.shape[0], self.encoder.patch_embed.num_patches, device=imgs.device)
+        ids_keep, ids_restore, ids_masked = self.random_masking(noise)
+        with torch.no_grad():  # the teacher: frozen, on the FULL image
+            t = self.teacher.forward_features(imgs)  # (B, 1+L, Dt), after its final norm
+        t_global = t[:, 0] if self.teacher_feature == "cls" else t[:, 1:].mean(dim=1)  # (B, Dt)
+        latent = self.encoder.forward_features(imgs, ids_keep)  # (B, 1+K, D): the student sees visible patches only
+        pred = self.forward_decoder(latent, ids_restore)  # (B, L, Dt)
+        loss_patch = patch_nce(pred, t[:, 1:], ids_masked, self.patch_tau, self.patch_negatives)
+        loss_image = image_nce(self.image_head(latent[:, 0]), t_global, self.image_tau)  # student CLS, after its norm
+        loss = loss_patch + self.image_weight * loss_image
+        return loss, {"loss_patch": loss_patch.detach(), "loss_image": loss_image.detach()}
+
+
+def load_teacher(args, verbose=True):
+    """--teacher PATH into a frozen vit.py encoder of --teacher-model size on the student's patch grid. Reads what
+    vit.load_pretrained reads: our moco.py encoder.pt / checkpoint.pt (base encoder), official MoCo v3 files."""
+    if not os.path.isfile(args.teacher):
+        raise StopRun(f"--teacher {args.teacher}: no such file; pass the encoder.pt of a moco.py run (stage 1) or an "
+                      f"official MoCo v3 checkpoint, with its size as --teacher-model")
+    try:
+        sd = torch.load(args.teacher, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise StopRun(f"--teacher {args.teacher}: cannot read it as a PyTorch checkpoint ({type(e).__name__})") from None
+    if not isinstance(sd, dict):
+        raise StopRun(f"--teacher {args.teacher}: holds a {type(sd).__name__}, not a state dict")
+    heads = args.teacher_num_heads or (12 if args.teacher_model == "vit_small" else None)  # MoCo v3's ViT-S: 12
+    try:
+        teacher = vit.MODELS[args.teacher_model](img_size=args.img_size, patch_size=args.patch_size,
+                                                 pos_embed_layout="moco", **({"num_heads": heads} if heads else {}))
+    except AssertionError as e:  # e.g. embed_dim not divisible by --teacher-num-heads
+        raise StopRun(f"--teacher-model {args.teacher_model}: {e}") from None
+    args.teacher_num_heads = teacher.blocks[0].attn.num_heads
+    name = f"--teacher {args.teacher} (--teacher-model {args.teacher_model}, {args.teacher_num_heads} heads)"
+    # The head count is not in the weights' shapes; the run's args (checkpoint.pt, or args.json beside encoder.pt) say it.
+    meta, side = sd.get("args"), os.path.join(os.path.dirname(args.teacher), "args.json")
+    if not isinstance(meta, dict) and os.path.isfile(side):
+        with open(side) as f:
+            meta = json.load(f)
+    for key, ours in (("model", args.teacher_model), ("num_heads", args.teacher_num_heads)):
+        if isinstance(meta, dict) and meta.get(key) not in (None, ours):
+            raise StopRun(f"{name}: its run had {key} {meta[key]}; pass --teacher-{key.replace('_', '-')} {meta[key]}")
+    try:
+        vit.load_pretrained(teacher, sd, verbose=verbose)
+    except ValueError as e:
+        raise StopRun(f"{name} does not fit with --patch-size {args.patch_size}: {str(e).split(';')[0]}; pass the "
+                      f"teacher's size as --teacher-model") from None
+    return teacher
+
+# ------------------------------------------------------------------------------------------------------------ data
+
+def train_transform(args):
+    # MAE main_pretrain.py: RandomResizedCrop(scale 0.2-1, bicubic) + flip. Student and teacher see the same crop.
+    return T.Compose([T.RandomResizedCrop(args.img_size, scale=(0.2, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+                      T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+# ======================================================================= boilerplate: identical in every method script
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class StopRun(Exception):
+    """A problem the user can fix (bad input, a diverged run): printed as one line, without a traceback."""
+
+
+def one_line(e):
+    """The message of a StopRun, also when it was raised inside a DataLoader worker and wrapped there."""
+    lines = str(e).strip().splitlines()
+    return lines[-1].split("StopRun: ", 1)[-1] if len(lines) > 1 else str(e)
+
+
+def pil_loader(path):
+    from PIL import Image
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except Exception as e:
+        raise StopRun(f"cannot read image {path} ({type(e).__name__}: {e}); delete or replace that file") from None
+
+
+def build_dataset(args, transform, split="train"):
+    """--data ROOT: ROOT/<split> as an ImageFolder (ImageNet layout). --data cifar10|cifar100|stl10: torchvision
+    downloads into --data-root on first use ('val' is the test split)."""
+    import torchvision.datasets as datasets
+    train = split == "train"
+    if args.data == "cifar10":
+        return datasets.CIFAR10(args.data_root, train=train, transform=transform, download=True)
+    if args.data == "cifar100":
+        return datasets.CIFAR100(args.data_root, train=train, transform=transform, download=True)
+    if args.data == "stl10":
+        return datasets.STL10(args.data_root, split="train+unlabeled" if train else "test", transform=transform,
+                              download=True)
+    folder = os.path.join(args.data, split)
+    if not os.path.isdir(args.data):
+        raise StopRun(f"--data {args.data}: no such folder; pass an ImageNet-layout root (ROOT/{split}/<class>/<image>) "
+                      f"or one of cifar10, cifar100, stl10")
+    if not os.path.isdir(folder):
+        raise StopRun(f"--data {args.data}: no '{split}' folder inside; expected the ImageNet layout "
+                      f"ROOT/{split}/<class>/<image>")
+    try:
+        return datasets.ImageFolder(folder, transform=transform, loader=pil_loader)
+    except FileNotFoundError as e:
+        raise StopRun(f"--data {args.data}: {folder} holds no class folders with images ({e}); expected "
+                      f"ROOT/{split}/<class>/<image>") from None
+
+
+def setup_distributed(args):
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain `python` runs one process on cuda:0 or the CPU."""
+    if "RANK" in os.environ:
+        rank, world_size, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_rank)
+            dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
+        else:
+            dist.init_process_group("gloo")  # CPU: tests and debugging
+    else:
+        rank, world_size, local_rank = 0, 1, 0
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if args.batch_size % world_size:
+        raise StopRun(f"--batch-size {args.batch_size} is global and must be divisible by the {world_size} processes; "
+                      f"use e.g. {args.batch_size // world_size * world_size}")
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True
+    return rank, world_size, device
+
+
+def print0(*a, **kw):
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        tqdm.write(" ".join(str(x) for x in a), **kw)
+
+
+def lr_at(step, steps_per_epoch, args):
+    """Per-iteration schedule (MAE util/lr_sched.py): 1) linear warm-up from 0 over warmup_epochs,
+    2) half-cosine from lr to 0 over the remaining epochs. A pure function of the step, so resuming needs no state."""
+    epoch = step / steps_per_epoch
+    if epoch < args.warmup_epochs:
+        return args.lr * epoch / args.warmup_epochs
+    return args.lr * 0.5 * (1.0 + math.cos(math.pi * (epoch - args.warmup_epochs) / (args.epochs - args.warmup_epochs)))
+
+
+def make_loader(dataset, args, rank, world_size, device):
+    # drop_last: every step sees the same per-GPU batch (contrastive labels assume it); the sampler shuffles by seed+epoch
+    if len(dataset) < args.batch_size:
+        raise StopRun(f"--data has {len(dataset)} training images, fewer than one --batch-size {args.batch_size}; "
+                      f"lower --batch-size")
+    sampler = torch.utils.data.DistributedSampler(dataset, world_size, rank, shuffle=True, seed=args.seed, drop_last=True)
+    return torch.utils.data.DataLoader(dataset, batch_size=args.batch_size // world_size, sampler=sampler,
+                                       num_workers=args.num_workers, pin_memory=device.type == "cuda", drop_last=True)
+
+
+def autocast(args, device):
+    if args.amp == "none" or device.type != "cuda":
+        return contextlib.nullcontext()  # CPU runs in fp32
+    return torch.autocast("cuda", dtype=torch.bfloat16 if args.amp == "bf16" else torch.float16)
+
+
+def save_checkpoint(obj, path):
+    """Atomic: write a temporary file, then rename it over the old one; a crash never leaves a half-written file."""
+    torch.save(obj, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def resume(path, args, model, optimizer, scaler):
+    """Load OUTPUT_DIR/checkpoint.pt if there is one; returns the epoch to start from."""
+    if not os.path.isfile(path):
+        return 0
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    for k in ("model", "img_size", "patch_size"):
+        if ckpt["args"].get(k) != getattr(args, k):
+            raise StopRun(f"{path} was written with --{k.replace('_', '-')} {ckpt['args'].get(k)}, not "
+                          f"{getattr(args, k)}; pass the same value or another --output-dir")
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scaler.load_state_dict(ckpt["scaler"]) if ckpt.get("scaler") else None
+    print0(f"resumed from {path} at epoch {ckpt['epoch']}")
+    return ckpt["epoch"]
+
+
+def add_common_args(p, **defaults):
+    """The command line every method script shares; each script passes its paper defaults."""
+    p.add_argument("--data", required=True, help="ImageNet-layout root (ROOT/train/<class>/*) or cifar10|cifar100|stl10")
+    p.add_argument("--data-root", default="./data", help="download folder for --data cifar10|cifar100|stl10")
+    p.add_argument("--output-dir", default=defaults["output_dir"], help="checkpoint.pt, encoder.pt, args.json, log.jsonl")
+    p.add_argument("--model", default=defaults["model"], choices=list(vit.MODELS), help="encoder size")
+    p.add_argument("--img-size", type=int, default=224, help="input resolution")
+    p.add_argument("--patch-size", type=int, default=None, help="patch size (default: the model's, 16 or 14)")
+    p.add_argument("--epochs", type=int, default=defaults["epochs"], help="training epochs")
+    p.add_argument("--warmup-epochs", type=int, default=defaults["warmup_epochs"], help="linear warm-up epochs")
+    p.add_argument("--batch-size", type=int, default=defaults["batch_size"], help="GLOBAL batch, over all processes")
+    p.add_argument("--blr", type=float, default=defaults["blr"], help="base lr; lr = blr * batch_size / 256")
+    p.add_argument("--weight-decay", type=float, default=defaults["weight_decay"], help="AdamW weight decay")
+    p.add_argument("--num-workers", type=int, default=min(10, os.cpu_count() or 1), help="data workers per process")
+    p.add_argument("--amp", default="bf16", choices=["bf16", "fp16", "none"], help="autocast dtype on CUDA (CPU: fp32)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--seed", type=int, default=0, help="seed for init (same on all ranks) and data (seed+rank)")
+    p.add_argument("--init", default=None, help="start from these weights (any file vit.load_pretrained reads)")
+    p.add_argument("--log-every", type=int, default=20, help="steps between log lines (and non-finite loss checks)")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps in total")
+    return p
+# ================================================================================================= end boilerplate
+
+# ------------------------------------------------------------------------------------------------------- arguments
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description="MimCo pre-training (Zhou et al. 2022)", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_common_args(p, output_dir="runs/mimco", model="vit_small", epochs=100, warmup_epochs=10, batch_size=4096,
+                    blr=1.5e-4, weight_decay=0.05)  # paper: ViT-S, 100 epochs; the rest is MAE's recipe (ours)
+    p.add_argument("--teacher", required=True, help="stage-1 contrastive encoder: moco.py's encoder.pt or an official "
+                   "MoCo v3 checkpoint (paper: MoCo v3 ViT-S)")
+    p.add_argument("--teacher-model", default="vit_small", choices=list(vit.MODELS), help="teacher size (paper: ViT-S)")
+    p.add_argument("--teacher-num-heads", type=int, default=None,
+                   help="teacher heads (default: 12 for vit_small, MoCo v3's ViT-S; the model's otherwise)")
+    p.add_argument("--num-heads", type=int, default=None, help="student heads (default: the model's; vit_small: 6)")
+    p.add_argument("--teacher-feature", default="cls", choices=["cls", "mean"],
+                   help="teacher global feature for the image level: CLS or mean patch token, after the final norm (ours)")
+    p.add_argument("--mask-ratio", type=float, default=0.75, help="fraction of patches removed (ours: MAE's 0.75)")
+    p.add_argument("--patch-tau", type=float, default=0.2, help="patch-level InfoNCE temperature (ours)")
+    p.add_argument("--image-tau", type=float, default=0.2, help="image-level InfoNCE temperature (ours)")
+    p.add_argument("--image-weight", type=float, default=1.0, help="lambda in L_patch + lambda * L_image (ours)")
+    p.add_argument("--patch-negatives", default="image", choices=["image", "batch"], help="patch-level negatives: the "
+                   "other removed patches of the same image, or of the whole per-process batch (ours: image)")
+    p.add_argument("--decoder-embed-dim", type=int, default=256, help="decoder width (ours; MAE ViT-B: 512)")
+    p.add_argument("--decoder-depth", type=int, default=4, help="decoder blocks (ours; MAE ViT-B: 8)")
+    p.add_argument("--decoder-num-heads", type=int, default=8, help="decoder heads (ours; MAE ViT-B: 16)")
+    p.add_argument("--head-hidden-dim", type=int, default=2048, help="hidden width of the image-level head (ours)")
+    return p.parse_args(argv)
+
+# ------------------------------------------------------------------------------------------------------------ main
+
+def main(argv=None):
+    args = get_args(argv)
+    rank, world_size, device = setup_distributed(args)
+    is_main = rank == 0
+    args.lr = args.blr * args.batch_size / 256
+    os.makedirs(args.output_dir, exist_ok=True)
+    print0(f"lr = blr {args.blr} x batch {args.batch_size} / 256 = {args.lr:.3g}; {world_size} process(es) x "
+           f"{args.batch_size // world_size} images on {device}; torch {torch.__version__}")
+
+    # data
+    dataset = build_dataset(args, train_transform(args))
+    loader = make_loader(dataset, args, rank, world_size, device)
+    steps_per_epoch = len(loader)
+
+    # model: the same seed on every rank, and DDP also broadcasts rank 0's weights; the teacher comes from its file
+    torch.manual_seed(args.seed)
+    kw = {k: v for k, v in (("patch_size", args.patch_size), ("num_heads", args.num_heads)) if v}
+    try:
+        encoder = vit.MODELS[args.model](img_size=args.img_size, **kw)
+    except AssertionError as e:  # vit.py checks the sizes: e.g. embed_dim not divisible by --num-heads
+        raise StopRun(f"--model {args.model}: {e}") from None
+    args.patch_size, args.num_heads = encoder.patch_size, encoder.blocks[0].attn.num_heads
+    L = encoder.patch_embed.num_patches
+    if not 1 <= int(L * (1 - args.mask_ratio)) <= L - 2:
+        raise StopRun(f"--mask-ratio {args.mask_ratio} keeps {int(L * (1 - args.mask_ratio))} of {L} patches; keep at "
+                      f"least 1 and remove at least 2 (ours: 0.75)")
+    teacher = load_teacher(args, verbose=is_main)
+    ckpt_path = os.path.join(args.output_dir, "checkpoint.pt")
+    if os.path.isfile(ckpt_path):  # the checkpoint holds no teacher: a resumed run must use the same one
+        old = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)["args"]  # mmap: read the args only
+        for k in ("teacher_model", "teacher_num_heads", "teacher_feature"):
+            if old.get(k) != getattr(args, k):
+                raise StopRun(f"{ckpt_path} was trained with --{k.replace('_', '-')} {old.get(k)}, not "
+                              f"{getattr(args, k)}; pass the same value or another --output-dir")
+        print0(f"note: {ckpt_path} was trained with --teacher {old['teacher']}") if old["teacher"] != args.teacher else None
+    if is_main:
+        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
+            json.dump(vars(args), f, indent=2)
+    model = MimCo(encoder, teacher, args.decoder_embed_dim, args.decoder_depth, args.decoder_num_heads,
+                  args.head_hidden_dim, args.mask_ratio, args.patch_tau, args.image_tau, args.image_weight,
+                  args.patch_negatives, args.teacher_feature)
+    print0(f"student {args.model} ({args.num_heads} heads) sees {int(L * (1 - args.mask_ratio))} of {L} patches; "
+           f"teacher {args.teacher_model} ({args.teacher_num_heads} heads, {teacher.embed_dim}-d) frozen, full image")
+    if args.init:  # the student encoder; the decoder and the head start as initialized
+        try:
+            vit.load_pretrained(encoder, args.init, verbose=is_main)
+        except ValueError as e:
+            raise StopRun(f"--init {args.init}: {e}") from None
+    model.to(device)  # the teacher too (MimCo._apply)
+    model_without_ddp = model
+
+    # optimizer: AdamW(0.9, 0.95), no weight decay on 1-D parameters (norms, biases); the fixed pos-embeds are skipped.
+    # model.parameters() does not list the teacher: it is never in the optimizer.
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for n, p in params if p.ndim > 1], "weight_decay": args.weight_decay},
+              {"params": [p for n, p in params if p.ndim <= 1], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+    scaler = torch.amp.GradScaler("cuda", enabled=args.amp == "fp16" and device.type == "cuda")
+    start_epoch = resume(ckpt_path, args, model_without_ddp, optimizer, scaler)
+
+    if args.compile:
+        model = torch.compile(model)
+    if world_size > 1:  # one forward of one module per step: teacher, student, decoder, both losses
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    # train
+    global_step = start_epoch * steps_per_epoch
+    log_file = open(os.path.join(args.output_dir, "log.jsonl"), "a") if is_main else None
+    for epoch in range(start_epoch, args.epochs):
+        if args.max_steps is not None and global_step >= args.max_steps:
+            break
+        torch.manual_seed(args.seed + 10_000 * epoch + rank)  # data, masks and worker seeds: a function of (seed, epoch, rank)
+        loader.sampler.set_epoch(epoch)
+        loss_sum, n_sum, t0 = torch.zeros(3, device=device), 0, time.perf_counter()  # total, patch, image
+        for it, (imgs, _) in enumerate(tqdm(loader, desc=f"epoch {epoch}", disable=not is_main, leave=False, dynamic_ncols=True)):
+            lr = lr_at(global_step, steps_per_epoch, args)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            imgs = imgs.to(device, non_blocking=True)
+            with autocast(args, device):
+                loss, stats = model(imgs)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            global_step += 1
+            loss_sum += torch.stack([loss.detach(), stats["loss_patch"], stats["loss_image"]])
+            n_sum += 1
+            if global_step % args.log_every == 0 or it == steps_per_epoch - 1:
+                if world_size > 1:
+                    dist.all_reduce(loss_sum)
+                    loss_sum /= world_size
+                loss_avg, patch_avg, image_avg = (loss_sum / n_sum).tolist()  # host sync, once per log interval
+                if not math.isfinite(loss_avg):
+                    raise StopRun(f"non-finite loss ({loss_avg}) within steps {global_step - n_sum + 1}-{global_step}; "
+                                  f"the last checkpoint ({ckpt_path}) is intact: lower --blr or use --amp bf16")
+                dt = time.perf_counter() - t0
+                log = {"epoch": epoch, "step": global_step, "loss": round(loss_avg, 5), "loss_patch": round(patch_avg, 5),
+                       "loss_image": round(image_avg, 5), "lr": lr, "img_per_s": round(n_sum * args.batch_size / dt, 1),
+                       "mem_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if device.type == "cuda" else 0.0}
+                print0(json.dumps(log))
+                log_file.write(json.dumps(log) + "\n") if is_main else None
+                log_file.flush() if is_main else None
+                loss_sum, n_sum, t0 = torch.zeros(3, device=device), 0, time.perf_counter()
+            if args.max_steps is not None and global_step >= args.max_steps:
+                break
+        else:  # the epoch ran to its end: checkpoint it (rank 0 writes, everyone waits); no teacher inside
+            if is_main:
+                save_checkpoint({"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
+                                 "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                                 "epoch": epoch + 1, "args": vars(args)}, ckpt_path)
+            dist.barrier() if world_size > 1 else None
+
+    if is_main:  # the student encoder alone, in vit.py / timm names
+        save_checkpoint(encoder.state_dict(), os.path.join(args.output_dir, "encoder.pt"))
+        print0(f"done: {args.output_dir}/encoder.pt after {global_step} steps")
+        log_file.close()
+    if world_size > 1:
+        dist.destroy_process_group()
+    return model_without_ddp
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except StopRun as e:
+        sys.exit(f"error: {one_line(e)}")
