@@ -1,0 +1,613 @@
+"""Few-shot evaluation of a frozen ViT encoder: logistic regression, k-NN and a linear probe on a few labels per class.
+
+The Layer Grafted paper's headline is label efficiency: ViT-B/16 with 1% of the ImageNet labels reaches 65.5% top-1,
+against about 51.1 for MAE and 63.4 for MoCo v3 (derived from the abstract: +14.4 over MIM, +2.1 over CL). Their number
+is the MSN low-shot protocol: frozen features, multinomial logistic regression (cyanure), SimCLR's 1% split, full val.
+This file checks that claim for any encoder vit.load_pretrained reads: ours from any script, the official MAE or MoCo v3
+releases, timm weights. Facts from the official code: VITA-Group/layerGraftedPretraining_ICLR23 @ f1862e1
+(main_lincls_sweep.py: inferFeature, logistic_reg) and inria-thoth/cyanure (preprocess, the l2 objective).
+
+Run:
+    python eval_fewshot.py --checkpoint mae_pretrain_vit_base.pth --model vit_base --data /imagenet \
+        --split-file 1percent.txt --protocol logreg     # the paper's row (SimCLR imagenet_subsets/1percent.txt)
+    torchrun --nproc_per_node 8 eval_fewshot.py ... --percent 1,10 --seeds 0,1,2 --cache feats/   # extraction on 8 GPUs
+    python eval_fewshot.py --checkpoint runs/mae_c10/encoder.pt --model vit_tiny --img-size 32 --patch-size 4 \
+        --data cifar10 --shots 1,2,5,10 --protocol logreg,knn,linear --json c10.json
+    python eval_fewshot.py --checkpoint vit-s-300ep.pth.tar --model vit_small --num-heads 12 ...   # MoCo v3 ViT-S
+    python eval_fewshot.py --checkpoint random ...                # a random-init encoder: the floor to beat
+
+Features (as the Layer Grafted inferFeature): encoder in eval(), no_grad, bf16 autocast on CUDA, the CLS token after the
+final LayerNorm (--feature mean: the mean of the patch tokens after it), no augmentation: Resize(img_size / 0.875,
+bilinear as torchvision's default, which the official code uses) then CenterCrop(img_size), i.e. Resize 256 +
+CenterCrop 224, and ImageNet normalization. Under torchrun each rank extracts images rank, rank+W, ...; the
+variable-length results are all-gathered with exact counts, so no image is counted twice (DistributedSampler pads
+with duplicates).
+Only the images that some split uses are extracted; --cache DIR keeps them for the next protocol, seed or run.
+
+Splits of the labelled train set, each drawn per class and deterministic in the seed: --percent P (round(P% of each
+class), at least 1; SimCLR's lists were drawn over the whole set instead: 12-13 per class at 1%), --shots K (K per
+class, MSN's 1/2/5-images-per-class), or --split-file (SimCLR format, one file name per line, class from the wnid prefix
+or the folder; Layer Grafted's `train/<wnid>/<file> <label>` lines work too). Accuracy is on the whole val/ set; over
+--seeds it is reported as mean +- the 95% t-interval. A split file is one fixed split, so only the linear probe repeats
+it per seed (logreg and k-NN are deterministic).
+
+Protocols (--protocol logreg,knn,linear):
+  logreg  MSN / Layer Grafted. cyan.preprocess(normalize=True, centering=True, columns=False) acts on each feature
+          vector (row): subtract its own mean over its D entries, then divide by its L2 norm; the official code calls
+          it on the train and on the val features separately, which is the same thing since no statistic is shared.
+          Then multinomial logistic regression, no intercept, cyanure's objective
+              min_W (1/n) sum_i CE(W^T x_i, y_i) + (lambda/2) ||W||^2,   lambda = lambd / n,  lambd = 2.5e-4 (--lambd)
+          solved by full-batch L-BFGS (strong Wolfe) in torch, float32, on the GPU when there is one, until the
+          relative duality gap is below 1e-3 (cyanure's tol) or --max-iter iterations. Multiplying by n gives
+              sum_i CE + (lambd/2) ||W||^2,  i.e. scikit-learn's LogisticRegression(C = 1/(n*lambda) = 1/lambd = 4000,
+          fit_intercept=False) on the preprocessed features (C * sum CE + 1/2 ||W||^2): the tests check that both agree.
+  knn     DINO's weighted k-NN: L2-normalized features, cosine similarity to every train feature, the k nearest
+          (k = min(--knn-k 20, n_train)) vote for their class with weight exp(sim / 0.07).
+  linear  MAE's linear-probe head, BatchNorm1d(affine=False, eps 1e-6) + Linear (trunc-normal std 0.01, bias 0), trained
+          on the cached features, so without augmentation (MAE trains with RandomResizedCrop + flip on images). Our
+          recipe, not MAE's LARS one (LARS with lr scaled by batch does not transfer to 10-image batches): SGD momentum
+          0.9, lr 0.1, no weight decay, cosine to 0 per step without warm-up, 100 epochs of batches of
+          min(256, n_train), BN statistics from training (eval mode at test). Seeded by the split seed.
+Deviations from the official code, on purpose: no cyanure dependency (L-BFGS instead of its QNING/MISO solver; same
+objective and stopping tolerance); no duplicate val images under DDP; no hyper-parameter is selected on val.
+"""
+import argparse
+import contextlib
+import hashlib
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+import torchvision.transforms as T
+from tqdm import tqdm
+
+import vit
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+# ----------------------------------------------------------------------------------------------------- features
+
+def eval_transform(img_size):
+    # Layer Grafted main_lincls_sweep.py: Resize(256) (bilinear) + CenterCrop(224) for train and test features alike.
+    return T.Compose([T.Resize(int(img_size / 0.875)), T.CenterCrop(img_size), T.ToTensor(),
+                      T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+@torch.no_grad()
+def extract_features(model, loader, device, feature="cls", amp="bf16"):
+    """Frozen features of every image in `loader`, in its order: (N, D) float32 and (N,) labels, both on `device`."""
+    model.eval()
+    feats, labels = [], []
+    use_amp = device.type == "cuda" and amp != "none"
+    for imgs, y in tqdm(loader, desc="features", leave=False, dynamic_ncols=True, disable=not is_rank0()):
+        with torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16, enabled=use_amp):
+            tokens = model.forward_features(imgs.to(device, non_blocking=True))  # (B, 1+L, D) after the final norm
+        tokens = tokens.float()  # fp32 before pooling and everything downstream
+        feats.append(tokens[:, 0] if feature == "cls" else tokens[:, 1:].mean(dim=1))  # (B, D)
+        labels.append(torch.as_tensor(y).to(device))
+    if not feats:  # a rank with no image (fewer images than processes)
+        return torch.zeros(0, model.embed_dim, device=device), torch.zeros(0, dtype=torch.long, device=device)
+    return torch.cat(feats), torch.cat(labels).long()
+
+
+def gather_in_order(x, world_size):
+    """x holds items rank, rank+W, rank+2W, ... of a list; returns the whole list, in order, on every rank.
+    Ranks hold different counts: pad to the longest, all_gather (no gradient), cut each back to its exact count."""
+    counts = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(world_size)]
+    dist.all_gather(counts, torch.tensor([len(x)], device=x.device))
+    counts = [int(c) for c in counts]
+    padded = x.new_zeros((max(counts), *x.shape[1:]))
+    padded[:len(x)] = x
+    parts = [torch.empty_like(padded) for _ in range(world_size)]
+    dist.all_gather(parts, padded)
+    out = x.new_empty((sum(counts), *x.shape[1:]))
+    for r in range(world_size):
+        out[r::world_size] = parts[r][:counts[r]]  # rank r held items r, r+W, ...
+    return out
+
+
+def extract_dataset(model, dataset, device, indices=None, batch_size=256, num_workers=0, feature="cls", amp="bf16"):
+    """Features of dataset[indices] (default: all), in that order, on the CPU. Under torch.distributed each rank
+    extracts every W-th image and the results are gathered, so each image appears exactly once.
+    batch_size is per rank."""
+    indices = torch.arange(len(dataset)) if indices is None else torch.as_tensor(indices)
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    subset = torch.utils.data.Subset(dataset, indices[rank::world_size].tolist())
+    loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                                         pin_memory=device.type == "cuda")
+    x, y = extract_features(model, loader, device, feature, amp)
+    if world_size > 1:
+        x, y = gather_in_order(x, world_size), gather_in_order(y, world_size)
+    return x.cpu(), y.cpu()
+
+
+def cache_key(args, dataset, split):
+    """Everything the features depend on: the weights (path, size, mtime), the encoder, the input and the image list."""
+    files = [p[len(args.data):] for p, _ in dataset.samples] if hasattr(dataset, "samples") else [len(dataset)]
+    ckpt = args.checkpoint
+    if ckpt != "random":
+        ckpt = [os.path.abspath(ckpt), os.path.getsize(ckpt), os.stat(ckpt).st_mtime_ns]
+    key = [ckpt, args.model, args.img_size, args.patch_size, args.num_heads, args.feature, args.amp,
+           os.path.abspath(args.data), split, hashlib.sha1("\n".join(map(str, files)).encode()).hexdigest()]
+    return hashlib.sha1(json.dumps(key).encode()).hexdigest()[:16]
+
+
+def cached_features(model, dataset, indices, split, args, device):
+    """Features of dataset[indices], in that order; with --cache, only images never extracted before are computed."""
+    path = os.path.join(args.cache, f"{split}_{args.model}_{args.feature}_{cache_key(args, dataset, split)}.pt") \
+        if args.cache else None
+    have_idx, have_x = torch.zeros(0, dtype=torch.long), torch.zeros(0, 0)
+    if path and os.path.isfile(path):
+        c = torch.load(path, map_location="cpu", weights_only=True)
+        have_idx, have_x = c["indices"], c["features"]
+    row = torch.full((len(dataset),), -1, dtype=torch.long)  # image index -> row of have_x
+    row[have_idx] = torch.arange(len(have_idx))
+    missing = indices[row[indices] < 0]
+    print0(f"{split}: {len(indices)} images, {len(indices) - len(missing)} from the cache, {len(missing)} to extract")
+    if len(missing):
+        x, _ = extract_dataset(model, dataset, device, missing, args.batch_size // args.world_size, args.num_workers,
+                               args.feature, args.amp)
+        row[missing] = torch.arange(len(have_idx), len(have_idx) + len(missing))
+        have_idx, have_x = torch.cat([have_idx, missing]), torch.cat([have_x.reshape(-1, x.shape[1]), x])
+        if path and is_rank0():
+            os.makedirs(args.cache, exist_ok=True)
+            torch.save({"indices": have_idx, "features": have_x}, path + ".tmp")
+            os.replace(path + ".tmp", path)  # atomic, as save_checkpoint in the training scripts
+    return have_x[row[indices]]
+
+# ------------------------------------------------------------------------------------------------------- splits
+
+def targets_of(dataset):
+    """Labels without loading images: ImageFolder / CIFAR .targets, STL10 .labels."""
+    labels = dataset.targets if hasattr(dataset, "targets") else dataset.labels
+    return torch.as_tensor(labels).long()
+
+
+def sample_split(labels, seed, shots=None, percent=None, class_names=None):
+    """Sorted indices of a class-balanced subset: `shots` images of each class, or round(percent% of each class),
+    at least 1. The same seed gives the same subset."""
+    labels = torch.as_tensor(labels)
+    g = torch.Generator().manual_seed(seed)
+    chosen = []
+    for c in labels.unique().tolist():
+        idx = (labels == c).nonzero().flatten()
+        k = shots if shots is not None else max(1, round(len(idx) * percent / 100))
+        if k > len(idx):
+            name = class_names[c] if class_names else c
+            raise StopRun(f"--shots {shots}: class '{name}' has only {len(idx)} training images; use at most "
+                          f"{int((labels.bincount()[labels.bincount() > 0]).min())} shots")
+        chosen.append(idx[torch.randperm(len(idx), generator=g)[:k]])
+    return torch.cat(chosen).sort().values
+
+
+def read_split_file(path, dataset):
+    """Sorted indices of the images a split file names. SimCLR: `n04235860_14959.JPEG` (class = the wnid prefix);
+    Layer Grafted: `train/n04235860/n04235860_14959.JPEG 797` (class = the folder; the label column is ignored)."""
+    if not hasattr(dataset, "samples"):
+        raise StopRun(f"--split-file needs an ImageNet-layout --data folder, not --data {dataset.__class__.__name__}")
+    if not os.path.isfile(path):
+        raise StopRun(f"--split-file {path}: no such file")
+    by_class, by_name = {}, {}  # (class, file name) -> index; file name -> [indices]
+    for i, (p, c) in enumerate(dataset.samples):
+        by_class[(dataset.classes[c], os.path.basename(p))] = i
+        by_name.setdefault(os.path.basename(p), []).append(i)
+    chosen, missing = [], []
+    with open(path) as f:
+        for line in f:
+            if not line.strip():
+                continue
+            parts = line.split()[0].replace("\\", "/").split("/")
+            name = parts[-1]
+            cls = parts[-2] if len(parts) > 1 else name.split("_")[0]  # folder, or the wnid prefix n01440764_...
+            i = by_class.get((cls, name))
+            if i is None and len(by_name.get(name, [])) == 1:  # no class in the line: the file name must be unique
+                i = by_name[name][0]
+            if i is None:
+                missing.append(line.strip())
+            else:
+                chosen.append(i)
+    if missing:
+        raise StopRun(f"--split-file {path} names {len(missing)} images that are not in {dataset.root} "
+                      f"(first: {missing[0]}); is --data the right folder?")
+    if not chosen:
+        raise StopRun(f"--split-file {path} names no image")
+    return torch.tensor(sorted(set(chosen)))
+
+
+# -------------------------------------------------------------------------------------------------- classifiers
+
+def preprocess(x):
+    """cyanure.preprocess(X, centering=True, normalize=True, columns=False): per row, subtract the row's own mean
+    over its D entries, then divide by the row's L2 norm (cyanure Matrix::center then normalize, on X^T)."""
+    x = x - x.mean(dim=1, keepdim=True)
+    return x / x.norm(dim=1, keepdim=True).clamp_min(1e-10)
+
+
+@contextlib.contextmanager
+def full_fp32():
+    """TF32 matmuls (10-bit mantissa) would cost the duality-gap test its precision; switch them off for a while."""
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def logreg_accuracy(train_x, train_y, test_x, test_y, lambd=2.5e-4, max_iter=1000, tol=1e-3, device=None,
+                    dtype=torch.float32, return_info=False):
+    """Top-1 accuracy (fraction) of MSN / Layer Grafted's logistic regression; see the module docstring.
+    Objective (cyanure, 'multiclass-logistic', penalty 'l2', no intercept), lambda = lambd / n:
+        P(W) = (1/n) sum_i [logsumexp(W^T x_i) - (W^T x_i)_{y_i}] + (lambda/2) ||W||^2
+    equal to scikit-learn's LogisticRegression(C=1/lambd, fit_intercept=False) up to the factor n.
+    Stops at relative duality gap (P - D) / P < tol, with the dual point p_i = softmax(W^T x_i) (Fenchel dual):
+        D = (1/n) sum_i H(p_i) - ||X^T (P - Y)||^2 / (2 lambda n^2).
+    return_info: also return {'iterations', 'rel_gap'}."""
+    device = torch.device(device) if device is not None else train_x.device
+    X, Xt = preprocess(train_x.to(device, dtype)), preprocess(test_x.to(device, dtype))
+    y, yt = train_y.to(device).long(), test_y.to(device).long()
+    n, num_classes, rows = len(X), int(max(y.max(), yt.max())) + 1, torch.arange(len(X), device=device)
+    lam = lambd / n  # MSN / Layer Grafted: lambd /= len(features_train)
+    W = torch.zeros(X.shape[1], num_classes, device=device, dtype=dtype, requires_grad=True)  # (D, C)
+    opt = torch.optim.LBFGS([W], lr=1, max_iter=10, history_size=100, tolerance_grad=1e-9, tolerance_change=1e-12,
+                            line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(X @ W, y) + lam / 2 * W.pow(2).sum()
+        loss.backward()
+        return loss
+
+    iters, rel_gap = 0, float("inf")
+    with full_fp32():
+        while iters < max_iter:
+            chunk = opt.param_groups[0]["max_iter"] = min(10, max_iter - iters)  # check the gap every 10 iterations
+            opt.param_groups[0]["max_eval"] = 4 * chunk  # line-search evaluations must not end the chunk early
+            opt.step(closure)
+            done = opt.state[W]["n_iter"]
+            with torch.no_grad():  # relative duality gap, cyanure's stopping test
+                logp = (X @ W).log_softmax(dim=1)  # (n, C)
+                p = logp.exp()
+                primal = -logp[rows, y].mean() + lam / 2 * W.pow(2).sum()
+                entropy = -(p * logp).sum(dim=1).mean()
+                p[rows, y] -= 1  # P - Y, the gradient of the loss w.r.t. the logits
+                dual = entropy - (X.T @ p).pow(2).sum() / (2 * lam * n * n)
+                rel_gap = abs(float(primal - dual)) / max(float(primal), 1e-12)
+            stalled, iters = done - iters < chunk, done
+            if rel_gap < tol or stalled:  # stalled: L-BFGS stopped early on its own gradient / change tolerance
+                break
+        with torch.no_grad():
+            acc = ((Xt @ W).argmax(dim=1) == yt).float().mean().item()
+    return (acc, {"iterations": iters, "rel_gap": rel_gap}) if return_info else acc
+
+
+@torch.no_grad()
+def knn_accuracy(train_x, train_y, test_x, test_y, k=20, t=0.07, device=None, chunk=4096):
+    """Top-1 accuracy (fraction) of DINO's weighted k-NN (eval_knn.py): cosine similarity, the k nearest train features
+    vote for their class with weight exp(sim / t). k is capped at the number of train features."""
+    device = torch.device(device) if device is not None else train_x.device
+    X, y = F.normalize(train_x.to(device).float(), dim=1), train_y.to(device).long()
+    num_classes, k = int(max(y.max(), test_y.max())) + 1, min(k, len(X))
+    correct = 0
+    for xt, yt in zip(test_x.split(chunk), test_y.split(chunk)):  # chunks: a (chunk, n_train) similarity at a time
+        sim, idx = (F.normalize(xt.to(device).float(), dim=1) @ X.T).topk(k, dim=1)  # (B, k)
+        votes = torch.zeros(len(xt), num_classes, device=device)
+        votes.scatter_add_(1, y[idx], (sim / t).exp())  # (B, C): summed weights per class
+        correct += (votes.argmax(dim=1).cpu() == yt.cpu()).sum().item()
+    return correct / len(test_x)
+
+
+def linear_accuracy(train_x, train_y, test_x, test_y, epochs=100, lr=0.1, batch_size=256, seed=0, device=None):
+    """Top-1 accuracy (fraction) of MAE's linear-probe head, BN(affine=False) + Linear, trained on fixed features:
+    SGD momentum 0.9, no weight decay, per-step cosine from lr to 0, `epochs` passes of min(batch_size, n) images."""
+    device = torch.device(device) if device is not None else train_x.device
+    X, y = train_x.to(device).float(), train_y.to(device).long()
+    num_classes, n = int(max(y.max(), test_y.max())) + 1, len(X)
+    g = torch.Generator().manual_seed(seed)
+    linear = nn.Linear(X.shape[1], num_classes)
+    nn.init.trunc_normal_(linear.weight, std=0.01, generator=g)  # MAE main_linprobe.py
+    nn.init.zeros_(linear.bias)
+    head = nn.Sequential(nn.BatchNorm1d(X.shape[1], affine=False, eps=1e-6), linear).to(device)  # MAE's BN0
+    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=0.0)
+    batch_size = min(batch_size, n)
+    steps_per_epoch = n // batch_size  # drop the last, partial batch (a batch of 1 breaks BatchNorm)
+    total, step = epochs * steps_per_epoch, 0
+    head.train()
+    for _ in range(epochs):
+        perm = torch.randperm(n, generator=g).to(device)
+        for b in perm[:steps_per_epoch * batch_size].view(steps_per_epoch, batch_size):
+            for group in opt.param_groups:
+                group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / total))
+            loss = F.cross_entropy(head(X[b]), y[b])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+    head.eval()
+    with torch.no_grad():
+        pred = torch.cat([head(xt.to(device).float()).argmax(dim=1).cpu() for xt in test_x.split(8192)])
+    return (pred == test_y.cpu()).float().mean().item()
+
+
+# Student-t 0.975 quantiles for 1..30 degrees of freedom (a table: no scipy); beyond 30, Cornish-Fisher in mean_ci95
+T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+
+
+def mean_ci95(values):
+    """(mean, half-width of the 95% Student-t interval); half-width None for a single value."""
+    n, mean = len(values), sum(values) / len(values)
+    if n < 2:
+        return mean, None
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    df, z = n - 1, 1.959964
+    t = T975[df - 1] if df <= 30 else z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
+    return mean, t * sd / math.sqrt(n)
+
+# -------------------------------------------------------------------------------------------------- boilerplate
+# Copied from the method scripts (mae.py): StopRun / one_line, pil_loader, setup_distributed, print0.
+
+class StopRun(Exception):
+    """A problem the user can fix (bad input, a diverged run): printed as one line, without a traceback."""
+
+
+def one_line(e):
+    """The message of a StopRun, also when it was raised inside a DataLoader worker and wrapped there."""
+    lines = str(e).strip().splitlines()
+    return lines[-1].split("StopRun: ", 1)[-1] if len(lines) > 1 else str(e)
+
+
+def pil_loader(path):
+    from PIL import Image
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except Exception as e:
+        raise StopRun(f"cannot read image {path} ({type(e).__name__}: {e}); delete or replace that file") from None
+
+
+def build_dataset(args, transform, split="train"):
+    """As in the method scripts, except that stl10's train split is its 5k labelled images (not train+unlabeled)."""
+    import torchvision.datasets as datasets
+    train = split == "train"
+    if args.data == "cifar10":
+        return datasets.CIFAR10(args.data_root, train=train, transform=transform, download=True)
+    if args.data == "cifar100":
+        return datasets.CIFAR100(args.data_root, train=train, transform=transform, download=True)
+    if args.data == "stl10":
+        return datasets.STL10(args.data_root, split="train" if train else "test", transform=transform, download=True)
+    folder = os.path.join(args.data, split)
+    if not os.path.isdir(args.data):
+        raise StopRun(f"--data {args.data}: no such folder; pass an ImageNet-layout root (ROOT/{split}/<class>/<image>) "
+                      f"or one of cifar10, cifar100, stl10")
+    if not os.path.isdir(folder):
+        raise StopRun(f"--data {args.data}: no '{split}' folder inside; expected the ImageNet layout "
+                      f"ROOT/{split}/<class>/<image>")
+    try:
+        return datasets.ImageFolder(folder, transform=transform, loader=pil_loader)
+    except FileNotFoundError as e:
+        raise StopRun(f"--data {args.data}: {folder} holds no class folders with images ({one_line(e)}); expected "
+                      f"ROOT/{split}/<class>/<image>") from None
+
+
+def setup_distributed(args):
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain `python` runs one process on cuda:0 or the CPU."""
+    if "RANK" in os.environ:
+        rank, world_size, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_rank)
+            dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
+        else:
+            dist.init_process_group("gloo")  # CPU: tests and debugging
+    else:
+        rank, world_size, local_rank = 0, 1, 0
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if args.batch_size % world_size:
+        raise StopRun(f"--batch-size {args.batch_size} is global and must be divisible by the {world_size} processes; "
+                      f"use e.g. {args.batch_size // world_size * world_size}")
+    torch.backends.cudnn.benchmark = True  # no TF32 here: the logistic regression wants full fp32 matmuls
+    return rank, world_size, device
+
+
+def is_rank0():
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def print0(*a, **kw):
+    if is_rank0():
+        tqdm.write(" ".join(str(x) for x in a), **kw)
+
+# ---------------------------------------------------------------------------------------------------- arguments
+
+def int_list(s):
+    return [int(v) for v in s.split(",") if v.strip()]
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description="Few-shot evaluation of a frozen ViT (Layer Grafted's 1% protocol, ...)",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="encoder weights (any file vit.load_pretrained reads: ours, "
+                   "official MAE / MoCo v3, timm), or 'random' for a random-init baseline")
+    p.add_argument("--model", default="vit_base", choices=list(vit.MODELS), help="encoder size")
+    p.add_argument("--img-size", type=int, default=224, help="input resolution (Resize(img_size/0.875) + CenterCrop)")
+    p.add_argument("--patch-size", type=int, default=None, help="patch size (default: the model's, 16 or 14)")
+    p.add_argument("--num-heads", type=int, default=None, help="attention heads (default: the model's); official "
+                   "MoCo v3 ViT-S needs 12, and the weights cannot tell")
+    p.add_argument("--data", required=True, help="ImageNet-layout root (ROOT/train/<class>/*, ROOT/val/<class>/*) or "
+                   "cifar10|cifar100|stl10; accuracy is on all of val/")
+    p.add_argument("--data-root", default="./data", help="download folder for --data cifar10|cifar100|stl10")
+    p.add_argument("--feature", default="cls", choices=["cls", "mean"], help="CLS token after the final norm (Layer "
+                   "Grafted, MAE linprobe --cls_token) or the mean of the patch tokens after it")
+    p.add_argument("--percent", default=None, help="comma list of per-class percentages of the train set, e.g. 1,10 "
+                   "(default 1 when no split option is given)")
+    p.add_argument("--shots", type=int_list, default=None, help="comma list of images per class, e.g. 1,2,5,13 (MSN)")
+    p.add_argument("--split-file", action="append", default=None, help="SimCLR subset list (1percent.txt: one file "
+                   "name per line) or Layer Grafted's imagenet_1percent.txt; may be repeated")
+    p.add_argument("--seeds", type=int_list, default=[0, 1, 2], help="comma list of split seeds; reports mean +- "
+                   "the 95%% t-interval")
+    p.add_argument("--protocol", default="logreg,knn", help="comma list of logreg (paper), knn, linear")
+    p.add_argument("--lambd", type=float, default=2.5e-4, help="logreg L2 penalty, divided by n_train (MSN / Layer "
+                   "Grafted: 0.00025); scikit-learn C = 1/lambd")
+    p.add_argument("--max-iter", type=int, default=1000, help="logreg L-BFGS iterations at most (stops earlier at "
+                   "relative duality gap 1e-3, cyanure's tol)")
+    p.add_argument("--knn-k", type=int, default=20, help="neighbours (DINO: 20)")
+    p.add_argument("--knn-t", type=float, default=0.07, help="k-NN temperature (DINO: 0.07)")
+    p.add_argument("--linear-epochs", type=int, default=100, help="linear probe epochs over the split")
+    p.add_argument("--linear-lr", type=float, default=0.1, help="linear probe SGD lr (not scaled by batch: BN0 "
+                   "standardizes the features)")
+    p.add_argument("--linear-batch-size", type=int, default=256, help="linear probe batch (capped at n_train)")
+    p.add_argument("--batch-size", type=int, default=256, help="GLOBAL feature-extraction batch, over all processes")
+    p.add_argument("--num-workers", type=int, default=min(10, os.cpu_count() or 1), help="data workers per process")
+    p.add_argument("--amp", default="bf16", choices=["bf16", "fp16", "none"], help="autocast dtype on CUDA (CPU: fp32)")
+    p.add_argument("--cache", default=None, help="folder that keeps extracted features between runs")
+    p.add_argument("--json", default=None, help="write the results, args, versions and device to this file")
+    args = p.parse_args(argv)
+    args.protocol = [s.strip() for s in args.protocol.split(",") if s.strip()]
+    bad = [s for s in args.protocol if s not in ("logreg", "knn", "linear")]
+    if bad or not args.protocol:
+        p.error(f"--protocol: unknown {bad or 'empty'}; choose from logreg, knn, linear")
+    args.percent = [float(v) for v in args.percent.split(",") if v.strip()] if args.percent else None
+    if args.percent is None and args.shots is None and args.split_file is None:
+        args.percent = [1.0]  # the paper's headline split size
+    if any(not 0 < v <= 100 for v in args.percent or []) or any(k < 1 for k in args.shots or []):
+        p.error("--percent takes values in (0, 100], --shots values >= 1")
+    if not args.seeds:
+        p.error("--seeds: give at least one seed")
+    return args
+
+# --------------------------------------------------------------------------------------------------------- main
+
+def build_encoder(args, verbose):
+    torch.manual_seed(0)  # --checkpoint random: the same random encoder every time
+    kw = {k: getattr(args, k) for k in ("patch_size", "num_heads") if getattr(args, k)}
+    model = vit.MODELS[args.model](img_size=args.img_size, **kw)
+    args.patch_size, args.num_heads = model.patch_size, model.blocks[0].attn.num_heads
+    if args.checkpoint != "random":
+        try:
+            vit.load_pretrained(model, args.checkpoint, verbose=verbose)
+        except ValueError as e:  # not found, or weights for another model
+            raise StopRun(f"--checkpoint {args.checkpoint}: {one_line(e)}") from None
+        except Exception as e:  # not a torch file, truncated, pickled objects that weights_only refuses, ...
+            why = (str(e).strip().splitlines() or [""])[0].split(". ")[0]  # torch's messages run for lines
+            raise StopRun(f"--checkpoint {args.checkpoint}: cannot read it as a file of weights "
+                          f"({type(e).__name__}: {why})") from None
+    return model
+
+
+def make_splits(args, train_set, labels):
+    """[(name, {seed: sorted train indices})]: one entry per --percent / --shots / --split-file value."""
+    names = getattr(train_set, "classes", None)
+    splits = [(f"{p:g}%", {s: sample_split(labels, s, percent=p) for s in args.seeds}) for p in args.percent or []]
+    splits += [(f"{k}-shot", {s: sample_split(labels, s, shots=k, class_names=names) for s in args.seeds})
+               for k in args.shots or []]
+    for path in args.split_file or []:
+        idx = read_split_file(path, train_set)
+        splits.append((os.path.basename(path), {s: idx for s in args.seeds}))  # fixed split: seeds vary the probe only
+    return splits
+
+
+def git_sha():
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
+                              capture_output=True, text=True, timeout=10).stdout.strip() or None
+    except Exception:
+        return None
+
+
+def main(argv=None):
+    args = get_args(argv)
+    rank, world_size, device = setup_distributed(args)
+    args.world_size = world_size
+    print0(f"eval_fewshot: torch {torch.__version__}, {world_size} process(es) on {device}, git {git_sha()}")
+    print0("args: " + ", ".join(f"{k}={v}" for k, v in sorted(vars(args).items())))
+
+    # ============ model and data: every input error before any long work ============
+    model = build_encoder(args, verbose=rank == 0).to(device)
+    transform = eval_transform(args.img_size)
+    train_set, val_set = build_dataset(args, transform, "train"), build_dataset(args, transform, "val")
+    if len(val_set) == 0:
+        raise StopRun(f"--data {args.data}: the val set is empty")
+    if getattr(train_set, "classes", None) != getattr(val_set, "classes", None):
+        raise StopRun(f"--data {args.data}: train/ and val/ have different class folders; labels would not match")
+    train_labels, val_labels = targets_of(train_set), targets_of(val_set)
+    splits = make_splits(args, train_set, train_labels)
+
+    # ============ features: only the train images some split uses, every val image ============
+    t0 = time.perf_counter()
+    used = torch.cat([idx for _, per_seed in splits for idx in per_seed.values()]).unique()  # sorted
+    used_x = cached_features(model, train_set, used, "train", args, device)
+    val_x = cached_features(model, val_set, torch.arange(len(val_set)), "val", args, device)
+    row = torch.full((len(train_set),), -1, dtype=torch.long)
+    row[used] = torch.arange(len(used))
+    print0(f"features: {used_x.shape[1]}-d, {time.perf_counter() - t0:.1f} s")
+    if world_size > 1:
+        dist.barrier()
+        dist.destroy_process_group()  # the classifiers run on rank 0 alone
+        if rank != 0:
+            return None
+
+    # ============ protocols: split x protocol, each over the seeds ============
+    rows = []
+    for split_name, per_seed in splits:
+        fixed = len({tuple(idx.tolist()) for idx in per_seed.values()}) == 1
+        for protocol in args.protocol:
+            seeds = args.seeds[:1] if fixed and protocol != "linear" else args.seeds  # deterministic: once is enough
+            accs, infos, t0 = [], [], time.perf_counter()
+            for seed in seeds:
+                idx = per_seed[seed]
+                tx, ty = used_x[row[idx]], train_labels[idx]
+                if protocol == "logreg":
+                    acc, info = logreg_accuracy(tx, ty, val_x, val_labels, args.lambd, args.max_iter, device=device,
+                                                return_info=True)
+                    infos.append(info)
+                elif protocol == "knn":
+                    acc = knn_accuracy(tx, ty, val_x, val_labels, args.knn_k, args.knn_t, device=device)
+                else:
+                    acc = linear_accuracy(tx, ty, val_x, val_labels, args.linear_epochs, args.linear_lr,
+                                          args.linear_batch_size, seed, device=device)
+                accs.append(round(100 * acc, 4))
+            mean, ci = mean_ci95(accs)
+            rows.append({"protocol": protocol, "split": split_name, "n_train": len(per_seed[seeds[0]]),
+                         "n_val": len(val_x), "seeds": seeds, "top1_per_seed": accs, "top1_mean": mean,
+                         "top1_ci95": ci, "seconds": round(time.perf_counter() - t0, 2),
+                         **({"logreg": infos} if infos else {})})
+            print0(f"{protocol} {split_name}: " + " ".join(f"{a:.2f}" for a in accs))
+
+    # ============ report ============
+    print0(f"\n{'protocol':<9} {'split':<16} {'n_train':>8} {'top-1 %':>8} {'+-95%':>7} {'seeds':>5} {'seconds':>8}")
+    for r in rows:
+        ci = f"{r['top1_ci95']:.2f}" if r["top1_ci95"] is not None else "n/a"
+        print0(f"{r['protocol']:<9} {r['split']:<16} {r['n_train']:>8} {r['top1_mean']:>8.2f} {ci:>7} "
+               f"{len(r['seeds']):>5} {r['seconds']:>8.1f}")
+    command = sys.argv if argv is None else ["eval_fewshot.py", *map(str, argv)]
+    result = {"rows": rows, "checkpoint": args.checkpoint, "command": command, "args": vars(args),
+              "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                           "torchvision": torchvision.__version__, "git": git_sha()},
+              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
+              f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+              "world_size": world_size, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    if args.checkpoint != "random":
+        result["checkpoint_mtime"] = os.stat(args.checkpoint).st_mtime
+        result["checkpoint_bytes"] = os.path.getsize(args.checkpoint)
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+        print0(f"wrote {args.json}")
+    return result
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except StopRun as e:
+        sys.exit(f"error: {one_line(e)}")

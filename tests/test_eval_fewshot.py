@@ -1,0 +1,230 @@
+"""eval_fewshot.py: the classifiers on synthetic features (logistic regression against scikit-learn with the mapped
+penalty, k-NN against a slow loop), the split samplers, DDP feature extraction without duplicates, the command line
+end to end on real images with checkpoints written by mae.py, and one-line errors for bad input."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torchvision.datasets as datasets
+
+import eval_fewshot as ef
+import mae
+import vit
+from helpers import run_ddp
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def clusters(n_train, n_test, num_classes=10, dim=64, spread=1.0, seed=0):
+    """Gaussian clusters with a common offset (real features are not centred); spread < 1 makes them overlap."""
+    g = torch.Generator().manual_seed(seed)
+    means = torch.randn(num_classes, dim, generator=g) * spread
+    def draw(n):
+        y = torch.arange(num_classes).repeat_interleave(n)
+        return means[y] + torch.randn(len(y), dim, generator=g) + 2.0, y
+    return (*draw(n_train), *draw(n_test))
+
+
+def test_separable_clusters_are_classified():
+    x, y, xt, yt = clusters(10, 50, spread=1.0)
+    assert ef.logreg_accuracy(x, y, xt, yt) >= 0.95
+    assert ef.knn_accuracy(x, y, xt, yt) >= 0.95
+    assert ef.linear_accuracy(x, y, xt, yt) >= 0.95
+
+
+@pytest.mark.parametrize("lambd", [2.5e-4, 1.0])  # the paper's weak penalty, and one strong enough to change the answer
+def test_logreg_matches_sklearn(lambd):
+    """cyanure's (1/n) sum CE + (lambda/2)||W||^2 with lambda = lambd/n is sklearn's C sum CE + 1/2 ||W||^2 with
+    C = 1/lambd, on the same (cyanure-preprocessed) features, no intercept."""
+    from sklearn.linear_model import LogisticRegression
+    x, y, xt, yt = clusters(30, 100, spread=0.3)  # overlapping: about 60-70% accuracy
+    ours, info = ef.logreg_accuracy(x, y, xt, yt, lambd=lambd, return_info=True)
+    clf = LogisticRegression(C=1 / lambd, fit_intercept=False, tol=1e-8, max_iter=10_000)
+    clf.fit(ef.preprocess(x.double()).numpy(), y.numpy())
+    ref = clf.score(ef.preprocess(xt.double()).numpy(), yt.numpy())
+    assert 0.4 < ref < 0.9, ref  # the case is neither trivial nor hopeless
+    assert abs(ours - ref) <= 0.005, (ours, ref)
+    assert info["rel_gap"] < 1e-3 and info["iterations"] < 1000, info  # converged by cyanure's criterion
+
+
+def test_preprocess_is_per_row_like_cyanure():
+    x = torch.randn(6, 5) * 3 + 1
+    p = ef.preprocess(x)
+    assert torch.allclose(p.mean(1), torch.zeros(6), atol=1e-6)
+    assert torch.allclose(p.norm(dim=1), torch.ones(6), atol=1e-6)
+    assert torch.allclose(ef.preprocess(x[:2]), p[:2])  # no statistic shared between rows: train and val alike
+
+
+def test_knn_equals_slow_loop():
+    x, y, xt, yt = clusters(4, 6, num_classes=3, dim=8, spread=0.5)
+    k, t = 5, 0.07
+    correct = 0
+    for f, label in zip(xt, yt):  # DINO's vote, one test image at a time
+        sims = sorted(((torch.dot(f / f.norm(), g / g.norm()).item(), int(c)) for g, c in zip(x, y)), reverse=True)[:k]
+        votes = [sum(torch.exp(torch.tensor(s / t)).item() for s, cc in sims if cc == c) for c in range(3)]
+        correct += int(max(range(3), key=lambda c: votes[c]) == label)
+    assert ef.knn_accuracy(x, y, xt, yt, k=k, t=t) == correct / len(yt)
+    assert ef.knn_accuracy(x[:3], y[:3], xt, yt, k=20) >= 0  # k larger than the train set is capped, not an error
+
+
+def test_split_sampler_deterministic_and_balanced():
+    labels = torch.cat([torch.full((20 + 7 * c,), c) for c in range(5)])[torch.randperm(5 * 20 + 7 * 10)]
+    a, b, c = (ef.sample_split(labels, s, shots=3) for s in (0, 0, 1))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert labels[a].bincount().tolist() == [3] * 5 and len(a.unique()) == 15
+    p = ef.sample_split(labels, 0, percent=10)
+    assert labels[p].bincount().tolist() == [round(0.1 * (20 + 7 * c)) for c in range(5)]  # 2, 3, 3, 4, 5
+    assert not torch.equal(p, ef.sample_split(labels, 1, percent=10))
+    assert labels[ef.sample_split(labels, 0, percent=0.1)].bincount().tolist() == [1] * 5  # at least one per class
+    with pytest.raises(ef.StopRun, match="class '0' has only 20 training images; use at most 20 shots"):
+        ef.sample_split(labels, 0, shots=49)
+
+
+def test_split_file_formats(tmp_path):
+    """SimCLR lines (class from the wnid prefix), Layer Grafted lines (class from the folder), bare unique names."""
+    for wnid in ("n01440764", "n01443537"):
+        os.makedirs(tmp_path / "train" / wnid)
+        for i in range(3):
+            (tmp_path / "train" / wnid / f"{wnid}_{i}.JPEG").write_bytes(b"")  # only scanned, never decoded
+    (tmp_path / "train" / "n01443537" / "extra.JPEG").write_bytes(b"")
+    train = datasets.ImageFolder(str(tmp_path / "train"))  # sorted: n01440764_0..2, extra, n01443537_0..2
+    (tmp_path / "split.txt").write_text("n01443537_2.JPEG\ntrain/n01440764/n01440764_1.JPEG 0\n\nextra.JPEG\n")
+    assert ef.read_split_file(str(tmp_path / "split.txt"), train).tolist() == [1, 3, 6]
+    (tmp_path / "bad.txt").write_text("n01443537_2.JPEG\nn01440764_9.JPEG\n")
+    with pytest.raises(ef.StopRun, match="names 1 images that are not in .*first: n01440764_9.JPEG"):
+        ef.read_split_file(str(tmp_path / "bad.txt"), train)
+
+
+def test_mean_ci95_is_the_t_interval():
+    from scipy import stats
+    for vals in ([60.1, 61.3], [60.1, 61.3, 59.8], [float(v) for v in range(40)]):
+        mean, half = ef.mean_ci95(vals)
+        ref = stats.t.interval(0.95, len(vals) - 1, loc=mean, scale=stats.sem(vals))
+        assert abs(mean + half - ref[1]) < 1e-3 * max(1, half), (vals, half, ref)
+    assert ef.mean_ci95([65.5]) == (65.5, None)
+
+
+def tiny_encoder():
+    torch.manual_seed(0)
+    return vit.VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4)
+
+
+def tiny_images(n=7):
+    g = torch.Generator().manual_seed(1)
+    return torch.utils.data.TensorDataset(torch.randn(n, 3, 32, 32, generator=g), torch.arange(n))  # label = index
+
+
+def _ddp_extract(rank, world_size, out):
+    import torch.distributed as dist
+    dist.init_process_group("gloo")
+    model, data = tiny_encoder(), tiny_images()
+    full = ef.extract_dataset(model, data, torch.device("cpu"), batch_size=2)
+    part = ef.extract_dataset(model, data, torch.device("cpu"), indices=[6, 0, 3, 4, 5], batch_size=2, feature="mean")
+    torch.save({"full": full, "part": part}, os.path.join(out, f"r{rank}.pt"))
+
+
+def test_ddp_extraction_equals_one_process_without_duplicates(tmp_path):
+    """7 images over 2 gloo ranks (4 + 3; DistributedSampler would pad to 8), and 5 chosen ones (3 + 2)."""
+    run_ddp(_ddp_extract, str(tmp_path))
+    model, data = tiny_encoder(), tiny_images()
+    x, y = ef.extract_dataset(model, data, torch.device("cpu"), batch_size=7)
+    xp, yp = ef.extract_dataset(model, data, torch.device("cpu"), indices=[6, 0, 3, 4, 5], feature="mean")
+    assert x.shape == (7, 64) and xp.shape == (5, 64)
+    for r in (0, 1):  # every rank ends with the whole list
+        got = torch.load(tmp_path / f"r{r}.pt")
+        assert got["full"][1].tolist() == list(range(7)) and got["part"][1].tolist() == [6, 0, 3, 4, 5]
+        assert torch.allclose(got["full"][0], x, atol=1e-5) and torch.allclose(got["part"][0], xp, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def mae_run(image_root, tmp_path_factory):
+    """encoder.pt and checkpoint.pt of a 1-epoch vit_tiny MAE on the real-image folder."""
+    out = tmp_path_factory.mktemp("mae")
+    torch.set_num_threads(1)
+    mae.main(["--data", image_root, "--model", "vit_tiny", "--img-size", "32", "--patch-size", "8", "--batch-size", "16",
+              "--epochs", "1", "--warmup-epochs", "0", "--decoder-embed-dim", "32", "--decoder-depth", "1",
+              "--decoder-num-heads", "2", "--num-workers", "0", "--output-dir", str(out)])
+    return out
+
+
+def eval_args(data, checkpoint, *extra):
+    return ["--checkpoint", str(checkpoint), "--model", "vit_tiny", "--img-size", "32", "--patch-size", "8",
+            "--data", data, "--num-workers", "0", "--batch-size", "64", *extra]
+
+
+def test_cli_end_to_end(image_root, mae_run, tmp_path, capsys):
+    torch.set_num_threads(1)
+    protocols = ["--shots", "2", "--seeds", "0,1", "--protocol", "logreg,knn,linear", "--cache", str(tmp_path / "c")]
+    ef.main(eval_args(image_root, mae_run / "encoder.pt", *protocols, "--json", str(tmp_path / "enc.json")))
+    res = json.loads((tmp_path / "enc.json").read_text())
+    assert [(r["protocol"], r["split"]) for r in res["rows"]] == [("logreg", "2-shot"), ("knn", "2-shot"),
+                                                                    ("linear", "2-shot")]
+    for r in res["rows"]:
+        assert r["n_train"] == 20 and r["n_val"] == 80 and r["seeds"] == [0, 1] and len(r["top1_per_seed"]) == 2
+        assert 0 <= r["top1_mean"] <= 100 and r["top1_ci95"] is not None and r["seconds"] >= 0
+    assert all(i["iterations"] >= 1 for i in res["rows"][0]["logreg"])
+    assert res["checkpoint"].endswith("encoder.pt") and res["args"]["model"] == "vit_tiny"
+    assert res["versions"]["torch"] == torch.__version__ and res["device"].startswith("cpu")
+    assert res["command"] and res["world_size"] == 1 and res["checkpoint_bytes"] > 0
+
+    # the full training checkpoint holds the same encoder: the same numbers (its own cache entry: another file)
+    res2 = ef.main(eval_args(image_root, mae_run / "checkpoint.pt", *protocols))
+    assert [r["top1_per_seed"] for r in res2["rows"]] == [r["top1_per_seed"] for r in res["rows"]]
+
+    # a second protocol on cached features extracts nothing
+    capsys.readouterr()
+    ef.main(eval_args(image_root, mae_run / "encoder.pt", "--percent", "10", "--seeds", "0", "--protocol", "knn",
+                      "--cache", str(tmp_path / "c")))
+    out = capsys.readouterr().out
+    assert "val: 80 images, 80 from the cache, 0 to extract" in out and "0 to extract" in out.split("train:")[1]
+
+    # random-init baseline
+    base = ef.main(eval_args(image_root, "random", "--shots", "1", "--seeds", "0", "--protocol", "knn"))
+    assert base["rows"][0]["n_train"] == 10 and "checkpoint_bytes" not in base
+
+
+def _ddp_main(rank, world_size, image_root, checkpoint, out):
+    ef.main(eval_args(image_root, checkpoint, "--shots", "3", "--seeds", "0,1", "--protocol", "logreg,knn",
+                      "--json", os.path.join(out, "ddp.json")))
+
+
+def test_torchrun_cli_equals_one_process(image_root, mae_run, tmp_path):
+    """The whole script under 2 gloo processes (160 train / 80 val images split 80+80 / 40+40, 30 used train
+    images 15+15): rank 0 reports the numbers of a single process."""
+    run_ddp(_ddp_main, image_root, str(mae_run / "encoder.pt"), str(tmp_path))
+    one = ef.main(eval_args(image_root, mae_run / "encoder.pt", "--shots", "3", "--seeds", "0,1", "--protocol",
+                            "logreg,knn"))
+    two = json.loads((tmp_path / "ddp.json").read_text())
+    assert two["world_size"] == 2 and [r["n_val"] for r in two["rows"]] == [80, 80]
+    for a, b in zip(one["rows"], two["rows"]):
+        assert a["top1_per_seed"] == pytest.approx(b["top1_per_seed"], abs=1.5), (a, b)  # at most one image of 80
+
+
+def test_bad_input_one_line_errors(image_root, mae_run, tmp_path):
+    enc = mae_run / "encoder.pt"
+    (tmp_path / "split.txt").write_text("train/airplane/not_there.jpg 0\n")
+    with pytest.raises(ef.StopRun, match="names 1 images that are not in"):
+        ef.main(eval_args(image_root, enc, "--split-file", str(tmp_path / "split.txt")))
+    with pytest.raises(ef.StopRun, match="--shots 17: class .* has only 16 training images"):
+        ef.main(eval_args(image_root, enc, "--shots", "2,17"))
+    os.makedirs(tmp_path / "noval" / "val" / "airplane")  # val/ with a class folder but no image
+    os.symlink(os.path.join(image_root, "train"), tmp_path / "noval" / "train")
+    with pytest.raises(ef.StopRun, match="val holds no class folders with images"):
+        ef.main(eval_args(str(tmp_path / "noval"), enc, "--shots", "1"))
+    with pytest.raises(ef.StopRun, match="not found"):
+        ef.main(eval_args(image_root, tmp_path / "missing.pt"))
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ef.StopRun, match="cannot read it as a file of weights"):
+        ef.main(eval_args(image_root, tmp_path / "junk.pt"))
+
+
+def test_cli_checkpoint_of_another_model_is_one_line(image_root, mae_run):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "eval_fewshot.py"),
+                        *eval_args(image_root, mae_run / "encoder.pt"), "--model", "vit_small"],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 1
+    assert r.stderr.strip().count("\n") == 0, r.stderr
+    assert r.stderr.startswith("error: --checkpoint") and "another model" in r.stderr, r.stderr
