@@ -1,0 +1,616 @@
+"""Layer Grafted Pre-training: Bridging Contrastive Learning and Masked Image Modeling for Label-Efficient
+Representations (Jiang et al., ICLR 2023), end to end in one file.
+
+MIM suits the lower layers of a ViT and CL the higher ones, so "early layers are first trained under one MIM loss, on
+top of which latter layers continue to be trained under another CL loss" (the reverse order hurts). Stage 1 is MAE
+(mae.py, or MAE's released weights). Stage 2, this file, is MoCo v3 whose base AND momentum encoders both start from
+the MIM weights (patch embedding, cls_token, MAE's pos_embed, every block, final norm), with a random projector and
+predictor. The graft is a learning-rate split: the embeddings and the lower 2/3 of the blocks (ViT-B 0-7, ViT-L 0-15)
+learn at 1/10 of the rate of the upper blocks, the final norm, the projector and the predictor. Facts from the
+official code: VITA-Group/layerGraftedPretraining_ICLR23 @ f1862e1 (main_pretrain.py, utils_mae/lr_decay.py).
+
+Run, from MAE's released ViT-B/16 (1600 epochs, norm-pix: the paper's start), downloaded once into the torch hub cache
+(no network: download the MAE_RELEASES URL by hand and pass --mim-checkpoint PATH):
+    torchrun --nproc_per_node 8 graft.py --data /imagenet
+or from scratch, in two commands (--mim-checkpoint takes any file vit.load_pretrained reads):
+    torchrun --nproc_per_node 8 mae.py --data /imagenet --epochs 1600 --output-dir runs/mae
+    torchrun --nproc_per_node 8 graft.py --data /imagenet --mim-checkpoint runs/mae/checkpoint.pt
+ViT-L as the paper: --model vit_large --batch-size 2080 --l1-weight 1e-5. Other sizes have no MAE release: run mae.py.
+A run auto-resumes from OUTPUT_DIR/checkpoint.pt (every weight; the MIM file is read again only for the L1 reference).
+The base encoder, without its projector, ends up in OUTPUT_DIR/encoder.pt. Evaluate as the paper's headline:
+    python eval_fewshot.py --checkpoint runs/graft/encoder.pt --model vit_base --data /imagenet --protocol logreg --percent 1
+Paper (abstract): ViT-B/16, 1% of the ImageNet labels, logistic regression on frozen features: 65.5% top-1, +14.4 over
+MIM and +2.1 over CL (so MAE ~51.1, MoCo v3 ~63.4). Its other table numbers are unverified here. Ours: README.
+
+Recipe (official -> this file's default): MoCo v3's ViT recipe (300 epochs, 40 warm-up, global batch 4096, blr 1.5e-4,
+tau 0.2, momentum 0.99 -> 1 cosine, projector D->4096->4096->256 and predictor 256->4096->256, BYOL's asymmetric
+views, AdamW with default betas) with lr 2.4e-3 for the upper group and --lower-lr-ratio 0.1 of it, 2.4e-4, for the
+lower one (official: --lr 1 --lr_layer_wise 1.5e-5,1.5e-5,1.5e-4, three groups of depth/3 blocks; one schedule scales
+both). Weight decay 0.1 on tensors with ndim >= 2 (cls_token included), 0 on 1-D ones (MoCo v3 decays all). The patch
+projection stays frozen at its MIM value (--stop-grad-conv1); pos_embed is fixed. --freeze-lower: the paper's
+non-smoothed grafting (official --fixTo): the lower part frozen, in eval mode. --l1-weight (ViT-L: 1e-5, official
+--l1_dist_w, --l1_dist_to_block 12): + w * sum |theta - theta_MIM| over base-encoder weights of layer id <= 12.
+Deviations from the official code, on purpose:
+    - The optimizer steps. The released main_pretrain.py never calls scaler.step(optimizer): as released, only the
+      momentum update runs and the base encoder never changes.
+    - DDP without find_unused_parameters. --freeze-lower freezes before DDP wraps the model (official: after) and
+      keeps that part in eval mode (official: undone by the model.train() at the start of every epoch).
+    - The L1 term is inside the module's forward: one forward per step under DDP. Its reference, the trainable
+      weights of layer id <= --l1-depth right after loading the MIM file (and before resuming, as officially), is a
+      plain attribute: not in the checkpoint, and not a buffer, which DDP would broadcast every step (600 MB, ViT-L).
+    - The momentum update skips what the base encoder never trains (patch projection, pos_embed, a frozen lower
+      part): equal in both encoders, it stays bit-identical (official: m t + (1 - m) t, equal up to rounding).
+    - As moco.py: bf16 autocast (--amp fp16: the official fp16); torchvision blur, torch RNG; crop --img-size; SyncBN
+      under CUDA DDP only; one process works; no gradient accumulation; a non-finite loss is checked per --log-every.
+      A resumed run takes --lower-lr-ratio and --weight-decay from the command, not from the checkpoint.
+
+Sections: model | data | boilerplate (identical in every method script) | arguments | main.
+"""
+import argparse
+import contextlib
+import functools
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+import torchvision.transforms as T
+from tqdm import tqdm
+
+import vit
+
+# ----------------------------------------------------------------------------------------------------------- model
+
+MAE_RELEASES = {  # stage 1 of the paper: MAE's released encoders (facebookresearch/mae README), 1600 epochs, norm-pix
+    "vit_base": "https://dl.fbaipublicfiles.com/mae/pretrain/mae_pretrain_vit_base.pth",
+    "vit_large": "https://dl.fbaipublicfiles.com/mae/pretrain/mae_pretrain_vit_large.pth",
+}
+
+
+def build_mlp(num_layers, in_dim, mlp_dim, out_dim):
+    """MoCo v3 builder.py _build_mlp with last_bn=True: [Linear(no bias), BN, ReLU] per hidden layer, then
+    Linear(no bias), BN(affine=False). Sequential indices as official, so checkpoints load."""
+    layers = []
+    for i in range(num_layers):
+        d_in, d_out = in_dim if i == 0 else mlp_dim, out_dim if i == num_layers - 1 else mlp_dim
+        layers.append(nn.Linear(d_in, d_out, bias=False))
+        layers += [nn.BatchNorm1d(d_out), nn.ReLU(inplace=True)] if i < num_layers - 1 else [nn.BatchNorm1d(d_out, affine=False)]
+    return nn.Sequential(*layers)
+
+
+@torch.no_grad()
+def all_gather_nograd(x):
+    """Concatenate x from every rank along dim 0: (n, C) -> (world_size * n, C), rank order.
+    *** NO GRADIENT ***: dist.all_gather is not differentiable. Right for the momentum keys only, which carry no
+    gradient anyway. Without a process group it returns x (detached)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return x.detach()
+    out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out)
+
+
+def contrastive_loss(q, k, T=0.2):
+    """InfoNCE (MoCo v3 Eq. 1, builder.py). q (n, C) this rank's queries, k (n, C) its keys. Logits (n, N) against
+    the keys of the whole global batch; the positive of query i of rank r is key n*r + i. The 2*tau factor follows
+    the official code (it only rescales the gradient)."""
+    q = F.normalize(q.float(), dim=1)  # fp32: normalization and the softmax are precision-sensitive
+    k = F.normalize(k.float(), dim=1)
+    k = all_gather_nograd(k)  # (N, C), N = n * world_size
+    logits = q @ k.t() / T  # (n, N)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    labels = torch.arange(q.shape[0], device=q.device) + q.shape[0] * rank  # equal n on every rank: drop_last
+    return F.cross_entropy(logits, labels) * (2 * T)
+
+
+class GraftedMoCo(nn.Module):
+    """MoCo v3 (builder.py MoCo_ViT) on MIM-initialized encoders, with the graft's lower/upper split and L1 pull.
+    encoder_fn() builds one vit.py encoder; its own init does not matter, load_mim_weights overwrites every weight."""
+    def __init__(self, encoder_fn, dim=256, mlp_dim=4096, T=0.2, graft_depth=None, freeze_lower=False,
+                 l1_weight=0.0, l1_depth=12):
+        super().__init__()
+        self.T, self.freeze_lower, self.l1_weight, self.l1_depth = T, freeze_lower, l1_weight, l1_depth
+        self.base_encoder, self.momentum_encoder = encoder_fn(), encoder_fn()
+        D, self.depth = self.base_encoder.embed_dim, self.base_encoder.depth
+        self.graft_depth = self.depth * 2 // 3 if graft_depth is None else graft_depth  # ViT-B 8, ViT-L 16
+        if not 0 <= self.graft_depth <= self.depth:
+            raise ValueError(f"--graft-depth {graft_depth} must lie in [0, {self.depth}], the depth of the model")
+        self.base_encoder.head = build_mlp(3, D, mlp_dim, dim)  # projector: the CLS token -> (B, dim)
+        self.momentum_encoder.head = build_mlp(3, D, mlp_dim, dim)
+        self.predictor = build_mlp(2, dim, mlp_dim, dim)  # ViT: last BN kept
+        self.base_encoder.patch_embed.proj.requires_grad_(False)  # stop-grad conv1: the patch projection stays MIM's
+        for n, p in self.base_encoder.named_parameters():
+            if freeze_lower and self.is_lower(n):  # the non-smoothed graft; set here, before DDP ever wraps the model
+                p.requires_grad_(False)
+        for pb, pm in zip(self.base_encoder.parameters(), self.momentum_encoder.parameters()):
+            pm.data.copy_(pb.data)  # the momentum encoder starts as a copy ...
+            pm.requires_grad = False  # ... and is never trained by gradients
+        self.l1_ref = {}  # name -> MIM weight; a plain attribute (see set_l1_reference)
+        self.train()
+
+    def is_lower(self, name):
+        """Is base_encoder.<name> in the lower, MIM part: embeddings (layer id 0) or blocks < graft_depth (ids 1..)?"""
+        return vit.layer_id(name, self.depth) <= self.graft_depth
+
+    def lower_modules(self):  # patch embedding and blocks < graft_depth, in both encoders
+        return [m for enc in (self.base_encoder, self.momentum_encoder)
+                for m in (enc.patch_embed, *enc.blocks[:self.graft_depth])]
+
+    def train(self, mode=True):
+        """With freeze_lower the frozen lower part stays in eval mode whatever the caller asks."""
+        super().train(mode)
+        for m in self.lower_modules() if self.freeze_lower else []:
+            m.eval()
+        return self
+
+    @torch.no_grad()
+    def set_l1_reference(self):
+        """Record the current (= MIM) trainable base-encoder weights of layer id <= l1_depth (a frozen one never moves).
+        A plain dict, not buffers: DDP would broadcast buffers every step, and the MIM file already holds them."""
+        self.l1_ref = {n: p.detach().clone() for n, p in self.base_encoder.named_parameters()
+                       if p.requires_grad and vit.layer_id(n, self.depth) <= self.l1_depth}
+
+    def l1_distance(self):
+        """sum |theta - theta_MIM| over the recorded weights (official L1Regularizer: torch.norm(p=1) per tensor)."""
+        params = dict(self.base_encoder.named_parameters())
+        return sum(((params[n].float() - ref.float()).abs().sum() for n, ref in self.l1_ref.items()),
+                   self.base_encoder.norm.weight.new_zeros((), dtype=torch.float32))
+
+    @torch.no_grad()
+    def update_momentum_encoder(self, m):
+        """theta_m <- m * theta_m + (1 - m) * theta_b over the ViT + projector parameters that the base encoder
+        trains; the others are equal in both encoders and stay so. BN statistics are not averaged, as officially."""
+        for pb, pm in zip(self.base_encoder.parameters(), self.momentum_encoder.parameters()):
+            if pb.requires_grad:
+                pm.copy_(pm * m + pb.detach() * (1.0 - m))  # MoCo v3's arithmetic
+
+    def forward(self, x1, x2, m):
+        """x1, x2 (B, 3, H, W): two views of the same B images; m: momentum for this step.
+        Returns (loss, L1 distance to the MIM weights, detached; 0 without the L1 term)."""
+        q1 = self.predictor(self.base_encoder(x1))  # (B, dim)
+        q2 = self.predictor(self.base_encoder(x2))
+        with torch.no_grad():  # keys: no gradient
+            self.update_momentum_encoder(m)  # first update, then compute the keys with the new weights
+            k1 = self.momentum_encoder(x1)  # (B, dim)
+            k2 = self.momentum_encoder(x2)
+        loss = contrastive_loss(q1, k2, self.T) + contrastive_loss(q2, k1, self.T)  # symmetrized
+        l1 = self.l1_distance() if self.l1_weight > 0 else loss.new_zeros(())  # inside forward: one forward per step
+        return loss + self.l1_weight * l1, l1.detach()
+
+
+def param_groups(model, weight_decay, lower_lr_ratio):
+    """The graft (official param_groups_lrd_moco): 'lower' = the base encoder's embeddings and blocks < graft_depth
+    at lower_lr_ratio x lr; 'upper' = the other blocks, the final norm, the projector (base_encoder.head) and the
+    predictor at lr. Weight decay on tensors with ndim >= 2 only. Frozen tensors are in no group, empty groups out."""
+    groups = {(part, decay): {"name": part + ("" if decay else " no-wd"), "params": [], "names": [],
+                              "lr_scale": lower_lr_ratio if part == "lower" else 1.0,
+                              "weight_decay": weight_decay if decay else 0.0}
+              for part in ("lower", "upper") for decay in (True, False)}
+    for n, p in model.named_parameters():
+        if not p.requires_grad:  # patch projection, pos_embed, the momentum encoder, --freeze-lower's part
+            continue
+        lower = n.startswith("base_encoder.") and model.is_lower(n.removeprefix("base_encoder."))
+        g = groups[("lower" if lower else "upper", p.ndim > 1)]
+        g["params"].append(p), g["names"].append(n)
+    return [g for g in groups.values() if g["params"]]
+
+
+def summarize(names):
+    """['base_encoder.blocks.0.attn.qkv.weight', 'base_encoder.cls_token', ...] -> 'blocks 0-7, cls_token'."""
+    names = [n.removeprefix("base_encoder.").replace("head.", "projector.", 1) for n in names]
+    blocks = sorted({int(n.split(".")[1]) for n in names if n.startswith("blocks.")})
+    other = list(dict.fromkeys(n.split(".")[0] for n in names if not n.startswith("blocks.")))
+    return ", ".join(([f"blocks {blocks[0]}-{blocks[-1]}"] if blocks else []) + other)
+
+
+def group_table(model, groups, lr):
+    """The graft at a glance, printed at start: each group's parts, lr scale, peak lr, weight decay and size."""
+    frozen = [(n, p) for n, p in model.named_parameters() if not p.requires_grad and not n.startswith("momentum_")]
+    rows = [(g["name"], f"{g['lr_scale']:g}", f"{lr * g['lr_scale']:.3g}", f"{g['weight_decay']:g}", g["params"],
+             g["names"]) for g in groups] + [("frozen", "-", "-", "-", [p for _, p in frozen], [n for n, _ in frozen])]
+    return "\n".join([f"{'group':<13}{'lr_scale':>9}{'peak lr':>10}{'wd':>6}{'params':>12}  what"] + [
+        f"{a:<13}{b:>9}{c:>10}{d:>6}{sum(p.numel() for p in ps):>12,}  {summarize(ns)}" for a, b, c, d, ps, ns in rows]
+        + ["momentum encoder: an EMA of the base encoder + projector, no gradient"])
+
+
+def mim_weights_path(args, local_main):
+    """Stage 1: --mim-checkpoint, or MAE's release for --model, downloaded once into the torch hub cache by the
+    first process of each machine (the others wait)."""
+    if args.mim_checkpoint and not os.path.isfile(args.mim_checkpoint):
+        raise StopRun(f"--mim-checkpoint {args.mim_checkpoint}: no such file; pass mae.py's checkpoint.pt or "
+                      f"encoder.pt, or an official mae_pretrain_vit_*.pth")
+    if args.mim_checkpoint:
+        return args.mim_checkpoint
+    how = (f"run stage 1 first (torchrun ... mae.py --data DATA --model {args.model} --output-dir runs/mae) and pass "
+           f"--mim-checkpoint runs/mae/checkpoint.pt")
+    if (url := MAE_RELEASES.get(args.model)) is None:
+        raise StopRun(f"--model {args.model}: MAE released weights for vit_base and vit_large only; pass "
+                      f"--mim-checkpoint PATH ({how})")
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
+    reason = ""
+    if local_main and not os.path.isfile(path):
+        print0(f"downloading the MAE weights (stage 1) {url} -> {path}")
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            torch.hub.download_url_to_file(url, path)  # via a temporary file: a failed download leaves nothing
+        except Exception as e:  # no network, a proxy, a full disk: the message says how else to get the weights
+            reason = f" ({type(e).__name__}: {' '.join(str(e).split())})"
+    dist.barrier() if dist.is_initialized() else None
+    if not os.path.isfile(path):
+        raise StopRun(f"cannot download the MAE weights for --model {args.model}{reason}: download {url} by hand "
+                      f"and pass --mim-checkpoint PATH, or {how}")
+    return path
+
+
+def load_mim_weights(model, path, args, verbose=True):
+    """Stage 1 -> stage 2: every encoder weight from the MIM file into the base encoder (vit.load_pretrained: MAE's
+    pos_embed replaces MoCo's, heads and decoders are skipped), then the momentum encoder as its copy."""
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise StopRun(f"--mim-checkpoint {path}: cannot read it as a PyTorch checkpoint ({type(e).__name__})") from None
+    try:
+        skipped = vit.load_pretrained(model.base_encoder, sd if isinstance(sd, dict) else {}, verbose=verbose)
+    except ValueError as e:  # another size: the message names --model
+        raise StopRun(f"--mim-checkpoint {path}: {e}") from None
+    if extra := [k for k in skipped if k.startswith("blocks.")]:
+        raise StopRun(f"--mim-checkpoint {path} has more blocks than --model {args.model} ({extra[0]}); pass the "
+                      f"matching --model")
+    model.momentum_encoder.load_state_dict(model.base_encoder.state_dict())
+
+
+def momentum_at(step, steps_per_epoch, args):
+    """main_moco.py adjust_moco_momentum: m = 1 - (1 - m0) * (1 + cos(pi * t / E)) / 2, t the fractional epoch,
+    so m goes from m0 (0.99) at the first step to 1 at the end. A pure function of the step, like lr_at."""
+    t = step / steps_per_epoch
+    return 1.0 - 0.5 * (1.0 + math.cos(math.pi * t / args.epochs)) * (1.0 - args.moco_m)
+
+# ------------------------------------------------------------------------------------------------------------ data
+
+def blur_kernel_size(img_size):
+    """About a tenth of the image, odd, >= 3 (BYOL / SimCLR: 23 at 224)."""
+    return max(3, int(0.1 * img_size) // 2 * 2 + 1)
+
+
+def view_transform(args, blur_p, solarize_p):
+    """One of BYOL's two asymmetric pipelines (MoCo v3 main_moco.py augmentation1 / augmentation2)."""
+    return T.Compose([
+        T.RandomResizedCrop(args.img_size, scale=(args.crop_min, 1.0)),  # bilinear, as officially
+        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+        T.RandomGrayscale(p=0.2),
+        T.RandomApply([T.GaussianBlur(blur_kernel_size(args.img_size), sigma=(0.1, 2.0))], p=blur_p),
+        *([T.RandomSolarize(128, p=solarize_p)] if solarize_p > 0 else []),  # PIL ImageOps.solarize's threshold
+        T.RandomHorizontalFlip(),
+        T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+class TwoViews:
+    """One image -> [view1, view2]: view 1 always blurred, view 2 rarely blurred and sometimes solarized."""
+    def __init__(self, args):
+        self.view1 = view_transform(args, blur_p=1.0, solarize_p=0.0)
+        self.view2 = view_transform(args, blur_p=0.1, solarize_p=0.2)
+
+    def __call__(self, img):
+        return [self.view1(img), self.view2(img)]
+
+
+# ======================================================================= boilerplate: identical in every method script
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class StopRun(Exception):
+    """A problem the user can fix (bad input, a diverged run): printed as one line, without a traceback."""
+
+
+def one_line(e):
+    """The message of a StopRun, also when it was raised inside a DataLoader worker and wrapped there."""
+    lines = str(e).strip().splitlines()
+    return lines[-1].split("StopRun: ", 1)[-1] if len(lines) > 1 else str(e)
+
+
+def pil_loader(path):
+    from PIL import Image
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except Exception as e:
+        raise StopRun(f"cannot read image {path} ({type(e).__name__}: {e}); delete or replace that file") from None
+
+
+def build_dataset(args, transform, split="train"):
+    """--data ROOT: ROOT/<split> as an ImageFolder (ImageNet layout). --data cifar10|cifar100|stl10: torchvision
+    downloads into --data-root on first use ('val' is the test split)."""
+    import torchvision.datasets as datasets
+    train = split == "train"
+    if args.data == "cifar10":
+        return datasets.CIFAR10(args.data_root, train=train, transform=transform, download=True)
+    if args.data == "cifar100":
+        return datasets.CIFAR100(args.data_root, train=train, transform=transform, download=True)
+    if args.data == "stl10":
+        return datasets.STL10(args.data_root, split="train+unlabeled" if train else "test", transform=transform,
+                              download=True)
+    folder = os.path.join(args.data, split)
+    if not os.path.isdir(args.data):
+        raise StopRun(f"--data {args.data}: no such folder; pass an ImageNet-layout root (ROOT/{split}/<class>/<image>) "
+                      f"or one of cifar10, cifar100, stl10")
+    if not os.path.isdir(folder):
+        raise StopRun(f"--data {args.data}: no '{split}' folder inside; expected the ImageNet layout "
+                      f"ROOT/{split}/<class>/<image>")
+    try:
+        return datasets.ImageFolder(folder, transform=transform, loader=pil_loader)
+    except FileNotFoundError as e:
+        raise StopRun(f"--data {args.data}: {folder} holds no class folders with images ({e}); expected "
+                      f"ROOT/{split}/<class>/<image>") from None
+
+
+def setup_distributed(args):
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain `python` runs one process on cuda:0 or the CPU."""
+    if "RANK" in os.environ:
+        rank, world_size, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_rank)
+            dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
+        else:
+            dist.init_process_group("gloo")  # CPU: tests and debugging
+    else:
+        rank, world_size, local_rank = 0, 1, 0
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if args.batch_size % world_size:
+        raise StopRun(f"--batch-size {args.batch_size} is global and must be divisible by the {world_size} processes; "
+                      f"use e.g. {args.batch_size // world_size * world_size}")
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True
+    return rank, world_size, device
+
+
+def print0(*a, **kw):
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        tqdm.write(" ".join(str(x) for x in a), **kw)
+
+
+def lr_at(step, steps_per_epoch, args):
+    """Per-iteration schedule (MAE util/lr_sched.py): 1) linear warm-up from 0 over warmup_epochs,
+    2) half-cosine from lr to 0 over the remaining epochs. A pure function of the step, so resuming needs no state."""
+    epoch = step / steps_per_epoch
+    if epoch < args.warmup_epochs:
+        return args.lr * epoch / args.warmup_epochs
+    return args.lr * 0.5 * (1.0 + math.cos(math.pi * (epoch - args.warmup_epochs) / (args.epochs - args.warmup_epochs)))
+
+
+def make_loader(dataset, args, rank, world_size, device):
+    # drop_last: every step sees the same per-GPU batch (contrastive labels assume it); the sampler shuffles by seed+epoch
+    if len(dataset) < args.batch_size:
+        raise StopRun(f"--data has {len(dataset)} training images, fewer than one --batch-size {args.batch_size}; "
+                      f"lower --batch-size")
+    sampler = torch.utils.data.DistributedSampler(dataset, world_size, rank, shuffle=True, seed=args.seed, drop_last=True)
+    return torch.utils.data.DataLoader(dataset, batch_size=args.batch_size // world_size, sampler=sampler,
+                                       num_workers=args.num_workers, pin_memory=device.type == "cuda", drop_last=True)
+
+
+def autocast(args, device):
+    if args.amp == "none" or device.type != "cuda":
+        return contextlib.nullcontext()  # CPU runs in fp32
+    return torch.autocast("cuda", dtype=torch.bfloat16 if args.amp == "bf16" else torch.float16)
+
+
+def save_checkpoint(obj, path):
+    """Atomic: write a temporary file, then rename it over the old one; a crash never leaves a half-written file."""
+    torch.save(obj, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def resume(path, args, model, optimizer, scaler):
+    """Load OUTPUT_DIR/checkpoint.pt if there is one; returns the epoch to start from."""
+    if not os.path.isfile(path):
+        return 0
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    for k in ("model", "img_size", "patch_size"):
+        if ckpt["args"].get(k) != getattr(args, k):
+            raise StopRun(f"{path} was written with --{k.replace('_', '-')} {ckpt['args'].get(k)}, not "
+                          f"{getattr(args, k)}; pass the same value or another --output-dir")
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scaler.load_state_dict(ckpt["scaler"]) if ckpt.get("scaler") else None
+    print0(f"resumed from {path} at epoch {ckpt['epoch']}")
+    return ckpt["epoch"]
+
+
+def add_common_args(p, **defaults):
+    """The command line every method script shares; each script passes its paper defaults."""
+    p.add_argument("--data", required=True, help="ImageNet-layout root (ROOT/train/<class>/*) or cifar10|cifar100|stl10")
+    p.add_argument("--data-root", default="./data", help="download folder for --data cifar10|cifar100|stl10")
+    p.add_argument("--output-dir", default=defaults["output_dir"], help="checkpoint.pt, encoder.pt, args.json, log.jsonl")
+    p.add_argument("--model", default=defaults["model"], choices=list(vit.MODELS), help="encoder size")
+    p.add_argument("--img-size", type=int, default=224, help="input resolution")
+    p.add_argument("--patch-size", type=int, default=None, help="patch size (default: the model's, 16 or 14)")
+    p.add_argument("--epochs", type=int, default=defaults["epochs"], help="training epochs")
+    p.add_argument("--warmup-epochs", type=int, default=defaults["warmup_epochs"], help="linear warm-up epochs")
+    p.add_argument("--batch-size", type=int, default=defaults["batch_size"], help="GLOBAL batch, over all processes")
+    p.add_argument("--blr", type=float, default=defaults["blr"], help="base lr; lr = blr * batch_size / 256")
+    p.add_argument("--weight-decay", type=float, default=defaults["weight_decay"], help="AdamW weight decay")
+    p.add_argument("--num-workers", type=int, default=min(10, os.cpu_count() or 1), help="data workers per process")
+    p.add_argument("--amp", default="bf16", choices=["bf16", "fp16", "none"], help="autocast dtype on CUDA (CPU: fp32)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--seed", type=int, default=0, help="seed for init (same on all ranks) and data (seed+rank)")
+    p.add_argument("--init", default=None, help="start from these weights (any file vit.load_pretrained reads)")
+    p.add_argument("--log-every", type=int, default=20, help="steps between log lines (and non-finite loss checks)")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps in total")
+    return p
+# ================================================================================================= end boilerplate
+
+# ------------------------------------------------------------------------------------------------------- arguments
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description="Layer Grafted Pre-training (Jiang et al. 2023): stage 2",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_common_args(p, output_dir="runs/graft", model="vit_base", epochs=300, warmup_epochs=40, batch_size=4096,
+                    blr=1.5e-4, weight_decay=0.1)  # pretrain.sh: MoCo v3's ViT recipe; lr 2.4e-3 for the upper group
+    p.add_argument("--mim-checkpoint", default=None, help="stage-1 weights: mae.py's checkpoint.pt / encoder.pt or any "
+                   "file vit.load_pretrained reads (default: MAE's release for vit_base / vit_large, downloaded once; "
+                   "--init is the same flag)")
+    p.add_argument("--graft-depth", type=int, default=None, help="blocks < this are the lower, MIM group with the "
+                   "embeddings (default: 2/3 of the depth; paper: 8 for ViT-B, 16 for ViT-L)")
+    p.add_argument("--lower-lr-ratio", type=float, default=0.1, help="lr of the lower group / lr of the upper group "
+                   "(paper: 1.5e-5 / 1.5e-4 = 0.1)")
+    p.add_argument("--freeze-lower", action="store_true", help="freeze the lower group and keep it in eval mode: the "
+                   "paper's non-smoothed MIM->CL grafting (official --fixTo)")
+    p.add_argument("--l1-weight", type=float, default=0.0, help="weight of sum |theta - theta_MIM| over layer ids <= "
+                   "--l1-depth (paper: 0 for ViT-B, 1e-5 for ViT-L)")
+    p.add_argument("--l1-depth", type=int, default=12, help="the L1 term covers vit.layer_id <= this: embeddings (0) "
+                   "and blocks < this (paper: 12)")
+    p.add_argument("--moco-dim", type=int, default=256, help="output dim of projector and predictor (paper: 256)")
+    p.add_argument("--moco-mlp-dim", type=int, default=4096, help="hidden dim of projector and predictor (paper: 4096)")
+    p.add_argument("--moco-t", type=float, default=0.2, help="softmax temperature tau (paper: 0.2)")
+    p.add_argument("--moco-m", type=float, default=0.99, help="momentum at step 0; cosine to 1 at the end (paper: 0.99)")
+    p.add_argument("--crop-min", type=float, default=0.08, help="RandomResizedCrop min scale (paper: 0.08)")
+    return p.parse_args(argv)
+
+# ------------------------------------------------------------------------------------------------------------ main
+
+def main(argv=None):
+    args = get_args(argv)
+    if not (0.0 <= args.moco_m <= 1.0 and args.lower_lr_ratio >= 0 and args.l1_weight >= 0):
+        raise StopRun(f"--moco-m {args.moco_m} must lie in [0, 1], --lower-lr-ratio {args.lower_lr_ratio} and "
+                      f"--l1-weight {args.l1_weight} must be >= 0 (paper: 0.99, 0.1, 0 or 1e-5)")
+    if args.init and args.mim_checkpoint and args.init != args.mim_checkpoint:
+        raise StopRun("--init and --mim-checkpoint are the same flag here: pass one of them")
+    args.mim_checkpoint = args.mim_checkpoint or args.init
+    rank, world_size, device = setup_distributed(args)
+    is_main = rank == 0
+    if args.batch_size // world_size < 2:
+        raise StopRun(f"--batch-size {args.batch_size} gives {args.batch_size // world_size} image(s) per process; the "
+                      f"BatchNorm in the projector and predictor needs at least 2: use --batch-size {2 * world_size} or more")
+    args.lr = args.blr * args.batch_size / 256
+    os.makedirs(args.output_dir, exist_ok=True)
+    print0(f"lr = blr {args.blr} x batch {args.batch_size} / 256 = {args.lr:.3g} (upper group), x {args.lower_lr_ratio} "
+           f"= {args.lr * args.lower_lr_ratio:.3g} (lower group); {world_size} process(es) x "
+           f"{args.batch_size // world_size} images on {device}; torch {torch.__version__}")
+
+    # stage 1 weights: needed to start, and on resume only for the L1 reference (checkpoint.pt has every weight)
+    ckpt_path = os.path.join(args.output_dir, "checkpoint.pt")
+    mim_path = None
+    if not os.path.isfile(ckpt_path) or args.l1_weight > 0:
+        mim_path = mim_weights_path(args, local_main=int(os.environ.get("LOCAL_RANK", 0)) == 0)
+
+    # data
+    dataset = build_dataset(args, TwoViews(args))
+    loader = make_loader(dataset, args, rank, world_size, device)
+    steps_per_epoch = len(loader)
+
+    # model: the same seed on every rank (projector, predictor), and DDP also broadcasts rank 0's weights
+    torch.manual_seed(args.seed)
+    encoder_fn = functools.partial(vit.MODELS[args.model], img_size=args.img_size,
+                                   **({"patch_size": args.patch_size} if args.patch_size else {}))
+    try:
+        model = GraftedMoCo(encoder_fn, args.moco_dim, args.moco_mlp_dim, args.moco_t, args.graft_depth,
+                            args.freeze_lower, args.l1_weight, args.l1_depth)
+    except ValueError as e:  # --graft-depth outside [0, depth]
+        raise StopRun(str(e)) from None
+    except AssertionError as e:  # vit.py checks the sizes: e.g. img_size not a multiple of patch_size
+        raise StopRun(f"--model {args.model}: {e}") from None
+    args.patch_size, args.graft_depth = model.base_encoder.patch_size, model.graft_depth
+    if is_main:
+        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
+            json.dump(vars(args), f, indent=2)
+    if mim_path:  # on resume the checkpoint overwrites these weights below; the L1 reference is taken before
+        load_mim_weights(model, mim_path, args, verbose=is_main)
+        print0(f"stage 1: {mim_path} -> base and momentum encoders; projector and predictor random")
+    model.to(device)
+    model.set_l1_reference() if args.l1_weight > 0 else None  # the MIM weights that the L1 term pulls towards
+    if world_size > 1 and device.type == "cuda":
+        # MoCo v3 converts every BN to SyncBN, so the projector/predictor statistics are over the global batch of
+        # the recipe. SyncBatchNorm is CUDA-only in PyTorch: on CPU/gloo each process keeps per-process BN.
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model_without_ddp = model
+
+    # optimizer: the graft is in the parameter groups; AdamW with default betas, as MoCo v3
+    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay, args.lower_lr_ratio), lr=args.lr,
+                                  fused=device.type == "cuda")
+    fresh = [{k: g[k] for k in ("lr_scale", "weight_decay")} for g in optimizer.param_groups]
+    scaler = torch.amp.GradScaler("cuda", enabled=args.amp == "fp16" and device.type == "cuda")
+    try:
+        start_epoch = resume(ckpt_path, args, model_without_ddp, optimizer, scaler)
+    except (ValueError, RuntimeError, KeyError) as e:  # e.g. another --graft-depth or --freeze-lower: other groups
+        raise StopRun(f"{ckpt_path} does not fit this command ({type(e).__name__}: {str(e).strip().splitlines()[0]}); "
+                      f"pass the flags of the run that wrote it, or another --output-dir") from None
+    for g, f in zip(optimizer.param_groups, fresh):  # the command's lr ratio and weight decay, not the checkpoint's
+        g.update(f)
+    print0(group_table(model_without_ddp, optimizer.param_groups, args.lr))
+
+    if args.compile:
+        model = torch.compile(model)
+    if world_size > 1:  # one forward of one module per step: both views, the momentum update, the loss and L1 term
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    # train
+    global_step = start_epoch * steps_per_epoch
+    log_file = open(os.path.join(args.output_dir, "log.jsonl"), "a") if is_main else None
+    for epoch in range(start_epoch, args.epochs):
+        if args.max_steps is not None and global_step >= args.max_steps:
+            break
+        torch.manual_seed(args.seed + 10_000 * epoch + rank)  # views and worker seeds: a function of (seed, epoch, rank)
+        loader.sampler.set_epoch(epoch)
+        sums, n_sum, t0 = torch.zeros(2, device=device), 0, time.perf_counter()  # loss, L1 distance
+        for it, ((x1, x2), _) in enumerate(tqdm(loader, desc=f"epoch {epoch}", disable=not is_main, leave=False, dynamic_ncols=True)):
+            lr = lr_at(global_step, steps_per_epoch, args)  # the upper group's; each group gets lr x its lr_scale
+            m = momentum_at(global_step, steps_per_epoch, args)
+            for g in optimizer.param_groups:
+                g["lr"] = lr * g["lr_scale"]
+            x1, x2 = x1.to(device, non_blocking=True), x2.to(device, non_blocking=True)
+            with autocast(args, device):
+                loss, l1 = model(x1, x2, m)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)  # the step that the released code never takes
+            scaler.update()
+            global_step += 1
+            sums += torch.stack([loss.detach(), l1])
+            n_sum += 1
+            if global_step % args.log_every == 0 or it == steps_per_epoch - 1:
+                if world_size > 1:
+                    dist.all_reduce(sums)
+                    sums /= world_size
+                loss_avg, l1_avg = (sums / n_sum).tolist()  # host sync, once per log interval
+                if not math.isfinite(loss_avg):
+                    raise StopRun(f"non-finite loss ({loss_avg}) within steps {global_step - n_sum + 1}-{global_step}; "
+                                  f"the last checkpoint ({ckpt_path}) is intact: lower --blr or use --amp bf16")
+                dt = time.perf_counter() - t0
+                lr_lower = next((g["lr"] for g in optimizer.param_groups if g["name"].startswith("lower")), 0.0)
+                log = {"epoch": epoch, "step": global_step, "loss": round(loss_avg, 5), "lr_upper": lr,
+                       "lr_lower": lr_lower, "m": m, **({"l1_dist": round(l1_avg, 5)} if args.l1_weight > 0 else {}),
+                       "img_per_s": round(n_sum * args.batch_size / dt, 1),
+                       "mem_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if device.type == "cuda" else 0.0}
+                print0(json.dumps(log))
+                log_file.write(json.dumps(log) + "\n") if is_main else None
+                log_file.flush() if is_main else None
+                sums, n_sum, t0 = torch.zeros(2, device=device), 0, time.perf_counter()
+            if args.max_steps is not None and global_step >= args.max_steps:
+                break
+        else:  # the epoch ran to its end: checkpoint it (rank 0 writes, everyone waits)
+            if is_main:
+                save_checkpoint({"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
+                                 "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                                 "epoch": epoch + 1, "args": vars(args)}, ckpt_path)
+            dist.barrier() if world_size > 1 else None
+
+    if is_main:  # the base encoder alone, without its projector head: vit.py / timm names
+        encoder = {k: v for k, v in model_without_ddp.base_encoder.state_dict().items() if not k.startswith("head.")}
+        save_checkpoint(encoder, os.path.join(args.output_dir, "encoder.pt"))
+        print0(f"done: {args.output_dir}/encoder.pt after {global_step} steps")
+        log_file.close()
+    if world_size > 1:
+        dist.destroy_process_group()
+    return model_without_ddp
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except StopRun as e:
+        sys.exit(f"error: {one_line(e)}")
