@@ -180,13 +180,17 @@ def build_dataset(args, transform, split="train"):
     downloads into --data-root on first use ('val' is the test split)."""
     import torchvision.datasets as datasets
     train = split == "train"
-    if args.data == "cifar10":
-        return datasets.CIFAR10(args.data_root, train=train, transform=transform, download=True)
-    if args.data == "cifar100":
-        return datasets.CIFAR100(args.data_root, train=train, transform=transform, download=True)
-    if args.data == "stl10":
-        return datasets.STL10(args.data_root, split="train+unlabeled" if train else "test", transform=transform,
-                              download=True)
+    try:
+        if args.data == "cifar10":
+            return datasets.CIFAR10(args.data_root, train=train, transform=transform, download=True)
+        if args.data == "cifar100":
+            return datasets.CIFAR100(args.data_root, train=train, transform=transform, download=True)
+        if args.data == "stl10":
+            return datasets.STL10(args.data_root, split="train+unlabeled" if train else "test", transform=transform,
+                                  download=True)
+    except (OSError, RuntimeError) as e:  # no network, a partial download, a full disk
+        raise StopRun(f"--data {args.data}: could not download into --data-root {args.data_root} ({e}); "
+                      f"download it by hand into that folder, or pass an ImageFolder root") from None
     folder = os.path.join(args.data, split)
     if not os.path.isdir(args.data):
         raise StopRun(f"--data {args.data}: no such folder; pass an ImageNet-layout root (ROOT/{split}/<class>/<image>) "

@@ -224,6 +224,10 @@ def load_pretrained(model, path_or_state_dict, verbose=True):
                              f"{tuple(own[k].shape)}; pass the matching --model / --patch-size")
         else:
             load[k] = v
+    deeper = [k for k in skipped if k.startswith("blocks.")]
+    if deeper:  # same width, more blocks: loading the first ones silently would give another model
+        raise ValueError(f"checkpoint is for a deeper model: it has {deeper[0]} but the model has {len(model.blocks)} "
+                         f"blocks; pass the matching --model")
     missing = [k for k in own if k not in load and not k.startswith("head.")]
     if missing:
         raise ValueError(f"checkpoint is for another model or is not a ViT encoder: {len(missing)} encoder weights "

@@ -130,3 +130,19 @@ def test_encoder_roundtrip_through_file(tmp_path):
     vit.load_pretrained(dst, str(tmp_path / "encoder.pt"), verbose=False)
     x = torch.randn(2, 3, 32, 32)
     assert torch.equal(src.eval().forward_features(x), dst.eval().forward_features(x))
+
+
+def test_load_rejects_deeper_checkpoint():
+    with pytest.raises(ValueError, match="deeper"):
+        vit.load_pretrained(tiny(depth=1), tiny(depth=2).state_dict(), verbose=False)
+
+
+def test_download_failure_is_one_line(tmp_path, monkeypatch):
+    import torchvision.datasets
+    import mae
+
+    def offline(*a, **kw):
+        raise RuntimeError("<urlopen error [Errno -3] Temporary failure in name resolution>")
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    with pytest.raises(mae.StopRun, match="could not download"):
+        mae.main(["--data", "cifar10", "--data-root", str(tmp_path), "--output-dir", str(tmp_path / "o")])
