@@ -1,0 +1,313 @@
+"""Images per second that the real data loader delivers from a JPEG folder, per worker count and pipeline.
+
+    python benchmarks/bench_data.py --json bench_data.json       # ../shared/data/imagenette.tar, unpacked to a temp dir
+    python benchmarks/bench_data.py --data /imagenet --workers 8,16 --seconds 30
+
+Pipelines (each timed for --seconds per worker count, after its first batch, which is reported apart: worker start-up):
+    mae          the scripts' loader (mae.build_dataset + mae.make_loader: ImageFolder, PIL decode, DistributedSampler,
+                 pinned memory on CUDA) with mae.train_transform (RandomResizedCrop 0.2-1 bicubic + flip); batches are
+                 copied to the device as the training loop does. micl.py and mimco.py use the same transform.
+    moco         the same loader with moco.TwoViews (BYOL's two asymmetric views: crop, colour jitter, grey, blur,
+                 solarize, flip); img/s counts images, each delivered as two views. Skipped when moco.py is missing.
+    mae-decode-on-device
+                 workers only read the JPEG files' bytes; the main process decodes the batch with
+                 torchvision.io.decode_jpeg(list of byte tensors, device=--device) (nvJPEG on a GPU) and does the
+                 RandomResizedCrop (same scale, ratio and bicubic antialiased resize) + flip + normalization there.
+                 Default only when the device is CUDA (--pipelines mae-decode-on-device runs it on a CPU too).
+The scripts' loader restarts its workers every epoch (persistent_workers off), and a run of --seconds spans epochs on
+a small folder: that cost is part of what the scripts pay, so it is part of the figure.
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)  # the project root: mae, moco, ...
+import mae  # noqa: E402
+
+IMAGENETTE_TAR = os.path.join(ROOT, "..", "shared", "data", "imagenette.tar")
+PIPELINES = ["mae", "moco", "mae-decode-on-device"]
+
+
+def provenance(device, argv):
+    import torchvision
+    try:
+        commit = subprocess.run(["git", "-C", ROOT, "describe", "--always", "--dirty"], capture_output=True, text=True,
+                                timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = platform.processor() or platform.machine()
+        try:
+            with open("/proc/cpuinfo") as f:
+                name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+        except (OSError, StopIteration):
+            pass
+    return {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "command": shlex.join(["python", "benchmarks/bench_data.py", *argv]),
+            "device": f"{name}; {os.cpu_count()} logical CPU cores", "host": socket.gethostname(),
+            "python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "pillow": _pillow_version(), "project_commit": commit}
+
+
+def _pillow_version():
+    try:
+        import PIL
+        return PIL.__version__
+    except ImportError:
+        return None
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+# ------------------------------------------------------------------------------------------------ the pipelines
+
+
+def script_loader(mod, transform_fn, data, split, batch_size, workers, img_size, device):
+    """The method script's own dataset and loader, built from its own command-line defaults."""
+    args = mod.get_args(["--data", data, "--img-size", str(img_size), "--batch-size", str(batch_size),
+                         "--num-workers", str(workers)])
+    dataset = mod.build_dataset(args, transform_fn(args), split)
+    return mod.make_loader(dataset, args, 0, 1, device)
+
+
+class FileBytes(torch.utils.data.Dataset):
+    """The raw bytes of each image file; decoding happens later. Python bytearrays, not tensors: a worker then sends one
+    pickled batch, not one shared-memory file descriptor per image (which runs into the open-file limit)."""
+    def __init__(self, paths):
+        self.paths = paths
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        with open(self.paths[i], "rb") as f:
+            return bytearray(f.read())  # writable: torch.frombuffer shares it without a warning
+
+
+def bytes_loader(data, split, batch_size, workers, device):
+    import torchvision.datasets as datasets
+    folder = datasets.ImageFolder(os.path.join(data, split))  # only for its sorted file list
+    sampler = torch.utils.data.DistributedSampler(folder, 1, 0, shuffle=True, seed=0, drop_last=True)
+    return torch.utils.data.DataLoader(FileBytes([p for p, _ in folder.samples]), batch_size=batch_size,
+                                       sampler=sampler, num_workers=workers, collate_fn=list, drop_last=True)
+
+
+class DecodeOnDevice:
+    """A batch of JPEG byte tensors -> (B, 3, S, S) float on `device`, normalized: decode_jpeg on the device, then per
+    image MAE's RandomResizedCrop (scale 0.2-1, ratio 3/4-4/3, bicubic, antialiased) and a horizontal flip with p 0.5."""
+    def __init__(self, img_size, device):
+        import torchvision.transforms as T
+        self.size, self.device, self.cpu_fallbacks = img_size, device, 0
+        self.rrc = T.RandomResizedCrop(img_size, scale=(0.2, 1.0), interpolation=T.InterpolationMode.BICUBIC)
+        self.mean = torch.tensor(mae.IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(mae.IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
+
+    def __call__(self, batch):
+        import torchvision.io as io
+        import torchvision.transforms.v2.functional as TF
+        data = [torch.frombuffer(b, dtype=torch.uint8) for b in batch]  # 1-D uint8 views of the file bytes
+        try:
+            imgs = io.decode_jpeg(data, mode=io.ImageReadMode.RGB, device=self.device)  # list of (3, H, W) uint8
+        except RuntimeError:  # a JPEG the device decoder rejects (e.g. CMYK on nvJPEG): those images on the CPU
+            imgs = [self.decode_one(d) for d in data]
+        out = []
+        for img in imgs:
+            i, j, h, w = self.rrc.get_params(img, self.rrc.scale, self.rrc.ratio)
+            crop = TF.resized_crop(img.float(), i, j, h, w, [self.size, self.size],
+                                   interpolation=self.rrc.interpolation, antialias=True)
+            out.append(crop.flip(-1) if torch.rand(()) < 0.5 else crop)
+        x = torch.stack(out).clamp_(0, 255)  # bicubic overshoots, as PIL's does before it rounds to uint8
+        return (x - self.mean) / self.std
+
+    def decode_one(self, data):
+        import torchvision.io as io
+        try:
+            return io.decode_jpeg(data, mode=io.ImageReadMode.RGB, device=self.device)
+        except RuntimeError:
+            self.cpu_fallbacks += 1
+            return io.decode_image(data, mode=io.ImageReadMode.RGB).to(self.device)
+
+# ------------------------------------------------------------------------------------------------------ timing
+
+
+def measure(loader, consume, device, seconds, batch_size):
+    """Iterate (epoch after epoch) until `seconds` have passed after the first batch; returns the figures."""
+    t_start = time.perf_counter()
+    first, t0, n, batches, epoch = None, None, 0, 0, 0
+    while True:
+        if hasattr(loader, "sampler") and hasattr(loader.sampler, "set_epoch"):
+            loader.sampler.set_epoch(epoch)
+        for batch in loader:
+            consume(batch)
+            if first is None:
+                sync(device)
+                first = time.perf_counter() - t_start
+                t0 = time.perf_counter()
+                continue
+            n += batch_size
+            batches += 1
+            if time.perf_counter() - t0 >= seconds:
+                break
+        else:
+            epoch += 1
+            continue
+        break
+    sync(device)
+    dt = time.perf_counter() - t0
+    return {"img_per_s": n / dt, "images": n, "batches": batches, "seconds": dt, "first_batch_s": first,
+            "epochs_started": epoch + 1}
+
+
+def unpack_imagenette(dst):
+    if not os.path.isfile(IMAGENETTE_TAR):
+        raise SystemExit(f"error: no --data given and {os.path.normpath(IMAGENETTE_TAR)} is missing; pass --data ROOT "
+                         f"(ImageNet layout: ROOT/train/<class>/<image>)")
+    t = time.perf_counter()
+    with tarfile.open(IMAGENETTE_TAR) as tar:
+        tar.extractall(dst, filter="data") if hasattr(tarfile, "data_filter") else tar.extractall(dst)
+    print(f"# unpacked {os.path.normpath(IMAGENETTE_TAR)} into {dst} in {time.perf_counter() - t:.1f} s", flush=True)
+    return os.path.join(dst, "imagenette")
+
+# -------------------------------------------------------------------------------------------------------- main
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description="Images per second of the scripts' data loaders",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", default=None, help="ImageNet-layout root (ROOT/<split>/<class>/<image>); default: "
+                   "../shared/data/imagenette.tar unpacked into a temporary folder (deleted afterwards)")
+    p.add_argument("--split", default="train")
+    p.add_argument("--workers", default="0,2,4,8,16", help="comma-separated worker counts")
+    p.add_argument("--pipelines", default=None, help=f"comma-separated from {','.join(PIPELINES)} (default: mae, moco "
+                   "if moco.py exists, mae-decode-on-device on CUDA)")
+    p.add_argument("--batch-size", type=int, default=256, help="images per batch (one process)")
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--seconds", type=float, default=10.0, help="time per configuration, after its first batch")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
+    p.add_argument("--json", default=None, help="write the report here")
+    args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device here; use --device cpu")
+    return args
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = get_args(argv)
+    device = torch.device(args.device)
+    report = {"provenance": provenance(device, argv), "settings": dict(vars(args)), "results": [], "skipped": []}
+    print("\n".join(f"# {k}: {v}" for k, v in report["provenance"].items()), flush=True)
+    tmp = None
+    if args.data is None:
+        tmp = tempfile.mkdtemp(prefix="bench_data_")
+        args.data = unpack_imagenette(tmp)
+    elif not os.path.isdir(os.path.join(args.data, args.split)):
+        raise SystemExit(f"error: --data {args.data}: no '{args.split}' folder inside; expected the ImageNet layout "
+                         f"ROOT/{args.split}/<class>/<image>")
+    try:
+        run(args, device, report)
+    finally:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+    write_json(report, args.json)
+    print("\n" + markdown_table(report), flush=True)
+    if args.json:
+        print(f"\nwrote {args.json}")
+    return report
+
+
+def write_json(report, path):
+    if path:
+        with open(path + ".tmp", "w") as f:
+            json.dump(report, f, indent=2)
+        os.replace(path + ".tmp", path)
+
+
+def run(args, device, report):
+    try:
+        import moco
+    except Exception as e:  # noqa: BLE001 (not written yet, or half-written)
+        moco = None
+        moco_error = f"moco.py not importable ({type(e).__name__}: {e})"
+    if args.pipelines:
+        pipelines = [p.strip() for p in args.pipelines.split(",") if p.strip()]
+        bad = [p for p in pipelines if p not in PIPELINES]
+        if bad:
+            raise SystemExit(f"error: --pipelines {','.join(bad)}: unknown; choose from {','.join(PIPELINES)}")
+    else:
+        pipelines = ["mae", "moco"] + (["mae-decode-on-device"] if device.type == "cuda" else [])
+    workers = [int(w) for w in args.workers.split(",")]
+    for pipe in pipelines:
+        if pipe == "moco" and moco is None:
+            report["skipped"].append({"pipeline": pipe, "why": moco_error})
+            print(f"skip {pipe}: {moco_error}", flush=True)
+            continue
+        for w in workers:
+            loader = None
+            try:
+                if pipe == "mae":
+                    loader = script_loader(mae, mae.train_transform, args.data, args.split, args.batch_size, w,
+                                           args.img_size, device)
+                    consume = lambda b: b[0].to(device, non_blocking=True)  # noqa: E731 (the training loop's copy)
+                    decode = "PIL in the workers (CPU)"
+                elif pipe == "moco":
+                    loader = script_loader(moco, moco.TwoViews, args.data, args.split, args.batch_size, w,
+                                           args.img_size, device)
+                    consume = lambda b: [v.to(device, non_blocking=True) for v in b[0]]  # noqa: E731
+                    decode = "PIL in the workers (CPU), two views"
+                else:
+                    loader = bytes_loader(args.data, args.split, args.batch_size, w, device)
+                    consume = DecodeOnDevice(args.img_size, device)
+                    decode = f"torchvision.io.decode_jpeg on {device.type}" + (" (nvJPEG)" if device.type == "cuda" else "")
+                n_images = len(loader.dataset)
+                if len(loader) == 0:
+                    raise ValueError(f"{n_images} images in {args.split}, fewer than one --batch-size {args.batch_size}")
+                r = measure(loader, consume, device, args.seconds, args.batch_size)
+            except Exception as e:  # noqa: BLE001 (e.g. the scripts' StopRun for a too small folder: report, go on)
+                why = mae.one_line(e) if type(e).__name__ == "StopRun" else f"{type(e).__name__}: {e}"  # each script has one
+                report["skipped"].append({"pipeline": pipe, "workers": w, "why": why})
+                print(f"skip {pipe} workers {w}: {why}", flush=True)
+                continue
+            finally:
+                del loader
+            row = {"pipeline": pipe, "decode": decode, "workers": w, "batch": args.batch_size,
+                   "img_size": args.img_size, "images_in_split": n_images, **r}
+            if isinstance(consume, DecodeOnDevice):
+                row["cpu_fallback_images"] = consume.cpu_fallbacks
+            report["results"].append(row)
+            write_json(report, args.json)  # after every configuration: a run stopped by a time limit keeps its figures
+            print(f"{pipe} workers {w}: {r['img_per_s']:.1f} img/s ({r['images']} images in {r['seconds']:.1f} s, "
+                  f"first batch after {r['first_batch_s']:.2f} s)", flush=True)
+
+
+def markdown_table(report):
+    lines = ["| pipeline | decode | workers | batch | px | img/s | first batch (s) | timed images |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in report["results"]:
+        lines.append(f"| {r['pipeline']} | {r['decode']} | {r['workers']} | {r['batch']} | {r['img_size']} | "
+                     f"{r['img_per_s']:.1f} | {r['first_batch_s']:.2f} | {r['images']} |")
+    for s in report["skipped"]:
+        lines.append(f"| {s['pipeline']} | | {s.get('workers', '')} | | | skipped: {s['why']} | | |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
