@@ -226,10 +226,14 @@ def test_two_views(image_root):
 
     def blur_p(t):
         return [s.p for s in t.transforms if isinstance(s, torch.nn.Module) and hasattr(s, "transforms")
-                and isinstance(s.transforms[0], moco.T.GaussianBlur)]
+                and isinstance(s.transforms[0], moco.GaussianBlur)]
     solarize = [[s.p for s in t.transforms if isinstance(s, moco.T.RandomSolarize)] for t in (views.view1, views.view2)]
     assert blur_p(views.view1) == [1.0] and blur_p(views.view2) == [0.1] and solarize == [[], [0.2]]
-    assert moco.blur_kernel_size(224) == 23 and moco.blur_kernel_size(32) == 3
+    torch.manual_seed(1)
+    blurred = moco.GaussianBlur()(img)
+    torch.manual_seed(1)
+    assert blurred.size == img.size and list(blurred.getdata()) == list(moco.GaussianBlur()(img).getdata())  # seeded
+    assert list(blurred.getdata()) != list(img.getdata())
 
 
 def test_real_images_run_and_exact_resume(image_root, tmp_path):
