@@ -16,11 +16,11 @@ Run:
     python eval_fewshot.py --checkpoint vit-s-300ep.pth.tar --model vit_small --num-heads 12 ...   # MoCo v3 ViT-S
     python eval_fewshot.py --checkpoint random ...                # a random-init encoder: the floor to beat
 
-Features (as the Layer Grafted inferFeature): encoder in eval(), no_grad, bf16 autocast on CUDA, the CLS token after the
-final LayerNorm (--feature mean: the mean of the patch tokens after it), no augmentation: Resize(img_size / 0.875,
-bilinear as torchvision's default, which the official code uses) then CenterCrop(img_size), i.e. Resize 256 +
-CenterCrop 224, and ImageNet normalization. Under torchrun each rank extracts images rank, rank+W, ...; the
-variable-length results are all-gathered with exact counts, so no image is counted twice (DistributedSampler pads
+Features (as the Layer Grafted inferFeature): encoder in eval(), no_grad, fp32 (--amp bf16: faster, not official), the
+CLS token after the final LayerNorm (--feature mean: the mean of the patch tokens after it), no augmentation:
+Resize(img_size / 0.875, bilinear as torchvision's default, which the official code uses) then CenterCrop(img_size),
+i.e. Resize 256 + CenterCrop 224, and ImageNet normalization. Under torchrun each rank extracts images rank,
+rank+W, ...; the variable-length results are all-gathered with exact counts, so no image is counted twice (DistributedSampler pads
 with duplicates).
 Only the images that some split uses are extracted; --cache DIR keeps them for the next protocol, seed or run.
 
@@ -379,12 +379,16 @@ def build_dataset(args, transform, split="train"):
     """As in the method scripts, except that stl10's train split is its 5k labelled images (not train+unlabeled)."""
     import torchvision.datasets as datasets
     train = split == "train"
-    if args.data == "cifar10":
-        return datasets.CIFAR10(args.data_root, train=train, transform=transform, download=True)
-    if args.data == "cifar100":
-        return datasets.CIFAR100(args.data_root, train=train, transform=transform, download=True)
-    if args.data == "stl10":
-        return datasets.STL10(args.data_root, split="train" if train else "test", transform=transform, download=True)
+    try:
+        if args.data == "cifar10":
+            return datasets.CIFAR10(args.data_root, train=train, transform=transform, download=True)
+        if args.data == "cifar100":
+            return datasets.CIFAR100(args.data_root, train=train, transform=transform, download=True)
+        if args.data == "stl10":
+            return datasets.STL10(args.data_root, split="train" if train else "test", transform=transform, download=True)
+    except (OSError, RuntimeError) as e:  # no network, a partial download, a full disk
+        raise StopRun(f"--data {args.data}: could not download into --data-root {args.data_root} ({e}); "
+                      f"download it by hand into that folder, or pass an ImageFolder root") from None
     folder = os.path.join(args.data, split)
     if not os.path.isdir(args.data):
         raise StopRun(f"--data {args.data}: no such folder; pass an ImageNet-layout root (ROOT/{split}/<class>/<image>) "
@@ -467,7 +471,8 @@ def get_args(argv=None):
     p.add_argument("--linear-batch-size", type=int, default=256, help="linear probe batch (capped at n_train)")
     p.add_argument("--batch-size", type=int, default=256, help="GLOBAL feature-extraction batch, over all processes")
     p.add_argument("--num-workers", type=int, default=min(10, os.cpu_count() or 1), help="data workers per process")
-    p.add_argument("--amp", default="bf16", choices=["bf16", "fp16", "none"], help="autocast dtype on CUDA (CPU: fp32)")
+    p.add_argument("--amp", default="none", choices=["bf16", "fp16", "none"],
+                   help="autocast dtype for extraction on CUDA; the official protocol extracts in fp32 (CPU: fp32)")
     p.add_argument("--cache", default=None, help="folder that keeps extracted features between runs")
     p.add_argument("--json", default=None, help="write the results, args, versions and device to this file")
     args = p.parse_args(argv)

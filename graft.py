@@ -42,7 +42,6 @@ Deviations from the official code, on purpose:
       part): equal in both encoders, it stays bit-identical (official: m t + (1 - m) t, equal up to rounding).
     - As moco.py: bf16 autocast (--amp fp16: the official fp16); PIL blur with torch RNG; crop --img-size; SyncBN
       under CUDA DDP only; one process works; no gradient accumulation; a non-finite loss is checked per --log-every.
-      A resumed run takes --lower-lr-ratio and --weight-decay from the command, not from the checkpoint.
 
 Sections: model | data | boilerplate (identical in every method script) | arguments | main.
 """
@@ -101,13 +100,14 @@ def contrastive_loss(q, k, T=0.2):
     """InfoNCE (MoCo v3 Eq. 1, builder.py). q (n, C) this rank's queries, k (n, C) its keys. Logits (n, N) against
     the keys of the whole global batch; the positive of query i of rank r is key n*r + i. The 2*tau factor follows
     the official code (it only rescales the gradient)."""
-    q = F.normalize(q.float(), dim=1)  # fp32: normalization and the softmax are precision-sensitive
-    k = F.normalize(k.float(), dim=1)
-    k = all_gather_nograd(k)  # (N, C), N = n * world_size
-    logits = q @ k.t() / T  # (n, N)
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    labels = torch.arange(q.shape[0], device=q.device) + q.shape[0] * rank  # equal n on every rank: drop_last
-    return F.cross_entropy(logits, labels) * (2 * T)
+    with torch.autocast(q.device.type, enabled=False):  # fp32 logits: .float() alone does not stop autocast's bf16 matmul
+        q = F.normalize(q.float(), dim=1)  # fp32: normalization and the softmax are precision-sensitive
+        k = F.normalize(k.float(), dim=1)
+        k = all_gather_nograd(k)  # (N, C), N = n * world_size
+        logits = q @ k.t() / T  # (n, N)
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        labels = torch.arange(q.shape[0], device=q.device) + q.shape[0] * rank  # equal n on every rank: drop_last
+        return F.cross_entropy(logits, labels) * (2 * T)
 
 
 class GraftedMoCo(nn.Module):
@@ -410,17 +410,27 @@ def save_checkpoint(obj, path):
     os.replace(path + ".tmp", path)
 
 
+# What may differ between a run and its resumption: where things are, how fast it runs, how long it lasts. Any other
+# flag (model, recipe, seed) would silently continue another run.
+RESUME_MAY_CHANGE = {"data", "data_root", "output_dir", "epochs", "num_workers", "amp", "compile", "log_every",
+                     "max_steps", "vis_every", "init", "mim_checkpoint", "teacher"}
+
+
 def resume(path, args, model, optimizer, scaler):
     """Load OUTPUT_DIR/checkpoint.pt if there is one; returns the epoch to start from."""
     if not os.path.isfile(path):
         return 0
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    for k in ("model", "img_size", "patch_size"):
-        if ckpt["args"].get(k) != getattr(args, k):
-            raise StopRun(f"{path} was written with --{k.replace('_', '-')} {ckpt['args'].get(k)}, not "
-                          f"{getattr(args, k)}; pass the same value or another --output-dir")
-    model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
+    for k, v in ckpt["args"].items():
+        if k not in RESUME_MAY_CHANGE and getattr(args, k, v) != v:
+            raise StopRun(f"{path} was written with --{k.replace('_', '-')} {v}, not {getattr(args, k)}; pass the "
+                          f"same value or another --output-dir")
+    try:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise StopRun(f"{path} does not fit this model ({str(e).strip().splitlines()[0]}); pass the flags of the run "
+                      f"that wrote it, or another --output-dir") from None
     scaler.load_state_dict(ckpt["scaler"]) if ckpt.get("scaler") else None
     print0(f"resumed from {path} at epoch {ckpt['epoch']}")
     return ckpt["epoch"]
@@ -520,9 +530,6 @@ def main(argv=None):
     except AssertionError as e:  # vit.py checks the sizes: e.g. img_size not a multiple of patch_size
         raise StopRun(f"--model {args.model}: {e}") from None
     args.patch_size, args.graft_depth = model.base_encoder.patch_size, model.graft_depth
-    if is_main:
-        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
-            json.dump(vars(args), f, indent=2)
     if mim_path:  # on resume the checkpoint overwrites these weights below; the L1 reference is taken before
         load_mim_weights(model, mim_path, args, verbose=is_main)
         print0(f"stage 1: {mim_path} -> base and momentum encoders; projector and predictor random")
@@ -537,15 +544,11 @@ def main(argv=None):
     # optimizer: the graft is in the parameter groups; AdamW with default betas, as MoCo v3
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay, args.lower_lr_ratio), lr=args.lr,
                                   fused=device.type == "cuda")
-    fresh = [{k: g[k] for k in ("lr_scale", "weight_decay")} for g in optimizer.param_groups]
     scaler = torch.amp.GradScaler("cuda", enabled=args.amp == "fp16" and device.type == "cuda")
-    try:
-        start_epoch = resume(ckpt_path, args, model_without_ddp, optimizer, scaler)
-    except (ValueError, RuntimeError, KeyError) as e:  # e.g. another --graft-depth or --freeze-lower: other groups
-        raise StopRun(f"{ckpt_path} does not fit this command ({type(e).__name__}: {str(e).strip().splitlines()[0]}); "
-                      f"pass the flags of the run that wrote it, or another --output-dir") from None
-    for g, f in zip(optimizer.param_groups, fresh):  # the command's lr ratio and weight decay, not the checkpoint's
-        g.update(f)
+    start_epoch = resume(ckpt_path, args, model_without_ddp, optimizer, scaler)
+    if is_main:  # after resume(), which refuses a checkpoint of another run
+        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
+            json.dump(vars(args), f, indent=2)
     print0(group_table(model_without_ddp, optimizer.param_groups, args.lr))
 
     if args.compile:
@@ -556,6 +559,9 @@ def main(argv=None):
     # train
     global_step = start_epoch * steps_per_epoch
     log_file = open(os.path.join(args.output_dir, "log.jsonl"), "a") if is_main else None
+    # m enters the model as a 0-d tensor: a Python float that changes every step makes torch.compile specialize on
+    # it (recompiles, and a crash in DDP's graph splitting). float64 keeps eager results bit-identical to a float.
+    m_t = torch.zeros((), dtype=torch.float64, device=device)
     for epoch in range(start_epoch, args.epochs):
         if args.max_steps is not None and global_step >= args.max_steps:
             break
@@ -569,7 +575,8 @@ def main(argv=None):
                 g["lr"] = lr * g["lr_scale"]
             x1, x2 = x1.to(device, non_blocking=True), x2.to(device, non_blocking=True)
             with autocast(args, device):
-                loss, l1 = model(x1, x2, m)
+                m_t.fill_(m)  # no host sync (torch.tensor(m, device=...) would copy and wait)
+                loss, l1 = model(x1, x2, m_t)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)  # the step that the released code never takes

@@ -239,17 +239,27 @@ def save_checkpoint(obj, path):
     os.replace(path + ".tmp", path)
 
 
+# What may differ between a run and its resumption: where things are, how fast it runs, how long it lasts. Any other
+# flag (model, recipe, seed) would silently continue another run.
+RESUME_MAY_CHANGE = {"data", "data_root", "output_dir", "epochs", "num_workers", "amp", "compile", "log_every",
+                     "max_steps", "vis_every", "init", "mim_checkpoint", "teacher"}
+
+
 def resume(path, args, model, optimizer, scaler):
     """Load OUTPUT_DIR/checkpoint.pt if there is one; returns the epoch to start from."""
     if not os.path.isfile(path):
         return 0
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    for k in ("model", "img_size", "patch_size"):
-        if ckpt["args"].get(k) != getattr(args, k):
-            raise StopRun(f"{path} was written with --{k.replace('_', '-')} {ckpt['args'].get(k)}, not "
-                          f"{getattr(args, k)}; pass the same value or another --output-dir")
-    model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
+    for k, v in ckpt["args"].items():
+        if k not in RESUME_MAY_CHANGE and getattr(args, k, v) != v:
+            raise StopRun(f"{path} was written with --{k.replace('_', '-')} {v}, not {getattr(args, k)}; pass the "
+                          f"same value or another --output-dir")
+    try:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise StopRun(f"{path} does not fit this model ({str(e).strip().splitlines()[0]}); pass the flags of the run "
+                      f"that wrote it, or another --output-dir") from None
     scaler.load_state_dict(ckpt["scaler"]) if ckpt.get("scaler") else None
     print0(f"resumed from {path} at epoch {ckpt['epoch']}")
     return ckpt["epoch"]
@@ -319,14 +329,14 @@ def main(argv=None):
     if not 0 <= args.mask_ratio < 1 or int(L * (1 - args.mask_ratio)) < 2:
         raise StopRun(f"--mask-ratio {args.mask_ratio} keeps {int(L * (1 - args.mask_ratio))} of {L} patches; "
                       f"each view needs one, so keep 2 or more (release: 0.9)")
-    if is_main:
-        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
-            json.dump(vars(args), f, indent=2)
     model = MiCL(encoder, args.mask_ratio, args.kappa, args.tau, args.gather)
     K = model.len_keep(L)
     print0(f"mask ratio {args.mask_ratio}: {K} of {L} patches kept, {K // 2} per view")
     if args.init:
-        vit.load_pretrained(encoder, args.init, verbose=is_main)
+        try:
+            vit.load_pretrained(encoder, args.init, verbose=is_main)
+        except ValueError as e:  # missing file, another model size
+            raise StopRun(f"--init {args.init}: {e}") from None
     model.to(device)
     model_without_ddp = model
 
@@ -338,6 +348,9 @@ def main(argv=None):
     scaler = torch.amp.GradScaler("cuda", enabled=args.amp == "fp16" and device.type == "cuda")
     ckpt_path = os.path.join(args.output_dir, "checkpoint.pt")
     start_epoch = resume(ckpt_path, args, model_without_ddp, optimizer, scaler)
+    if is_main:  # after resume(), which refuses a checkpoint of another run
+        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
+            json.dump(vars(args), f, indent=2)
 
     if args.compile:
         model = torch.compile(model)

@@ -78,15 +78,16 @@ def patch_nce(pred, target, ids_masked, tau=0.2, negatives="image"):
         loss_bi = -log [ exp(p_bi . t_bi / tau) / sum_(c, j) exp(p_bi . t_cj / tau) ]
     over candidates (c, j) = the M removed positions of image b ("image") or all B*M of the local batch ("batch");
     the mean over all B*M removed positions."""
-    idx = ids_masked[:, :, None]
-    p = F.normalize(torch.gather(pred.float(), 1, idx.expand(-1, -1, pred.shape[2])), dim=-1)  # (B, M, C); fp32:
-    t = F.normalize(torch.gather(target.float(), 1, idx.expand(-1, -1, target.shape[2])), dim=-1)  # normalize, softmax
-    B, M, _ = p.shape
-    if negatives == "image":
-        logits = p @ t.transpose(1, 2) / tau  # (B, M, M): row i against the removed patches of its own image
-        return F.cross_entropy(logits.flatten(0, 1), torch.arange(M, device=p.device).repeat(B))
-    logits = p.flatten(0, 1) @ t.flatten(0, 1).t() / tau  # (B*M, B*M): against every removed patch of the batch
-    return F.cross_entropy(logits, torch.arange(B * M, device=p.device))
+    with torch.autocast(pred.device.type, enabled=False):  # fp32 logits: .float() alone does not stop autocast's bf16 matmul
+        idx = ids_masked[:, :, None]
+        p = F.normalize(torch.gather(pred.float(), 1, idx.expand(-1, -1, pred.shape[2])), dim=-1)  # (B, M, C); fp32:
+        t = F.normalize(torch.gather(target.float(), 1, idx.expand(-1, -1, target.shape[2])), dim=-1)  # normalize, softmax
+        B, M, _ = p.shape
+        if negatives == "image":
+            logits = p @ t.transpose(1, 2) / tau  # (B, M, M): row i against the removed patches of its own image
+            return F.cross_entropy(logits.flatten(0, 1), torch.arange(M, device=p.device).repeat(B))
+        logits = p.flatten(0, 1) @ t.flatten(0, 1).t() / tau  # (B*M, B*M): against every removed patch of the batch
+        return F.cross_entropy(logits, torch.arange(B * M, device=p.device))
 
 
 def image_nce(q, k, tau=0.2):
@@ -94,11 +95,12 @@ def image_nce(q, k, tau=0.2):
     teacher global features of this rank's n images. Logits (n, N) against the teacher features of the GLOBAL batch;
     the positive of image i of rank r is n*r + i. The mean over the local images: the mean over ranks (DDP's gradient
     average) is then the loss of one process on the whole batch, since k carries no gradient."""
-    q = F.normalize(q.float(), dim=1)  # fp32: normalization and the softmax are precision-sensitive
-    k = all_gather_nograd(F.normalize(k.float(), dim=1))  # (N, C), N = n * world_size
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    labels = torch.arange(q.shape[0], device=q.device) + q.shape[0] * rank  # equal n on every rank: drop_last
-    return F.cross_entropy(q @ k.t() / tau, labels)
+    with torch.autocast(q.device.type, enabled=False):  # fp32 logits: .float() alone does not stop autocast's bf16 matmul
+        q = F.normalize(q.float(), dim=1)  # fp32: normalization and the softmax are precision-sensitive
+        k = all_gather_nograd(F.normalize(k.float(), dim=1))  # (N, C), N = n * world_size
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        labels = torch.arange(q.shape[0], device=q.device) + q.shape[0] * rank  # equal n on every rank: drop_last
+        return F.cross_entropy(q @ k.t() / tau, labels)
 
 
 class MimCo(nn.Module):
@@ -325,17 +327,27 @@ def save_checkpoint(obj, path):
     os.replace(path + ".tmp", path)
 
 
+# What may differ between a run and its resumption: where things are, how fast it runs, how long it lasts. Any other
+# flag (model, recipe, seed) would silently continue another run.
+RESUME_MAY_CHANGE = {"data", "data_root", "output_dir", "epochs", "num_workers", "amp", "compile", "log_every",
+                     "max_steps", "vis_every", "init", "mim_checkpoint", "teacher"}
+
+
 def resume(path, args, model, optimizer, scaler):
     """Load OUTPUT_DIR/checkpoint.pt if there is one; returns the epoch to start from."""
     if not os.path.isfile(path):
         return 0
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    for k in ("model", "img_size", "patch_size"):
-        if ckpt["args"].get(k) != getattr(args, k):
-            raise StopRun(f"{path} was written with --{k.replace('_', '-')} {ckpt['args'].get(k)}, not "
-                          f"{getattr(args, k)}; pass the same value or another --output-dir")
-    model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
+    for k, v in ckpt["args"].items():
+        if k not in RESUME_MAY_CHANGE and getattr(args, k, v) != v:
+            raise StopRun(f"{path} was written with --{k.replace('_', '-')} {v}, not {getattr(args, k)}; pass the "
+                          f"same value or another --output-dir")
+    try:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise StopRun(f"{path} does not fit this model ({str(e).strip().splitlines()[0]}); pass the flags of the run "
+                      f"that wrote it, or another --output-dir") from None
     scaler.load_state_dict(ckpt["scaler"]) if ckpt.get("scaler") else None
     print0(f"resumed from {path} at epoch {ckpt['epoch']}")
     return ckpt["epoch"]
@@ -427,9 +439,6 @@ def main(argv=None):
                 raise StopRun(f"{ckpt_path} was trained with --{k.replace('_', '-')} {old.get(k)}, not "
                               f"{getattr(args, k)}; pass the same value or another --output-dir")
         print0(f"note: {ckpt_path} was trained with --teacher {old['teacher']}") if old["teacher"] != args.teacher else None
-    if is_main:
-        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
-            json.dump(vars(args), f, indent=2)
     model = MimCo(encoder, teacher, args.decoder_embed_dim, args.decoder_depth, args.decoder_num_heads,
                   args.head_hidden_dim, args.mask_ratio, args.patch_tau, args.image_tau, args.image_weight,
                   args.patch_negatives, args.teacher_feature)
@@ -451,6 +460,9 @@ def main(argv=None):
     optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
     scaler = torch.amp.GradScaler("cuda", enabled=args.amp == "fp16" and device.type == "cuda")
     start_epoch = resume(ckpt_path, args, model_without_ddp, optimizer, scaler)
+    if is_main:  # after resume(), which refuses a checkpoint of another run
+        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
+            json.dump(vars(args), f, indent=2)
 
     if args.compile:
         model = torch.compile(model)

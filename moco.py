@@ -120,13 +120,14 @@ def contrastive_loss(q, k, T=0.2):
     """InfoNCE (paper Eq. 1; builder.py contrastive_loss). q (n, C) this rank's queries, k (n, C) this rank's keys.
     Logits (n, N) against the keys of the whole global batch; the positive of query i of rank r is key n*r + i.
     The 2*tau factor follows the official code (moco-v3#31: it only rescales the gradient)."""
-    q = F.normalize(q.float(), dim=1)  # fp32: normalization and the softmax are precision-sensitive
-    k = F.normalize(k.float(), dim=1)
-    k = all_gather_nograd(k)  # (N, C), N = n * world_size
-    logits = q @ k.t() / T  # (n, N)
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    labels = torch.arange(q.shape[0], device=q.device) + q.shape[0] * rank  # equal n on every rank: drop_last
-    return F.cross_entropy(logits, labels) * (2 * T)
+    with torch.autocast(q.device.type, enabled=False):  # fp32 logits: .float() alone does not stop autocast's bf16 matmul
+        q = F.normalize(q.float(), dim=1)  # fp32: normalization and the softmax are precision-sensitive
+        k = F.normalize(k.float(), dim=1)
+        k = all_gather_nograd(k)  # (N, C), N = n * world_size
+        logits = q @ k.t() / T  # (n, N)
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        labels = torch.arange(q.shape[0], device=q.device) + q.shape[0] * rank  # equal n on every rank: drop_last
+        return F.cross_entropy(logits, labels) * (2 * T)
 
 
 class MoCo(nn.Module):
@@ -336,17 +337,27 @@ def save_checkpoint(obj, path):
     os.replace(path + ".tmp", path)
 
 
+# What may differ between a run and its resumption: where things are, how fast it runs, how long it lasts. Any other
+# flag (model, recipe, seed) would silently continue another run.
+RESUME_MAY_CHANGE = {"data", "data_root", "output_dir", "epochs", "num_workers", "amp", "compile", "log_every",
+                     "max_steps", "vis_every", "init", "mim_checkpoint", "teacher"}
+
+
 def resume(path, args, model, optimizer, scaler):
     """Load OUTPUT_DIR/checkpoint.pt if there is one; returns the epoch to start from."""
     if not os.path.isfile(path):
         return 0
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    for k in ("model", "img_size", "patch_size"):
-        if ckpt["args"].get(k) != getattr(args, k):
-            raise StopRun(f"{path} was written with --{k.replace('_', '-')} {ckpt['args'].get(k)}, not "
-                          f"{getattr(args, k)}; pass the same value or another --output-dir")
-    model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
+    for k, v in ckpt["args"].items():
+        if k not in RESUME_MAY_CHANGE and getattr(args, k, v) != v:
+            raise StopRun(f"{path} was written with --{k.replace('_', '-')} {v}, not {getattr(args, k)}; pass the "
+                          f"same value or another --output-dir")
+    try:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise StopRun(f"{path} does not fit this model ({str(e).strip().splitlines()[0]}); pass the flags of the run "
+                      f"that wrote it, or another --output-dir") from None
     scaler.load_state_dict(ckpt["scaler"]) if ckpt.get("scaler") else None
     print0(f"resumed from {path} at epoch {ckpt['epoch']}")
     return ckpt["epoch"]
@@ -422,9 +433,6 @@ def main(argv=None):
     except AssertionError as e:  # vit.py checks the sizes: e.g. embed_dim not divisible by --num-heads
         raise StopRun(f"--model {args.model}: {e}") from None
     args.patch_size, args.num_heads = model.base_encoder.patch_size, model.base_encoder.blocks[0].attn.num_heads
-    if is_main:
-        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
-            json.dump(vars(args), f, indent=2)
     if args.init:
         print0(f"--init {args.init}: " + load_init(model, args.init, verbose=is_main))
     model.to(device)
@@ -440,6 +448,9 @@ def main(argv=None):
     scaler = torch.amp.GradScaler("cuda", enabled=args.amp == "fp16" and device.type == "cuda")
     ckpt_path = os.path.join(args.output_dir, "checkpoint.pt")
     start_epoch = resume(ckpt_path, args, model_without_ddp, optimizer, scaler)
+    if is_main:  # after resume(), which refuses a checkpoint of another run
+        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
+            json.dump(vars(args), f, indent=2)
 
     if args.compile:
         model = torch.compile(model)
@@ -449,6 +460,9 @@ def main(argv=None):
     # train
     global_step = start_epoch * steps_per_epoch
     log_file = open(os.path.join(args.output_dir, "log.jsonl"), "a") if is_main else None
+    # m enters the model as a 0-d tensor: a Python float that changes every step makes torch.compile specialize on
+    # it (recompiles, and a crash in DDP's graph splitting). float64 keeps eager results bit-identical to a float.
+    m_t = torch.zeros((), dtype=torch.float64, device=device)
     for epoch in range(start_epoch, args.epochs):
         if args.max_steps is not None and global_step >= args.max_steps:
             break
@@ -462,7 +476,8 @@ def main(argv=None):
                 g["lr"] = lr
             x1, x2 = x1.to(device, non_blocking=True), x2.to(device, non_blocking=True)
             with autocast(args, device):
-                loss = model(x1, x2, m)
+                m_t.fill_(m)  # no host sync (torch.tensor(m, device=...) would copy and wait)
+                loss = model(x1, x2, m_t)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)

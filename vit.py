@@ -125,7 +125,7 @@ class VisionTransformer(nn.Module):
         self.init_weights()
 
     def init_weights(self):
-        """MAE's init: xavier-uniform Linear layers (the patch conv viewed as a Linear), zero biases, CLS std 0.02."""
+        """MAE's init: xavier-uniform Linear layers (the patch conv viewed as a Linear), zero Linear biases, CLS std 0.02."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
@@ -133,8 +133,7 @@ class VisionTransformer(nn.Module):
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight), nn.init.zeros_(m.bias)
         w = self.patch_embed.proj.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.patch_embed.proj.bias)
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # its bias keeps PyTorch's default init, as in MAE
         nn.init.normal_(self.cls_token, std=0.02)
 
     def forward_features(self, x, ids_keep=None, return_intermediates=False):

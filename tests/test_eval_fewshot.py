@@ -228,3 +228,14 @@ def test_cli_checkpoint_of_another_model_is_one_line(image_root, mae_run):
     assert r.returncode == 1
     assert r.stderr.strip().count("\n") == 0, r.stderr
     assert r.stderr.startswith("error: --checkpoint") and "another model" in r.stderr, r.stderr
+
+
+def test_download_failure_is_one_line(tmp_path, monkeypatch):
+    import torchvision.datasets
+
+    def offline(*a, **kw):
+        raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    with pytest.raises((ef.StopRun, SystemExit), match="could not download"):
+        ef.main(["--checkpoint", "random", "--model", "vit_tiny", "--img-size", "32", "--patch-size", "8",
+                           "--data", "cifar10", "--data-root", str(tmp_path), "--shots", "1"])

@@ -142,13 +142,28 @@ def test_real_images_run_and_exact_resume(image_root, tmp_path):
                            32, 1, 2).state_dict()["blocks.0.attn.qkv.weight"])  # it trained
 
 
-def test_nonfinite_loss_stops_and_keeps_checkpoint(image_root, tmp_path):
+def test_nonfinite_loss_stops_and_keeps_checkpoint(image_root, tmp_path, monkeypatch):
     torch.set_num_threads(1)
     mae.main(tiny_args(image_root, tmp_path, "--epochs", "1"))
     before = (tmp_path / "checkpoint.pt").read_bytes()
-    with pytest.raises(mae.StopRun, match="non-finite loss"):
-        mae.main(tiny_args(image_root, tmp_path, "--epochs", "3", "--blr", "1e30"))
+    forward_loss = mae.MaskedAutoencoder.forward_loss
+    calls = []
+    def diverging(self, *a):  # the loss turns NaN at the 5th step of the resumed run
+        calls.append(1)
+        return forward_loss(self, *a) * (float("nan") if len(calls) >= 5 else 1.0)
+    monkeypatch.setattr(mae.MaskedAutoencoder, "forward_loss", diverging)
+    with pytest.raises(mae.StopRun, match=r"non-finite loss \(nan\) within steps 13-15"):  # log every 3 steps
+        mae.main(tiny_args(image_root, tmp_path, "--epochs", "3"))
     assert (tmp_path / "checkpoint.pt").read_bytes() == before
+
+
+def test_resume_refuses_another_recipe(image_root, tmp_path):
+    mae.main(tiny_args(image_root, tmp_path, "--epochs", "1"))
+    with pytest.raises(mae.StopRun, match="--decoder-depth 1, not 2"):  # same shapes would not catch it all
+        mae.main(tiny_args(image_root, tmp_path, "--epochs", "2", "--decoder-depth", "2"))
+    with pytest.raises(mae.StopRun, match="--blr 0.001, not 0.002"):
+        mae.main(tiny_args(image_root, tmp_path, "--epochs", "2", "--blr", "2e-3"))
+    assert mae.main(tiny_args(image_root, tmp_path, "--epochs", "2", "--num-workers", "1", "--log-every", "5"))
 
 
 def test_bad_input_one_line_errors(image_root, tmp_path):

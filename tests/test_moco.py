@@ -289,3 +289,19 @@ def test_bad_input_one_line_errors(image_root, tmp_path):
     torch.save({"model": {"cls_token": torch.zeros(1, 1, 7)}}, tmp_path / "other.pt")
     with pytest.raises(moco.StopRun, match="another model"):
         moco.main(tiny_args(image_root, tmp_path / "o", "--init", str(tmp_path / "other.pt")))
+
+
+def test_contrastive_logits_stay_fp32_under_autocast():
+    """.float() alone does not stop autocast from running the logits matmul in bf16; the losses switch it off."""
+    import graft
+    import mimco
+    torch.manual_seed(0)
+    q, k = torch.randn(8, 16), torch.randn(8, 16)
+    for fn in (moco.contrastive_loss, graft.contrastive_loss, mimco.image_nce):
+        ref = fn(q, k, 0.2)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.equal(fn(q, k, 0.2), ref), fn.__module__
+    pred, target, ids = torch.randn(2, 16, 16), torch.randn(2, 16, 16), torch.rand(2, 16).argsort(1)[:, :12]
+    ref = mimco.patch_nce(pred, target, ids)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(mimco.patch_nce(pred, target, ids), ref)
