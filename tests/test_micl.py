@@ -11,7 +11,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import micl
 import vit
-from helpers import run_ddp
+from helpers import free_port, run_ddp
 
 
 def tiny_vit(seed=0):
@@ -79,7 +79,7 @@ def test_views_are_disjoint_halves_of_the_kept_patches(L, ratio, expected):
 
 # ------------------------------------------------------------------------------------ DDP: gradient with 2 processes
 
-def _ddp_grads(rank, world_size, out_dir, image_root):
+def _ddp_grads(rank, world_size, out_dir, image_root, port2):
     dist.init_process_group("gloo")
     imgs, noise = batch(8)
     half = slice(4 * rank, 4 * rank + 4)  # this rank's local batch
@@ -92,6 +92,7 @@ def _ddp_grads(rank, world_size, out_dir, image_root):
                           "grads": {k: p.grad.clone() for k, p in model.module.named_parameters() if p.grad is not None}}
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
+    os.environ["MASTER_PORT"] = str(port2)  # a fresh port: re-using the first store's port can hang gloo's init
     # and main() itself under "torchrun" with --gather: 2 processes x 8 images, global negatives
     model = run_main(image_root, os.path.join(out_dir, "run"), "--gather", "--max-steps", "3", "--log-every", "1")
     torch.save(model.state_dict(), os.path.join(out_dir, f"run{rank}.pt"))
@@ -106,7 +107,7 @@ def single_process_grads(imgs, noise):
 
 def test_ddp_gradients_with_and_without_gather(tmp_path, image_root):
     """2 gloo processes x 4 images against 1 process, with and without --gather; then main() under 2 processes."""
-    run_ddp(_ddp_grads, str(tmp_path), image_root)
+    run_ddp(_ddp_grads, str(tmp_path), image_root, free_port())
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     imgs, noise = batch(8)
     global_loss, global_grads = single_process_grads(imgs, noise)
