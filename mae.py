@@ -36,7 +36,6 @@ import time
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 import torchvision.transforms as T
 from torchvision.utils import save_image
@@ -55,7 +54,7 @@ class MaskedAutoencoder(nn.Module):
         self.__dict__["encoder"] = encoder
         self.patch_embed, self.cls_token, self.pos_embed = encoder.patch_embed, encoder.cls_token, encoder.pos_embed
         self.blocks, self.norm = encoder.blocks, encoder.norm
-        self.patch_size, num_patches, D = encoder.patch_size, encoder.patch_embed.num_patches, encoder.embed_dim
+        self.patch_size, D = encoder.patch_size, encoder.embed_dim
         self.norm_pix_loss = norm_pix_loss
 
         # Decoder (MAE Sec. 3): a linear map to the decoder width, a shared learned mask token, fixed sin-cos

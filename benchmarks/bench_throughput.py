@@ -164,7 +164,7 @@ def graft_flops(cfg, B, a, graft_depth):
 def mimco_flops(cfg, B, a, teacher_cfg):
     """a: mimco.py's arguments (mask_ratio, decoder_*, head_hidden_dim, patch_negatives); teacher_cfg: the teacher's
     sizes (same patch grid). The teacher runs forward only, on all 1+L tokens."""
-    L, D, Dt, Dd, p = cfg["L"], cfg["D"], teacher_cfg["D"], a.decoder_embed_dim, cfg["patch_size"]
+    L, D, Dt, Dd = cfg["L"], cfg["D"], teacher_cfg["D"], a.decoder_embed_dim
     K = int(L * (1 - a.mask_ratio))
     M = L - K
     pe, enc = encoder_flops(cfg, 1 + K)
