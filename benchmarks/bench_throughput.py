@@ -43,9 +43,10 @@ and the pixel loss are left out, all elementwise and well under 1%):
     backward = 2 x forward for every product whose input and weight both need a gradient; 1 x forward where only one
         does (the patch embedding: the image needs none; MoCo's logits: the keys carry none); 0 for work done without
         gradient (momentum encoder, a frozen patch projection). So training = 3 x forward, less these small terms.
-    (torch.utils.flop_counter counts 2.5 x forward for the attention backward because the fused kernels recompute
-     q k^T; that recomputation is not model work and is not counted here. tests/test_benchmarks.py checks every
-     formula against FlopCounterMode on the real modules, with that difference taken out: counted_flops below.)
+    (tests/test_benchmarks.py checks every formula against torch.utils.flop_counter on the real modules, with the
+     attention written out as two matrix products while counting: counted_flops below. The counter cannot see inside
+     the fused kernel on every device and release (0 FLOPs on CPU in torch 2.13-2.14), and where it does it counts the
+     backward's recomputation of q k^T, which is not model work.)
 Per method, per step of B images (L patches, K kept, D width; the values are the scripts' defaults, read from their
 get_args, so --method-args changes them in the count too):
     MAE:  encoder on 1+K tokens (K = int(L(1 - 0.75))), decoder_embed (1+K) x D -> 512, 8 decoder blocks of width 512
@@ -179,18 +180,33 @@ def mimco_flops(cfg, B, a, teacher_cfg):
     return {"forward": fwd, "train": train}
 
 
+@contextlib.contextmanager
+def explicit_attention():
+    """While inside, F.scaled_dot_product_attention is softmax(q k^T / sqrt(d)) v written out, the same maths, so that
+    a FLOP counter sees its two matrix products (it cannot see inside the fused kernels on every device)."""
+    import torch.nn.functional as F
+    fused = F.scaled_dot_product_attention
+    def written_out(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None):
+        assert attn_mask is None and dropout_p == 0.0 and not is_causal, "only plain attention is written out"
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        return ((q * scale) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
+    F.scaled_dot_product_attention = written_out
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = fused
+
+
 def counted_flops(loss_fn):
-    """FLOPs of one forward and of forward + backward, counted by torch.utils.flop_counter on the real code. The
-    attention backward is counted there as 2.5 x its forward (the fused kernels recompute q k^T); 2 x is taken here,
-    as in the formulas."""
+    """FLOPs of one forward and of forward + backward, counted by torch.utils.flop_counter on the real code, with the
+    attention written out (explicit_attention) so that the count does not depend on which fused kernel runs."""
     from torch.utils.flop_counter import FlopCounterMode
-    with FlopCounterMode(display=False) as fwd:
-        loss = loss_fn()
-    with FlopCounterMode(display=False) as bwd:
-        loss.backward()
-    recompute = sum(n for op, n in bwd.get_flop_counts().get("Global", {}).items()
-                    if "attention" in str(op) and "backward" in str(op)) * 0.2  # 2.5x -> 2x
-    return {"forward": fwd.get_total_flops(), "train": int(round(fwd.get_total_flops() + bwd.get_total_flops() - recompute))}
+    with explicit_attention():
+        with FlopCounterMode(display=False) as fwd:
+            loss = loss_fn()
+        with FlopCounterMode(display=False) as bwd:
+            loss.backward()
+    return {"forward": fwd.get_total_flops(), "train": fwd.get_total_flops() + bwd.get_total_flops()}
 
 
 # ---------------------------------------------------------------------------------------------- our method scripts

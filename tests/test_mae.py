@@ -23,15 +23,17 @@ def tiny_mae(norm_pix_loss=True, patch_size=8):
 
 
 def test_equals_official_code():
-    """Official MAE weights (tiny, random) give the official loss, prediction and mask through mae.py."""
+    """Official MAE weights (tiny, random) give the official loss, prediction and mask through mae.py. Both sides run
+    in float64 (see fixtures/make_fixtures.py), so the tolerance is float64 rounding, not a torch release's kernels."""
     fx = torch.load(os.path.join(FIX, "mae_official.pt"), weights_only=True)
     for norm_pix, key in ((True, "loss"), (False, "loss_no_norm_pix")):
-        model = tiny_mae(norm_pix)
+        model = tiny_mae(norm_pix).double()
         model.load_state_dict(fx["state_dict"], strict=True)  # official names, decoder included, as is
         loss, pred, mask = model(fx["imgs"], fx["mask_ratio"], noise=fx["noise"])
-        assert torch.allclose(loss, fx[key], atol=1e-6, rtol=1e-5), (loss, fx[key])
+        # the loss itself is computed in float32 by design (mae.py casts for autocast): float32 rounding, 1e-6 relative
+        assert abs(loss.item() / fx[key].item() - 1) < 1e-6, (loss.item(), fx[key].item())
         if norm_pix:
-            assert torch.allclose(pred, fx["pred"], atol=1e-5)
+            assert (pred - fx["pred"]).abs().max().item() < 1e-10
             assert torch.equal(mask, fx["mask"])
 
 

@@ -28,10 +28,11 @@ def slow_loss(m, n, kappa, tau):
     """MiCL's loss, one image at a time, in float64: for each image i and each direction, the softmax over all
     images j of phi(cos(a_i, b_j)) / tau, minus the log of its entry j = i; the mean over i, then over directions."""
     m, n = m.double(), n.double()
-    def direction(a, b):
+    def direction(a, b):  # Python floats throughout: the result is a float, not a tensor
         total = 0.0
         for i in range(len(a)):
-            logits = [(1 + a[i] @ b[j]) / 2 / (1 + kappa * (1 - a[i] @ b[j])) / tau for j in range(len(b))]
+            cos = [float(a[i] @ b[j]) for j in range(len(b))]
+            logits = [(1 + c) / 2 / (1 + kappa * (1 - c)) / tau for c in cos]
             total += -(logits[i] - math.log(sum(math.exp(x) for x in logits)))
         return total / len(a)
     return 0.5 * (direction(m, n) + direction(n, m))
