@@ -1,9 +1,19 @@
-"""Helpers for tests: run a function in 2 CPU processes under gloo, as torchrun would."""
+"""Helpers for tests: a tiny registered ViT, and a function run in 2 CPU processes under gloo, as torchrun would."""
+import functools
 import os
 import socket
+import sys
 
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project root, also in workers
+import vit  # noqa: E402
+
+# The whole-run tests (train, resume, DDP) use `--model vit_mini`: 3 blocks of width 64, a few times cheaper per image
+# than vit_tiny on 2 cores while every code path is the same. The scripts' --model choices read vit.MODELS, and this
+# module is imported by conftest.py and by every spawned worker (run_ddp's entry point lives here).
+vit.MODELS.setdefault("vit_mini", functools.partial(vit.VisionTransformer, embed_dim=64, depth=3, num_heads=2))
 
 
 def free_port():
@@ -31,3 +41,20 @@ def run_ddp(fn, *args, world_size=2):
     (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT). fn must be a module-level function; it may call
     dist.init_process_group("gloo") itself or run a script's main(), which does. Return results through files."""
     mp.spawn(_entry, args=(world_size, free_port(), fn, args), nprocs=world_size, join=True)
+
+
+def run_as_main(script, argv):
+    """Run ROOT/script as `python script *argv` would, in this process (no second torch import), and return what
+    sys.exit was given: an "error: ..." string means Python printed it to stderr alone and exited with status 1.
+    Any other exception propagates, so a traceback where one line is promised fails the test."""
+    import runpy
+    old = sys.argv
+    sys.argv = [script, *map(str, argv)]
+    try:
+        runpy.run_path(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), script),
+                       run_name="__main__")
+    except SystemExit as e:
+        return e.code
+    finally:
+        sys.argv = old
+    return None

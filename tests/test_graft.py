@@ -18,17 +18,17 @@ from helpers import run_ddp
 
 
 def tiny_args(data, out, mim, *extra):
-    return ["--data", data, "--output-dir", str(out), "--model", "vit_tiny", "--img-size", "32", "--patch-size", "8",
+    return ["--data", data, "--output-dir", str(out), "--model", "vit_mini", "--img-size", "32", "--patch-size", "8",
             "--batch-size", "16", "--epochs", "2", "--warmup-epochs", "1", "--blr", "1e-3", "--moco-dim", "16",
             "--moco-mlp-dim", "32", "--num-workers", "0", "--log-every", "3", "--mim-checkpoint", str(mim), *extra]
 
 
 @pytest.fixture(scope="module")
 def mim_file(tmp_path_factory):
-    """A stand-in for stage 1: a vit_tiny (32 px, patch 8) in the official MAE file layout ({'model': encoder +
+    """A stand-in for stage 1: a vit_mini (3 blocks of 64, 32 px, patch 8) in the official MAE file layout ({'model': encoder +
     decoder}), every weight perturbed so that none equals a fresh init (pos_embed included)."""
     torch.manual_seed(123)
-    enc = vit.vit_tiny(img_size=32, patch_size=8)
+    enc = vit.MODELS["vit_mini"](img_size=32, patch_size=8)
     with torch.no_grad():
         for p in enc.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -94,10 +94,10 @@ def test_stage1_weights_in_both_encoders_then_lower_moves_less(image_root, mim_f
     base_head, mom_head = init.base_encoder.head.state_dict(), init.momentum_encoder.head.state_dict()
     assert all(torch.equal(v, mom_head[k]) for k, v in base_head.items())  # the momentum projector: a copy
     w = init.base_encoder.head[0].weight  # PyTorch's default Linear init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
-    assert w.abs().max() <= 192 ** -0.5 and math.isclose(w.std().item(), (3 * 192) ** -0.5, rel_tol=0.1)
+    assert w.abs().max() <= 64 ** -0.5 and math.isclose(w.std().item(), (3 * 64) ** -0.5, rel_tol=0.1)
     other_seed = graft.main(tiny_args(image_root, tmp_path / "s", path, "--max-steps", "0", "--seed", "1"))
     assert not torch.equal(other_seed.predictor[0].weight, init.predictor[0].weight)  # random heads ...
-    assert torch.equal(other_seed.base_encoder.blocks[3].mlp.fc1.weight, init.base_encoder.blocks[3].mlp.fc1.weight)
+    assert torch.equal(other_seed.base_encoder.blocks[1].mlp.fc1.weight, init.base_encoder.blocks[1].mlp.fc1.weight)
 
     before = {n: p.detach().clone() for n, p in init.named_parameters()}
     trained = graft.main(tiny_args(image_root, tmp_path / "b", path, "--max-steps", "3", "--warmup-epochs", "0"))
@@ -122,15 +122,15 @@ def test_freeze_lower(image_root, mim_file, tmp_path):
     for enc in (trained.base_encoder, trained.momentum_encoder):
         sd = enc.state_dict()
         for k, v in mim.items():
-            if trained.is_lower(k):  # embeddings and blocks 0-7, bit-identical in both encoders
+            if trained.is_lower(k):  # embeddings and blocks 0-1 (graft depth 2 of 3), bit-identical in both encoders
                 assert torch.equal(sd[k], v), k
-        assert not torch.equal(sd["blocks.8.attn.qkv.weight"], mim["blocks.8.attn.qkv.weight"])  # the top trains
+        assert not torch.equal(sd["blocks.2.attn.qkv.weight"], mim["blocks.2.attn.qkv.weight"])  # the top trains
         assert not torch.equal(sd["norm.weight"], mim["norm.weight"])
     for mode in (True, False, True):  # the frozen part stays in eval mode whatever train() is asked
         trained.train(mode)
-        assert trained.training == mode and trained.base_encoder.blocks[8].training == mode
+        assert trained.training == mode and trained.base_encoder.blocks[2].training == mode
         assert not any(m.training for m in trained.lower_modules())
-        assert len(list(trained.lower_modules())) == 2 * (1 + 8)
+        assert len(list(trained.lower_modules())) == 2 * (1 + 2)
     log = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
     assert [x["lr_lower"] for x in log] == [0.0] * 3 and all(x["lr_upper"] > 0 for x in log)
 
@@ -178,23 +178,23 @@ def test_mae_then_graft_on_real_images_and_exact_resume(image_root, tmp_path):
     """Stage 1 by mae.py, stage 2 from its checkpoint.pt; with the L1 pull on, so a resumed run must also read its
     reference from the MIM file again (not from the checkpoint's trained weights) to end equal."""
     torch.set_num_threads(1)
-    mae.main(["--data", image_root, "--output-dir", str(tmp_path / "mae"), "--model", "vit_tiny", "--img-size", "32",
+    mae.main(["--data", image_root, "--output-dir", str(tmp_path / "mae"), "--model", "vit_mini", "--img-size", "32",
               "--patch-size", "8", "--batch-size", "16", "--epochs", "1", "--warmup-epochs", "0", "--blr", "1e-3",
               "--decoder-embed-dim", "32", "--decoder-depth", "1", "--decoder-num-heads", "2", "--num-workers", "0"])
     mim = tmp_path / "mae" / "checkpoint.pt"
     full = graft.main(tiny_args(image_root, tmp_path / "a", mim, "--l1-weight", "1e-3"))  # 10 steps per epoch
     for f in ("checkpoint.pt", "encoder.pt", "args.json", "log.jsonl"):
         assert os.path.isfile(tmp_path / "a" / f), f
-    assert json.load(open(tmp_path / "a" / "args.json"))["graft_depth"] == 8
+    assert json.load(open(tmp_path / "a" / "args.json"))["graft_depth"] == 2  # the lower 2/3 of 3 blocks
     log = [json.loads(line) for line in open(tmp_path / "a" / "log.jsonl")]
     assert log[-1]["step"] == 20 and all(math.isfinite(x["loss"]) and x["l1_dist"] > 0 for x in log)
     assert all(x["lr_upper"] > 0 and math.isclose(x["lr_lower"], 0.1 * x["lr_upper"]) for x in log)
     mae_enc = torch.load(tmp_path / "mae" / "encoder.pt", weights_only=True)
     assert torch.equal(full.base_encoder.patch_embed.proj.weight, mae_enc["patch_embed.proj.weight"])  # frozen MIM
     assert not torch.equal(full.base_encoder.blocks[0].attn.qkv.weight, mae_enc["blocks.0.attn.qkv.weight"])
-    enc = vit.vit_tiny(img_size=32, patch_size=8)
+    enc = vit.MODELS["vit_mini"](img_size=32, patch_size=8)
     assert vit.load_pretrained(enc, str(tmp_path / "a" / "encoder.pt"), verbose=False) == []  # no head in encoder.pt
-    assert torch.equal(enc.blocks[11].mlp.fc2.weight, full.base_encoder.blocks[11].mlp.fc2.weight)
+    assert torch.equal(enc.blocks[2].mlp.fc2.weight, full.base_encoder.blocks[2].mlp.fc2.weight)
     # killed in the middle of epoch 2 (after its epoch-1 checkpoint), then restarted with the same command
     graft.main(tiny_args(image_root, tmp_path / "b", mim, "--l1-weight", "1e-3", "--max-steps", "15"))
     assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["epoch"] == 1
@@ -215,8 +215,8 @@ def test_ddp_with_frozen_lower_part_and_l1(image_root, mim_file, tmp_path):
     r0, r1 = (torch.load(tmp_path / f"rank{i}.pt", weights_only=True) for i in range(2))
     for n in r0:
         assert torch.equal(r0[n], r1[n]), n
-    assert not torch.equal(r0["base_encoder.blocks.9.mlp.fc1.weight"], mim_file[1]["blocks.9.mlp.fc1.weight"])
-    assert torch.equal(r0["base_encoder.blocks.7.mlp.fc1.weight"], mim_file[1]["blocks.7.mlp.fc1.weight"])
+    assert not torch.equal(r0["base_encoder.blocks.2.mlp.fc1.weight"], mim_file[1]["blocks.2.mlp.fc1.weight"])
+    assert torch.equal(r0["base_encoder.blocks.1.mlp.fc1.weight"], mim_file[1]["blocks.1.mlp.fc1.weight"])
 
 
 def test_missing_mim_weights_one_line_errors(image_root, mim_file, tmp_path, monkeypatch):

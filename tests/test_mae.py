@@ -88,10 +88,18 @@ def test_loss_against_slow_formula():
     assert torch.equal(model.unpatchify(model.patchify(x)), x)
 
 
-def _ddp_grads(rank, world_size, out_dir):
+def _ddp_grads(rank, world_size, out_dir, image_root):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
-    dist.init_process_group("gloo")
+    try:  # first main() under "torchrun" with a global batch that 2 processes cannot split; it leaves its group up
+        mae.main(tiny_args(image_root, os.path.join(out_dir, "run"), "--batch-size", "15"))
+        error = None
+    except mae.StopRun as e:
+        error = str(e)
+    with open(os.path.join(out_dir, f"error{rank}.txt"), "w") as f:
+        f.write(repr(error))
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
     torch.manual_seed(0)
     model = tiny_mae()
     imgs, noise = torch.randn(8, 3, 32, 32), torch.rand(8, 16)  # the same on every rank (same seed)
@@ -102,10 +110,14 @@ def _ddp_grads(rank, world_size, out_dir):
     torch.save({n: p.grad for n, p in model.named_parameters() if p.grad is not None}, os.path.join(out_dir, f"g{rank}.pt"))
 
 
-def test_ddp_gradients_equal_single_process(tmp_path):
+def test_ddp_gradients_equal_single_process(tmp_path, image_root):
     """2 gloo processes x 4 images == 1 process x 8 images: every sample masks the same count, so the mean of the
-    per-rank losses is the global loss, and DDP's gradient average is the global gradient."""
-    run_ddp(_ddp_grads, str(tmp_path))
+    per-rank losses is the global loss, and DDP's gradient average is the global gradient. The same two processes
+    first check that main() refuses a global batch they cannot split evenly."""
+    run_ddp(_ddp_grads, str(tmp_path), image_root)
+    for r in (0, 1):
+        error = (tmp_path / f"error{r}.txt").read_text()
+        assert "--batch-size 15 is global and must be divisible by the 2 processes; use e.g. 14" in error, error
     torch.manual_seed(0)
     model = tiny_mae()
     imgs, noise = torch.randn(8, 3, 32, 32), torch.rand(8, 16)
@@ -119,7 +131,7 @@ def test_ddp_gradients_equal_single_process(tmp_path):
 
 
 def tiny_args(data, out, *extra):
-    return ["--data", data, "--output-dir", str(out), "--model", "vit_tiny", "--img-size", "32", "--patch-size", "8",
+    return ["--data", data, "--output-dir", str(out), "--model", "vit_mini", "--img-size", "32", "--patch-size", "8",
             "--batch-size", "16", "--epochs", "2", "--warmup-epochs", "1", "--blr", "1e-3", "--decoder-embed-dim", "32",
             "--decoder-depth", "1", "--decoder-num-heads", "2", "--num-workers", "0", "--log-every", "3", *extra]
 
@@ -131,7 +143,7 @@ def test_real_images_run_and_exact_resume(image_root, tmp_path):
         assert os.path.isfile(tmp_path / "a" / f), f
     ckpt = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)
     assert ckpt["epoch"] == 2 and set(ckpt) >= {"model", "optimizer", "epoch", "args"}
-    enc = vit.vit_tiny(img_size=32, patch_size=8)
+    enc = vit.MODELS["vit_mini"](img_size=32, patch_size=8)
     vit.load_pretrained(enc, str(tmp_path / "a" / "encoder.pt"), verbose=False)  # vit.py reads what mae.py writes
     # killed in the middle of epoch 2 (after its epoch-1 checkpoint), then restarted with the same command
     mae.main(tiny_args(image_root, tmp_path / "b", "--max-steps", "14"))
@@ -140,8 +152,8 @@ def test_real_images_run_and_exact_resume(image_root, tmp_path):
     for (n, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), n
     first = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)["model"]
-    assert not torch.equal(first["blocks.0.attn.qkv.weight"], mae.MaskedAutoencoder(vit.vit_tiny(img_size=32, patch_size=8),
-                           32, 1, 2).state_dict()["blocks.0.attn.qkv.weight"])  # it trained
+    assert not torch.equal(first["blocks.0.attn.qkv.weight"], mae.MaskedAutoencoder(vit.MODELS["vit_mini"](img_size=32,
+                           patch_size=8), 32, 1, 2).state_dict()["blocks.0.attn.qkv.weight"])  # it trained
 
 
 def test_nonfinite_loss_stops_and_keeps_checkpoint(image_root, tmp_path, monkeypatch):
@@ -194,15 +206,3 @@ def test_cli_error_is_one_line(tmp_path):
     assert r.returncode == 1
     assert r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error: --data"), r.stderr
 
-
-def _batch_not_divisible(rank, world_size, image_root, out):
-    try:
-        mae.main(tiny_args(image_root, out, "--batch-size", "15"))
-    except mae.StopRun as e:
-        assert "divisible" in str(e)
-        return
-    raise AssertionError("no error for a batch size not divisible by the process count")
-
-
-def test_batch_not_divisible_by_processes(image_root, tmp_path):
-    run_ddp(_batch_not_divisible, image_root, str(tmp_path))

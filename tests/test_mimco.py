@@ -1,11 +1,10 @@
 """mimco.py: both losses against slow formulas, the forward's wiring, a frozen teacher, DDP gradients with gathered
 teacher features, a real-image run with an official-format MoCo v3 teacher that resumes exactly, one-line errors.
 CPU, tiny ViTs."""
+import functools
 import json
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -13,9 +12,8 @@ import torch.nn.functional as F
 
 import mimco
 import vit
-from helpers import run_ddp
+from helpers import run_as_main, run_ddp
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_mimco(seed=0, **kw):
@@ -175,19 +173,19 @@ def test_ddp_gradients_equal_single_process(tmp_path):
 # ------------------------------------------------------------------------------------------- real images, resume
 
 def save_official_moco_teacher(path, seed=5):
-    """A tiny vit_tiny MoCo v3 teacher in the official format: {'state_dict': {'module.base_encoder.*', ...}}."""
+    """A vit_mini MoCo v3 teacher in the official format: {'state_dict': {'module.base_encoder.*', ...}}."""
     torch.manual_seed(seed)
-    enc = vit.vit_tiny(img_size=32, patch_size=8, pos_embed_layout="moco")
+    enc = vit.MODELS["vit_mini"](img_size=32, patch_size=8, pos_embed_layout="moco")
     sd = {f"module.{part}.{k}": v for part in ("base_encoder", "momentum_encoder") for k, v in enc.state_dict().items()}
-    sd["module.base_encoder.head.0.weight"] = torch.randn(16, 192)  # the projector: ignored
+    sd["module.base_encoder.head.0.weight"] = torch.randn(16, 64)  # the projector: ignored
     sd["module.predictor.0.weight"] = torch.randn(16, 16)
     torch.save({"epoch": 300, "arch": "vit_tiny", "state_dict": sd}, path)
     return enc.state_dict()
 
 
 def tiny_args(data, out, teacher, *extra):
-    return ["--data", data, "--output-dir", str(out), "--teacher", str(teacher), "--teacher-model", "vit_tiny",
-            "--model", "vit_tiny", "--img-size", "32", "--patch-size", "8", "--batch-size", "16", "--epochs", "2",
+    return ["--data", data, "--output-dir", str(out), "--teacher", str(teacher), "--teacher-model", "vit_mini",
+            "--model", "vit_mini", "--img-size", "32", "--patch-size", "8", "--batch-size", "16", "--epochs", "2",
             "--warmup-epochs", "1", "--blr", "1e-3", "--decoder-embed-dim", "32", "--decoder-depth", "1",
             "--decoder-num-heads", "2", "--head-hidden-dim", "64", "--num-workers", "0", "--log-every", "3", *extra]
 
@@ -206,13 +204,13 @@ def test_real_images_run_and_exact_resume(image_root, tmp_path):
     logs = [json.loads(line) for line in open(tmp_path / "a" / "log.jsonl")]
     assert len(logs) == 8 and all(math.isfinite(x["loss_patch"]) and math.isfinite(x["loss_image"]) for x in logs)
     assert all(x["loss"] == pytest.approx(x["loss_patch"] + x["loss_image"], abs=1e-4) for x in logs)
-    enc, from_ckpt = vit.vit_tiny(img_size=32, patch_size=8), vit.vit_tiny(img_size=32, patch_size=8)
+    mini = functools.partial(vit.MODELS["vit_mini"], img_size=32, patch_size=8)
+    enc, from_ckpt = mini(), mini()
     vit.load_pretrained(enc, str(tmp_path / "a" / "encoder.pt"), verbose=False)  # vit.py reads what mimco.py writes
     vit.load_pretrained(from_ckpt, str(tmp_path / "a" / "checkpoint.pt"), verbose=False)  # encoder.* (graft.py's way)
     for (n, a), b in zip(enc.state_dict().items(), from_ckpt.state_dict().values()):
         assert torch.equal(a, b) and torch.equal(a, full.encoder.state_dict()[n]), n
-    assert not torch.equal(enc.blocks[0].attn.qkv.weight, mimco.MimCo(vit.vit_tiny(img_size=32, patch_size=8),
-                           vit.vit_tiny(img_size=32, patch_size=8)).encoder.blocks[0].attn.qkv.weight)  # it trained
+    assert not torch.equal(enc.blocks[0].attn.qkv.weight, mimco.MimCo(mini(), mini()).encoder.blocks[0].attn.qkv.weight)  # it trained
     # killed in the middle of epoch 2 (after its epoch-1 checkpoint), then restarted with the same command
     mimco.main(tiny_args(image_root, tmp_path / "b", tmp_path / "moco_v3.pth.tar", "--max-steps", "14"))
     assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["epoch"] == 1
@@ -227,18 +225,16 @@ def test_real_images_run_and_exact_resume(image_root, tmp_path):
 def test_wrong_or_missing_teacher_one_line_errors(image_root, tmp_path):
     torch.manual_seed(0)
     small = vit.VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=4)
-    torch.save(small.state_dict(), tmp_path / "small.pt")  # not a vit_tiny
+    torch.save(small.state_dict(), tmp_path / "small.pt")  # not a vit_mini
     cases = [(tmp_path / "small.pt", "does not fit"), (tmp_path / "missing.pt", "no such file")]
     (tmp_path / "moco").mkdir()
-    torch.save(vit.vit_tiny(img_size=32, patch_size=8).state_dict(), tmp_path / "moco" / "encoder.pt")
-    (tmp_path / "moco" / "args.json").write_text(json.dumps({"model": "vit_tiny", "num_heads": 12}))  # moco.py's record
-    cases.append((tmp_path / "moco" / "encoder.pt", "pass --teacher-num-heads 12"))
+    torch.save(vit.MODELS["vit_mini"](img_size=32, patch_size=8).state_dict(), tmp_path / "moco" / "encoder.pt")
+    (tmp_path / "moco" / "args.json").write_text(json.dumps({"model": "vit_mini", "num_heads": 4}))  # moco.py's record
+    cases.append((tmp_path / "moco" / "encoder.pt", "pass --teacher-num-heads 4"))
     for path, what in cases:
         with pytest.raises(mimco.StopRun, match=what) as e:
             mimco.main(tiny_args(image_root, tmp_path / "o", path))
         msg = str(e.value)
         assert "\n" not in msg and f"--teacher {path}" in msg and "--teacher-model" in msg, msg
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "mimco.py"), *tiny_args(image_root, tmp_path / "o", tmp_path / "small.pt")],
-                       capture_output=True, text=True, cwd=tmp_path)
-    assert r.returncode == 1
-    assert r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error: --teacher"), r.stderr
+    code = run_as_main("mimco.py", tiny_args(image_root, tmp_path / "o", tmp_path / "small.pt"))  # the command line
+    assert isinstance(code, str) and "\n" not in code and code.startswith("error: --teacher"), code

@@ -141,7 +141,7 @@ def test_momentum_update_before_keys_and_schedule():
 
 
 def tiny_args(data, out, *extra):
-    return ["--data", data, "--output-dir", str(out), "--model", "vit_tiny", "--img-size", "32", "--patch-size", "8",
+    return ["--data", data, "--output-dir", str(out), "--model", "vit_mini", "--img-size", "32", "--patch-size", "8",
             "--batch-size", "16", "--epochs", "2", "--warmup-epochs", "1", "--blr", "1e-3", "--moco-dim", "16",
             "--moco-mlp-dim", "32", "--num-workers", "0", "--log-every", "3", *extra]
 
@@ -254,11 +254,11 @@ def test_real_images_run_and_exact_resume(image_root, tmp_path):
     assert 0.99 < log[0]["m"] < log[-1]["m"] < 1.0  # m at steps 2 and 19 of 20
     enc_sd = torch.load(tmp_path / "a" / "encoder.pt", weights_only=True)
     assert not any(k.startswith("head.") for k in enc_sd)  # the base encoder without its projector
-    enc = vit.vit_tiny(img_size=32, patch_size=8)
+    enc = vit.MODELS["vit_mini"](img_size=32, patch_size=8)
     vit.load_pretrained(enc, str(tmp_path / "a" / "encoder.pt"), verbose=False)  # vit.py reads what moco.py writes
     assert torch.equal(enc.blocks[0].attn.qkv.weight, full.base_encoder.blocks[0].attn.qkv.weight)
     torch.manual_seed(0)  # the same init as main's (--seed 0): the patch projection stayed frozen, the rest trained
-    fresh = moco.MoCo(functools.partial(moco.moco_vit, vit.vit_tiny, True, img_size=32, patch_size=8), 16, 32, 0.2)
+    fresh = moco.MoCo(functools.partial(moco.moco_vit, vit.MODELS["vit_mini"], True, img_size=32, patch_size=8), 16, 32, 0.2)
     assert torch.equal(fresh.base_encoder.patch_embed.proj.weight, full.base_encoder.patch_embed.proj.weight)
     assert not torch.equal(fresh.base_encoder.blocks[0].attn.qkv.weight, full.base_encoder.blocks[0].attn.qkv.weight)
     # killed in the middle of epoch 2 (after its epoch-1 checkpoint), then restarted with the same command

@@ -1,5 +1,7 @@
 """The boilerplate block (distributed setup, data, schedule, checkpointing, command line) is repeated in every
 method script on purpose, so a reader sees the same text everywhere. It must stay byte-identical."""
+import argparse
+import math
 import os
 
 import pytest
@@ -20,3 +22,26 @@ def test_boilerplate_identical_to_mae(name):
     ref, other = block("mae.py").splitlines(), block(name).splitlines()
     diff = [f"line {i}: mae.py {a!r} vs {name} {b!r}" for i, (a, b) in enumerate(zip(ref, other)) if a != b]
     assert not diff and len(ref) == len(other), "\n".join(diff[:5]) or f"{name}: block length differs"
+
+
+def mae_official_lr(epoch, lr, warmup_epochs, epochs, min_lr=0.0):
+    """MAE util/lr_sched.py adjust_learning_rate, written out from the paper's code: linear warm-up over warmup_epochs,
+    then a half cosine from lr to min_lr (0 by default there and here); epoch is fractional (step / steps_per_epoch)."""
+    if epoch < warmup_epochs:
+        return lr * epoch / warmup_epochs
+    return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * (epoch - warmup_epochs) / (epochs - warmup_epochs)))
+
+
+def test_lr_schedule_is_maes():
+    """The shared lr_at (identical in every script, so mae.py's stands for all) at the start, in the warm-up, at the
+    peak, on the cosine and at the last step, against the official formula."""
+    import mae
+    args = argparse.Namespace(lr=1.2e-3, warmup_epochs=40, epochs=800)
+    spe = 312  # steps per epoch
+    for step, expected in ((0, 0.0), (spe * 20, 0.6e-3), (spe * 40, 1.2e-3), (spe * 420, 0.6e-3)):
+        assert math.isclose(mae.lr_at(step, spe, args), expected, rel_tol=1e-12, abs_tol=1e-18), step
+    for step in (1, 137, spe * 40 - 1, spe * 40 + 1, spe * 333 + 5, spe * 800 - 1):
+        assert math.isclose(mae.lr_at(step, spe, args), mae_official_lr(step / spe, 1.2e-3, 40, 800), rel_tol=1e-12)
+    assert 0 < mae.lr_at(spe * 800 - 1, spe, args) < 1e-9  # the last step ends next to 0
+    no_warmup = argparse.Namespace(lr=1.0, warmup_epochs=0, epochs=2)
+    assert mae.lr_at(0, 10, no_warmup) == 1.0 and math.isclose(mae.lr_at(10, 10, no_warmup), 0.5, rel_tol=1e-12)
