@@ -129,9 +129,11 @@ class VisionTransformer(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias) if m.bias is not None else None
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
             elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight), nn.init.zeros_(m.bias)
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
         w = self.patch_embed.proj.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # its bias keeps PyTorch's default init, as in MAE
         nn.init.normal_(self.cls_token, std=0.02)
@@ -152,7 +154,8 @@ class VisionTransformer(nn.Module):
         for blk in self.blocks:
             if return_intermediates:
                 x, attn = blk(x, return_attn=True)
-                attns.append(attn), outs.append(x)
+                attns.append(attn)
+                outs.append(x)
             else:
                 x = blk(x)
         x = self.norm(x)
@@ -164,11 +167,12 @@ class VisionTransformer(nn.Module):
 
 
 # Factories: the standard sizes; any keyword (img_size, patch_size, num_heads, drop_path_rate, ...) overrides.
-def vit_tiny(**kw): return VisionTransformer(**{"embed_dim": 192, "depth": 12, "num_heads": 3, **kw})
-def vit_small(**kw): return VisionTransformer(**{"embed_dim": 384, "depth": 12, "num_heads": 6, **kw})  # MoCo v3: 12 heads
-def vit_base(**kw): return VisionTransformer(**{"embed_dim": 768, "depth": 12, "num_heads": 12, **kw})
-def vit_large(**kw): return VisionTransformer(**{"embed_dim": 1024, "depth": 24, "num_heads": 16, **kw})
-def vit_huge(**kw): return VisionTransformer(**{"embed_dim": 1280, "depth": 32, "num_heads": 16, "patch_size": 14, **kw})
+# cls: a subclass that *is* a ViT with more parts, e.g. mae.py's MaskedAutoencoder (its own keywords pass through).
+def vit_tiny(cls=VisionTransformer, **kw): return cls(**{"embed_dim": 192, "depth": 12, "num_heads": 3, **kw})
+def vit_small(cls=VisionTransformer, **kw): return cls(**{"embed_dim": 384, "depth": 12, "num_heads": 6, **kw})  # MoCo v3: 12
+def vit_base(cls=VisionTransformer, **kw): return cls(**{"embed_dim": 768, "depth": 12, "num_heads": 12, **kw})
+def vit_large(cls=VisionTransformer, **kw): return cls(**{"embed_dim": 1024, "depth": 24, "num_heads": 16, **kw})
+def vit_huge(cls=VisionTransformer, **kw): return cls(**{"embed_dim": 1280, "depth": 32, "num_heads": 16, "patch_size": 14, **kw})
 
 MODELS = {"vit_tiny": vit_tiny, "vit_small": vit_small, "vit_base": vit_base, "vit_large": vit_large,
           "vit_huge": vit_huge}
@@ -217,7 +221,8 @@ def load_pretrained(model, path_or_state_dict, verbose=True):
             skipped.append(k)
         elif k == "pos_embed" and v.shape != own[k].shape and v.shape[-1] == own[k].shape[-1]:
             load[k] = resize_pos_embed(v, own[k].shape[1] - 1)
-            print(f"load_pretrained: resized pos_embed {tuple(v.shape)} -> {tuple(own[k].shape)}") if verbose else None
+            if verbose:
+                print(f"load_pretrained: resized pos_embed {tuple(v.shape)} -> {tuple(own[k].shape)}")
         elif v.shape != own[k].shape:
             raise ValueError(f"checkpoint is for another model: {k} has shape {tuple(v.shape)}, the model expects "
                              f"{tuple(own[k].shape)}; pass the matching --model / --patch-size")

@@ -1,5 +1,4 @@
 """Helpers for tests: a tiny registered ViT, and a function run in 2 CPU processes under gloo, as torchrun would."""
-import functools
 import os
 import socket
 import sys
@@ -13,7 +12,11 @@ import vit  # noqa: E402
 # The whole-run tests (train, resume, DDP) use `--model vit_mini`: 3 blocks of width 64, a few times cheaper per image
 # than vit_tiny on 2 cores while every code path is the same. The scripts' --model choices read vit.MODELS, and this
 # module is imported by conftest.py and by every spawned worker (run_ddp's entry point lives here).
-vit.MODELS.setdefault("vit_mini", functools.partial(vit.VisionTransformer, embed_dim=64, depth=3, num_heads=2))
+def vit_mini(cls=vit.VisionTransformer, **kw):
+    return cls(**{"embed_dim": 64, "depth": 3, "num_heads": 2, **kw})
+
+
+vit.MODELS.setdefault("vit_mini", vit_mini)
 
 
 def free_port():

@@ -17,9 +17,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_mae(norm_pix_loss=True, patch_size=8):
-    encoder = vit.VisionTransformer(img_size=32, patch_size=patch_size, embed_dim=64, depth=2, num_heads=4)
-    return mae.MaskedAutoencoder(encoder, decoder_embed_dim=32, decoder_depth=2, decoder_num_heads=4,
-                                 norm_pix_loss=norm_pix_loss)
+    return mae.MaskedAutoencoder(decoder_embed_dim=32, decoder_depth=2, decoder_num_heads=4, norm_pix_loss=norm_pix_loss,
+                                 img_size=32, patch_size=patch_size, embed_dim=64, depth=2, num_heads=4)
 
 
 def test_equals_official_code():
@@ -37,12 +36,18 @@ def test_equals_official_code():
             assert torch.equal(mask, fx["mask"])
 
 
-def test_encoder_is_shared_not_copied():
+def test_the_mae_is_its_encoder_plus_a_decoder():
+    """Its encoder part is a plain vit.py encoder: the same names, the same features, no wrapper prefix."""
     model = tiny_mae()
-    assert model.encoder.cls_token is model.cls_token and model.encoder.blocks is model.blocks
-    assert not any(k.startswith("encoder.") for k in model.state_dict())
-    model.to(torch.float64)  # moving the wrapper moves the encoder it calls
-    assert model.encoder.blocks[0].attn.qkv.weight.dtype == torch.float64 and model.encoder.cls_token.dtype == torch.float64
+    encoder = vit.VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4)
+    assert set(model.encoder_state_dict()) == set(encoder.state_dict())
+    encoder.load_state_dict(model.encoder_state_dict(), strict=True)
+    x, ids = torch.randn(2, 3, 32, 32), torch.rand(2, 16).argsort(1)[:, :4]
+    assert torch.equal(model.forward_features(x, ids), encoder.forward_features(x, ids))
+    assert set(model.state_dict()) - set(encoder.state_dict()) == {
+        "mask_token", "decoder_pos_embed", "decoder_embed.weight", "decoder_embed.bias", "decoder_norm.weight",
+        "decoder_norm.bias", "decoder_pred.weight", "decoder_pred.bias",
+        *[f"decoder_blocks.{i}.{k}" for i in range(2) for k in vit.Block(32, 4).state_dict()]}
 
 
 def test_masking_invariants():
@@ -152,8 +157,8 @@ def test_real_images_run_and_exact_resume(image_root, tmp_path):
     for (n, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), n
     first = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)["model"]
-    assert not torch.equal(first["blocks.0.attn.qkv.weight"], mae.MaskedAutoencoder(vit.MODELS["vit_mini"](img_size=32,
-                           patch_size=8), 32, 1, 2).state_dict()["blocks.0.attn.qkv.weight"])  # it trained
+    assert not torch.equal(first["blocks.0.attn.qkv.weight"], vit.MODELS["vit_mini"](img_size=32, patch_size=8)
+                           .state_dict()["blocks.0.attn.qkv.weight"])  # it trained
 
 
 def test_nonfinite_loss_stops_and_keeps_checkpoint(image_root, tmp_path, monkeypatch):
