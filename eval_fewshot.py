@@ -16,40 +16,34 @@ Run:
     python eval_fewshot.py --checkpoint vit-s-300ep.pth.tar --model vit_small --num-heads 12 ...   # MoCo v3 ViT-S
     python eval_fewshot.py --checkpoint random ...                # a random-init encoder: the floor to beat
 
-Features (as the Layer Grafted inferFeature): encoder in eval(), no_grad, fp32 (--amp bf16: faster, not official), the
-CLS token after the final LayerNorm (--feature mean: the mean of the patch tokens after it), no augmentation:
-Resize(img_size / 0.875, bilinear as torchvision's default, which the official code uses) then CenterCrop(img_size),
-i.e. Resize 256 + CenterCrop 224, and ImageNet normalization. Under torchrun each rank extracts images rank,
-rank+W, ...; the variable-length results are all-gathered with exact counts, so no image is counted twice (DistributedSampler pads
-with duplicates).
-Only the images that some split uses are extracted; --cache DIR keeps them for the next protocol, seed or run.
-
-Splits of the labelled train set, each drawn per class and deterministic in the seed: --percent P (round(P% of each
-class), at least 1; SimCLR's lists were drawn over the whole set instead: 12-13 per class at 1%), --shots K (K per
-class, MSN's 1/2/5-images-per-class), or --split-file (SimCLR format, one file name per line, class from the wnid prefix
-or the folder; Layer Grafted's `train/<wnid>/<file> <label>` lines work too). Accuracy is on the whole val/ set; over
---seeds it is reported as mean +- the 95% t-interval. A split file is one fixed split, so only the linear probe repeats
-it per seed (logreg and k-NN are deterministic).
-
-Protocols (--protocol logreg,knn,linear):
-  logreg  MSN / Layer Grafted. cyan.preprocess(normalize=True, centering=True, columns=False) acts on each feature
-          vector (row): subtract its own mean over its D entries, then divide by its L2 norm; the official code calls
-          it on the train and on the val features separately, which is the same thing since no statistic is shared.
-          Then multinomial logistic regression, no intercept, cyanure's objective
-              min_W (1/n) sum_i CE(W^T x_i, y_i) + (lambda/2) ||W||^2,   lambda = lambd / n,  lambd = 2.5e-4 (--lambd)
-          solved by full-batch L-BFGS (strong Wolfe) in torch, float32, on the GPU when there is one, until the
-          relative duality gap is below 1e-3 (cyanure's tol) or --max-iter iterations. Multiplying by n gives
-              sum_i CE + (lambd/2) ||W||^2,  i.e. scikit-learn's LogisticRegression(C = 1/(n*lambda) = 1/lambd = 4000,
-          fit_intercept=False) on the preprocessed features (C * sum CE + 1/2 ||W||^2): the tests check that both agree.
-  knn     DINO's weighted k-NN: L2-normalized features, cosine similarity to every train feature, the k nearest
-          (k = min(--knn-k 20, n_train)) vote for their class with weight exp(sim / 0.07).
-  linear  MAE's linear-probe head, BatchNorm1d(affine=False, eps 1e-6) + Linear (trunc-normal std 0.01, bias 0), trained
-          on the cached features, so without augmentation (MAE trains with RandomResizedCrop + flip on images). Our
-          recipe, not MAE's LARS one (LARS with lr scaled by batch does not transfer to 10-image batches): SGD momentum
-          0.9, lr 0.1, no weight decay, cosine to 0 per step without warm-up, 100 epochs of batches of
-          min(256, n_train), BN statistics from training (eval mode at test). Seeded by the split seed.
+Protocols (--protocol logreg,knn,linear), each trained on a split of the train set and scored on the whole val/ set;
+over --seeds the result is the mean +- the 95% t-interval:
+  logreg  MSN / Layer Grafted: cyan.preprocess(normalize=True, centering=True, columns=False) on each feature vector
+          (subtract its own mean, divide by its L2 norm: no statistic is shared, so calling it on train and on val
+          separately, as the official code does, is the same), then multinomial logistic regression without intercept,
+          cyanure's (1/n) sum_i CE(W^T x_i, y_i) + (lambda/2) ||W||^2 with lambda = lambd / n, lambd = 2.5e-4, by
+          full-batch L-BFGS (strong Wolfe) in fp32 until the relative duality gap is below 1e-3 (cyanure's tol).
+          Times n, that is scikit-learn's LogisticRegression(C = 1/lambd = 4000, fit_intercept=False): the tests check.
+  knn     DINO's weighted k-NN: cosine similarity of L2-normalized features, the k = min(--knn-k 20, n_train) nearest
+          train features vote for their class with weight exp(sim / 0.07).
+  linear  MAE's linear-probe head, BatchNorm1d(affine=False, eps 1e-6) + Linear (trunc-normal std 0.01, bias 0), on the
+          cached features, so without augmentation. Our recipe, not MAE's LARS one (LARS with lr scaled by batch does
+          not transfer to 10-image batches): SGD momentum 0.9, lr 0.1, no weight decay, per-step cosine to 0 without
+          warm-up, 100 epochs of batches of min(256, n_train), BN statistics from training. Seeded by the split seed.
+Features (Layer Grafted inferFeature): eval(), no_grad, fp32 (--amp bf16: faster, not official), the CLS token after the
+final LayerNorm (--feature mean: the mean of the patch tokens after it), no augmentation: Resize(img_size / 0.875,
+bilinear as the official code) + CenterCrop(img_size), ImageNet normalization. Under torchrun rank r extracts images
+r, r+W, ..., gathered with exact counts (DistributedSampler would pad with duplicates). Only the images some split
+uses are extracted; --cache DIR keeps them for the next protocol, seed or run.
+Splits, drawn per class, deterministic in the seed: --percent P (round(P% of each class), at least 1; SimCLR's lists
+were drawn over the whole set: 12-13 per class at 1%), --shots K (MSN's 1/2/5 images per class), or --split-file
+(SimCLR: one file name per line, class from the wnid prefix; Layer Grafted's `train/<wnid>/<file> <label>` lines too).
+A split file is one fixed split: only the linear probe repeats it per seed (logreg and k-NN are deterministic).
 Deviations from the official code, on purpose: no cyanure dependency (L-BFGS instead of its QNING/MISO solver; same
 objective and stopping tolerance); no duplicate val images under DDP; no hyper-parameter is selected on val.
+
+Read top to bottom: the protocols, the features and splits they run on, main(), the checks of the inputs, and a
+checked copy of the training scripts' data plumbing.
 """
 import argparse
 import contextlib
@@ -72,158 +66,7 @@ from tqdm import tqdm
 
 import vit
 
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-# ----------------------------------------------------------------------------------------------------- features
-
-def eval_transform(img_size):
-    # Layer Grafted main_lincls_sweep.py: Resize(256) (bilinear) + CenterCrop(224) for train and test features alike.
-    return T.Compose([T.Resize(int(img_size / 0.875)), T.CenterCrop(img_size), T.ToTensor(),
-                      T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-
-
-@torch.no_grad()
-def extract_features(model, loader, device, feature="cls", amp="bf16"):
-    """Frozen features of every image in `loader`, in its order: (N, D) float32 and (N,) labels, both on `device`."""
-    model.eval()
-    feats, labels = [], []
-    use_amp = device.type == "cuda" and amp != "none"
-    for imgs, y in tqdm(loader, desc="features", leave=False, dynamic_ncols=True, disable=not is_rank0()):
-        with torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16, enabled=use_amp):
-            tokens = model.forward_features(imgs.to(device, non_blocking=True))  # (B, 1+L, D) after the final norm
-        tokens = tokens.float()  # fp32 before pooling and everything downstream
-        feats.append(tokens[:, 0] if feature == "cls" else tokens[:, 1:].mean(dim=1))  # (B, D)
-        labels.append(torch.as_tensor(y).to(device))
-    if not feats:  # a rank with no image (fewer images than processes)
-        return torch.zeros(0, model.embed_dim, device=device), torch.zeros(0, dtype=torch.long, device=device)
-    return torch.cat(feats), torch.cat(labels).long()
-
-
-def gather_in_order(x, world_size):
-    """x holds items rank, rank+W, rank+2W, ... of a list; returns the whole list, in order, on every rank.
-    Ranks hold different counts: pad to the longest, all_gather (no gradient), cut each back to its exact count."""
-    counts = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(world_size)]
-    dist.all_gather(counts, torch.tensor([len(x)], device=x.device))
-    counts = [int(c) for c in counts]
-    padded = x.new_zeros((max(counts), *x.shape[1:]))
-    padded[:len(x)] = x
-    parts = [torch.empty_like(padded) for _ in range(world_size)]
-    dist.all_gather(parts, padded)
-    out = x.new_empty((sum(counts), *x.shape[1:]))
-    for r in range(world_size):
-        out[r::world_size] = parts[r][:counts[r]]  # rank r held items r, r+W, ...
-    return out
-
-
-def extract_dataset(model, dataset, device, indices=None, batch_size=256, num_workers=0, feature="cls", amp="bf16"):
-    """Features of dataset[indices] (default: all), in that order, on the CPU. Under torch.distributed each rank
-    extracts every W-th image and the results are gathered, so each image appears exactly once.
-    batch_size is per rank."""
-    indices = torch.arange(len(dataset)) if indices is None else torch.as_tensor(indices)
-    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    subset = torch.utils.data.Subset(dataset, indices[rank::world_size].tolist())
-    loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                                         pin_memory=device.type == "cuda")
-    x, y = extract_features(model, loader, device, feature, amp)
-    if world_size > 1:
-        x, y = gather_in_order(x, world_size), gather_in_order(y, world_size)
-    return x.cpu(), y.cpu()
-
-
-def cache_key(args, dataset, split):
-    """Everything the features depend on: the weights (path, size, mtime), the encoder, the input and the image list."""
-    files = [p[len(args.data):] for p, _ in dataset.samples] if hasattr(dataset, "samples") else [len(dataset)]
-    ckpt = args.checkpoint
-    if ckpt != "random":
-        ckpt = [os.path.abspath(ckpt), os.path.getsize(ckpt), os.stat(ckpt).st_mtime_ns]
-    key = [ckpt, args.model, args.img_size, args.patch_size, args.num_heads, args.feature, args.amp,
-           os.path.abspath(args.data), split, hashlib.sha1("\n".join(map(str, files)).encode()).hexdigest()]
-    return hashlib.sha1(json.dumps(key).encode()).hexdigest()[:16]
-
-
-def cached_features(model, dataset, indices, split, args, device):
-    """Features of dataset[indices], in that order; with --cache, only images never extracted before are computed."""
-    path = os.path.join(args.cache, f"{split}_{args.model}_{args.feature}_{cache_key(args, dataset, split)}.pt") \
-        if args.cache else None
-    have_idx, have_x = torch.zeros(0, dtype=torch.long), torch.zeros(0, 0)
-    if path and os.path.isfile(path):
-        c = torch.load(path, map_location="cpu", weights_only=True)
-        have_idx, have_x = c["indices"], c["features"]
-    row = torch.full((len(dataset),), -1, dtype=torch.long)  # image index -> row of have_x
-    row[have_idx] = torch.arange(len(have_idx))
-    missing = indices[row[indices] < 0]
-    print0(f"{split}: {len(indices)} images, {len(indices) - len(missing)} from the cache, {len(missing)} to extract")
-    if len(missing):
-        x, _ = extract_dataset(model, dataset, device, missing, args.batch_size // args.world_size, args.num_workers,
-                               args.feature, args.amp)
-        row[missing] = torch.arange(len(have_idx), len(have_idx) + len(missing))
-        have_idx, have_x = torch.cat([have_idx, missing]), torch.cat([have_x.reshape(-1, x.shape[1]), x])
-        if path and is_rank0():
-            os.makedirs(args.cache, exist_ok=True)
-            torch.save({"indices": have_idx, "features": have_x}, path + ".tmp")
-            os.replace(path + ".tmp", path)  # atomic, as save_checkpoint in the training scripts
-    return have_x[row[indices]]
-
-# ------------------------------------------------------------------------------------------------------- splits
-
-def targets_of(dataset):
-    """Labels without loading images: ImageFolder / CIFAR .targets, STL10 .labels."""
-    labels = dataset.targets if hasattr(dataset, "targets") else dataset.labels
-    return torch.as_tensor(labels).long()
-
-
-def sample_split(labels, seed, shots=None, percent=None, class_names=None):
-    """Sorted indices of a class-balanced subset: `shots` images of each class, or round(percent% of each class),
-    at least 1. The same seed gives the same subset."""
-    labels = torch.as_tensor(labels)
-    g = torch.Generator().manual_seed(seed)
-    chosen = []
-    for c in labels.unique().tolist():
-        idx = (labels == c).nonzero().flatten()
-        k = shots if shots is not None else max(1, round(len(idx) * percent / 100))
-        if k > len(idx):
-            name = class_names[c] if class_names else c
-            raise StopRun(f"--shots {shots}: class '{name}' has only {len(idx)} training images; use at most "
-                          f"{int((labels.bincount()[labels.bincount() > 0]).min())} shots")
-        chosen.append(idx[torch.randperm(len(idx), generator=g)[:k]])
-    return torch.cat(chosen).sort().values
-
-
-def read_split_file(path, dataset):
-    """Sorted indices of the images a split file names. SimCLR: `n04235860_14959.JPEG` (class = the wnid prefix);
-    Layer Grafted: `train/n04235860/n04235860_14959.JPEG 797` (class = the folder; the label column is ignored)."""
-    if not hasattr(dataset, "samples"):
-        raise StopRun(f"--split-file needs an ImageNet-layout --data folder, not --data {dataset.__class__.__name__}")
-    if not os.path.isfile(path):
-        raise StopRun(f"--split-file {path}: no such file")
-    by_class, by_name = {}, {}  # (class, file name) -> index; file name -> [indices]
-    for i, (p, c) in enumerate(dataset.samples):
-        by_class[(dataset.classes[c], os.path.basename(p))] = i
-        by_name.setdefault(os.path.basename(p), []).append(i)
-    chosen, missing = [], []
-    with open(path) as f:
-        for line in f:
-            if not line.strip():
-                continue
-            parts = line.split()[0].replace("\\", "/").split("/")
-            name = parts[-1]
-            cls = parts[-2] if len(parts) > 1 else name.split("_")[0]  # folder, or the wnid prefix n01440764_...
-            i = by_class.get((cls, name))
-            if i is None and len(by_name.get(name, [])) == 1:  # no class in the line: the file name must be unique
-                i = by_name[name][0]
-            if i is None:
-                missing.append(line.strip())
-            else:
-                chosen.append(i)
-    if missing:
-        raise StopRun(f"--split-file {path} names {len(missing)} images that are not in {dataset.root} "
-                      f"(first: {missing[0]}); is --data the right folder?")
-    if not chosen:
-        raise StopRun(f"--split-file {path} names no image")
-    return torch.tensor(sorted(set(chosen)))
-
-
-# -------------------------------------------------------------------------------------------------- classifiers
+# -------------------------------------------------------------------------------------------------- protocols
 
 def preprocess(x):
     """cyanure.preprocess(X, centering=True, normalize=True, columns=False): per row, subtract the row's own mean
@@ -245,10 +88,8 @@ def full_fp32():
 
 def logreg_accuracy(train_x, train_y, test_x, test_y, lambd=2.5e-4, max_iter=1000, tol=1e-3, device=None,
                     dtype=torch.float32, return_info=False):
-    """Top-1 accuracy (fraction) of MSN / Layer Grafted's logistic regression; see the module docstring.
-    Objective (cyanure, 'multiclass-logistic', penalty 'l2', no intercept), lambda = lambd / n:
-        P(W) = (1/n) sum_i [logsumexp(W^T x_i) - (W^T x_i)_{y_i}] + (lambda/2) ||W||^2
-    equal to scikit-learn's LogisticRegression(C=1/lambd, fit_intercept=False) up to the factor n.
+    """Top-1 accuracy (fraction) of MSN / Layer Grafted's logistic regression. Objective (cyanure, no intercept):
+        P(W) = (1/n) sum_i [logsumexp(W^T x_i) - (W^T x_i)_{y_i}] + (lambda/2) ||W||^2,   lambda = lambd / n
     Stops at relative duality gap (P - D) / P < tol, with the dual point p_i = softmax(W^T x_i) (Fenchel dual):
         D = (1/n) sum_i H(p_i) - ||X^T (P - Y)||^2 / (2 lambda n^2).
     return_info: also return {'iterations', 'rel_gap'}."""
@@ -287,13 +128,14 @@ def logreg_accuracy(train_x, train_y, test_x, test_y, lambd=2.5e-4, max_iter=100
                 break
         with torch.no_grad():
             acc = ((Xt @ W).argmax(dim=1) == yt).float().mean().item()
-    return (acc, {"iterations": iters, "rel_gap": rel_gap}) if return_info else acc
+    if return_info:
+        return acc, {"iterations": iters, "rel_gap": rel_gap}
+    return acc
 
 
 @torch.no_grad()
 def knn_accuracy(train_x, train_y, test_x, test_y, k=20, t=0.07, device=None, chunk=4096):
-    """Top-1 accuracy (fraction) of DINO's weighted k-NN (eval_knn.py): cosine similarity, the k nearest train features
-    vote for their class with weight exp(sim / t). k is capped at the number of train features."""
+    """Top-1 accuracy (fraction) of DINO's weighted k-NN (eval_knn.py); k is capped at the number of train features."""
     device = torch.device(device) if device is not None else train_x.device
     X, y = F.normalize(train_x.to(device).float(), dim=1), train_y.to(device).long()
     num_classes, k = int(max(y.max(), test_y.max())) + 1, min(k, len(X))
@@ -307,8 +149,7 @@ def knn_accuracy(train_x, train_y, test_x, test_y, k=20, t=0.07, device=None, ch
 
 
 def linear_accuracy(train_x, train_y, test_x, test_y, epochs=100, lr=0.1, batch_size=256, seed=0, device=None):
-    """Top-1 accuracy (fraction) of MAE's linear-probe head, BN(affine=False) + Linear, trained on fixed features:
-    SGD momentum 0.9, no weight decay, per-step cosine from lr to 0, `epochs` passes of min(batch_size, n) images."""
+    """Top-1 accuracy (fraction) of MAE's linear-probe head on fixed features, with our SGD recipe (see the top)."""
     device = torch.device(device) if device is not None else train_x.device
     X, y = train_x.to(device).float(), train_y.to(device).long()
     num_classes, n = int(max(y.max(), test_y.max())) + 1, len(X)
@@ -353,88 +194,109 @@ def mean_ci95(values):
     t = T975[df - 1] if df <= 30 else z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
     return mean, t * sd / math.sqrt(n)
 
-# -------------------------------------------------------------------------------------------------- boilerplate
-# Copied from the method scripts (mae.py): StopRun / one_line, pil_loader, setup_distributed, print0.
 
-class StopRun(Exception):
-    """A problem the user can fix (bad input, a diverged run): printed as one line, without a traceback."""
+# -------------------------------------------------------------------------------------------- features and splits
 
-
-def one_line(e):
-    """The message of a StopRun, also when it was raised inside a DataLoader worker and wrapped there."""
-    lines = str(e).strip().splitlines()
-    return lines[-1].split("StopRun: ", 1)[-1] if len(lines) > 1 else str(e)
+def eval_transform(img_size):
+    # Layer Grafted main_lincls_sweep.py: Resize(256) (bilinear) + CenterCrop(224) for train and test features alike.
+    return T.Compose([T.Resize(int(img_size / 0.875)), T.CenterCrop(img_size), T.ToTensor(),
+                      T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
-def pil_loader(path):
-    from PIL import Image
-    try:
-        with open(path, "rb") as f:
-            return Image.open(f).convert("RGB")
-    except Exception as e:
-        raise StopRun(f"cannot read image {path} ({type(e).__name__}: {e}); delete or replace that file") from None
+@torch.no_grad()
+def extract_dataset(model, dataset, device, indices=None, batch_size=256, num_workers=0, feature="cls", amp="bf16"):
+    """Frozen features (N, D) float32 and labels (N,) of dataset[indices] (default: all), in that order, on the CPU.
+    Under torch.distributed each rank extracts every W-th image (batch_size is per rank), then all are gathered."""
+    indices = torch.arange(len(dataset)) if indices is None else torch.as_tensor(indices)
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices[rank::world_size].tolist()),
+                                         batch_size, shuffle=False, num_workers=num_workers,
+                                         pin_memory=device.type == "cuda")
+    model.eval()
+    x = [torch.zeros(0, model.embed_dim, device=device)]  # a rank may have no image (fewer images than processes)
+    y = [torch.zeros(0, dtype=torch.long, device=device)]
+    for imgs, labels in tqdm(loader, desc="features", leave=False, dynamic_ncols=True, disable=not is_rank0()):
+        with torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16,
+                            enabled=device.type == "cuda" and amp != "none"):
+            tokens = model.forward_features(imgs.to(device, non_blocking=True))  # (B, 1+L, D) after the final norm
+        tokens = tokens.float()  # fp32 before pooling and everything downstream
+        x.append(tokens[:, 0] if feature == "cls" else tokens[:, 1:].mean(dim=1))  # (B, D)
+        y.append(torch.as_tensor(labels).to(device).long())
+    x, y = torch.cat(x), torch.cat(y)
+    if world_size > 1:
+        x, y = gather_in_order(x, world_size), gather_in_order(y, world_size)
+    return x.cpu(), y.cpu()
 
 
-def build_dataset(args, transform, split="train"):
-    """As in the method scripts, except that stl10's train split is its 5k labelled images (not train+unlabeled)."""
-    import torchvision.datasets as datasets
-    train = split == "train"
-    try:
-        if args.data == "cifar10":
-            return datasets.CIFAR10(args.data_root, train=train, transform=transform, download=True)
-        if args.data == "cifar100":
-            return datasets.CIFAR100(args.data_root, train=train, transform=transform, download=True)
-        if args.data == "stl10":
-            return datasets.STL10(args.data_root, split="train" if train else "test", transform=transform, download=True)
-    except (OSError, RuntimeError) as e:  # no network, a partial download, a full disk
-        raise StopRun(f"--data {args.data}: could not download into --data-root {args.data_root} ({e}); "
-                      f"download it by hand into that folder, or pass an ImageFolder root") from None
-    folder = os.path.join(args.data, split)
-    if not os.path.isdir(args.data):
-        raise StopRun(f"--data {args.data}: no such folder; pass an ImageNet-layout root (ROOT/{split}/<class>/<image>) "
-                      f"or one of cifar10, cifar100, stl10")
-    if not os.path.isdir(folder):
-        raise StopRun(f"--data {args.data}: no '{split}' folder inside; expected the ImageNet layout "
-                      f"ROOT/{split}/<class>/<image>")
-    try:
-        return datasets.ImageFolder(folder, transform=transform, loader=pil_loader)
-    except FileNotFoundError as e:
-        raise StopRun(f"--data {args.data}: {folder} holds no class folders with images ({one_line(e)}); expected "
-                      f"ROOT/{split}/<class>/<image>") from None
+def gather_in_order(x, world_size):
+    """x holds items rank, rank+W, rank+2W, ... of a list; returns the whole list, in order, on every rank.
+    Ranks hold different counts: pad to the longest, all_gather (no gradient), cut each back to its exact count."""
+    counts = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(world_size)]
+    dist.all_gather(counts, torch.tensor([len(x)], device=x.device))
+    counts = [int(c) for c in counts]
+    padded = x.new_zeros((max(counts), *x.shape[1:]))
+    padded[:len(x)] = x
+    parts = [torch.empty_like(padded) for _ in range(world_size)]
+    dist.all_gather(parts, padded)
+    out = x.new_empty((sum(counts), *x.shape[1:]))
+    for r in range(world_size):
+        out[r::world_size] = parts[r][:counts[r]]  # rank r held items r, r+W, ...
+    return out
 
 
-def setup_distributed(args):
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain `python` runs one process on cuda:0 or the CPU."""
-    if "RANK" in os.environ:
-        rank, world_size, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-        if torch.cuda.is_available():
-            torch.cuda.set_device(local_rank)
-            dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
-        else:
-            dist.init_process_group("gloo")  # CPU: tests and debugging
-    else:
-        rank, world_size, local_rank = 0, 1, 0
-    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    if args.batch_size % world_size:
-        raise StopRun(f"--batch-size {args.batch_size} is global and must be divisible by the {world_size} processes; "
-                      f"use e.g. {args.batch_size // world_size * world_size}")
-    torch.backends.cudnn.benchmark = True  # no TF32 here: the logistic regression wants full fp32 matmuls
-    return rank, world_size, device
+def cached_features(model, dataset, indices, split, args, device):
+    """Features of dataset[indices], in that order; with --cache, only images never extracted before are computed.
+    The file's name hashes all the features depend on: the weights (path, size, mtime), encoder, input, image list."""
+    path, have_idx, have_x = None, torch.zeros(0, dtype=torch.long), torch.zeros(0, 0)
+    if args.cache:
+        files = [p[len(args.data):] for p, _ in dataset.samples] if hasattr(dataset, "samples") else [len(dataset)]
+        ckpt = args.checkpoint
+        if ckpt != "random":
+            ckpt = [os.path.abspath(ckpt), os.path.getsize(ckpt), os.stat(ckpt).st_mtime_ns]
+        key = [ckpt, args.model, args.img_size, args.patch_size, args.num_heads, args.feature, args.amp,
+               os.path.abspath(args.data), split, hashlib.sha1("\n".join(map(str, files)).encode()).hexdigest()]
+        path = os.path.join(args.cache, f"{split}_{args.model}_{args.feature}_"
+                                        f"{hashlib.sha1(json.dumps(key).encode()).hexdigest()[:16]}.pt")
+    if path and os.path.isfile(path):
+        c = torch.load(path, map_location="cpu", weights_only=True)
+        have_idx, have_x = c["indices"], c["features"]
+    row = torch.full((len(dataset),), -1, dtype=torch.long)  # image index -> row of have_x
+    row[have_idx] = torch.arange(len(have_idx))
+    missing = indices[row[indices] < 0]
+    print0(f"{split}: {len(indices)} images, {len(indices) - len(missing)} from the cache, {len(missing)} to extract")
+    if len(missing):
+        x, _ = extract_dataset(model, dataset, device, missing, args.batch_size // args.world_size, args.num_workers,
+                               args.feature, args.amp)
+        row[missing] = torch.arange(len(have_idx), len(have_idx) + len(missing))
+        have_idx, have_x = torch.cat([have_idx, missing]), torch.cat([have_x.reshape(-1, x.shape[1]), x])
+        if path and is_rank0():
+            os.makedirs(args.cache, exist_ok=True)
+            torch.save({"indices": have_idx, "features": have_x}, path + ".tmp")
+            os.replace(path + ".tmp", path)  # atomic, as save_checkpoint in the training scripts
+    return have_x[row[indices]]
 
 
-def is_rank0():
-    return not dist.is_initialized() or dist.get_rank() == 0
+def targets_of(dataset):
+    """Labels without loading images: ImageFolder / CIFAR .targets, STL10 .labels."""
+    return torch.as_tensor(dataset.targets if hasattr(dataset, "targets") else dataset.labels).long()
 
 
-def print0(*a, **kw):
-    if is_rank0():
-        tqdm.write(" ".join(str(x) for x in a), **kw)
+def sample_split(labels, seed, shots=None, percent=None, class_names=None):
+    """Sorted indices of a class-balanced subset: `shots` images of each class, or round(percent% of each class),
+    at least 1. The same seed gives the same subset."""
+    labels, g, chosen = torch.as_tensor(labels), torch.Generator().manual_seed(seed), []
+    for c in labels.unique().tolist():
+        idx = (labels == c).nonzero().flatten()
+        k = shots if shots is not None else max(1, round(len(idx) * percent / 100))
+        if k > len(idx):
+            name = class_names[c] if class_names else c
+            raise StopRun(f"--shots {shots}: class '{name}' has only {len(idx)} training images; use at most "
+                          f"{int((labels.bincount()[labels.bincount() > 0]).min())} shots")
+        chosen.append(idx[torch.randperm(len(idx), generator=g)[:k]])
+    return torch.cat(chosen).sort().values
 
-# ---------------------------------------------------------------------------------------------------- arguments
 
-def int_list(s):
-    return [int(v) for v in s.split(",") if v.strip()]
-
+# ------------------------------------------------------------------------------------------------------- main
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="Few-shot evaluation of a frozen ViT (Layer Grafted's 1% protocol, ...)",
@@ -476,20 +338,9 @@ def get_args(argv=None):
     p.add_argument("--cache", default=None, help="folder that keeps extracted features between runs")
     p.add_argument("--json", default=None, help="write the results, args, versions and device to this file")
     args = p.parse_args(argv)
-    args.protocol = [s.strip() for s in args.protocol.split(",") if s.strip()]
-    bad = [s for s in args.protocol if s not in ("logreg", "knn", "linear")]
-    if bad or not args.protocol:
-        p.error(f"--protocol: unknown {bad or 'empty'}; choose from logreg, knn, linear")
-    args.percent = [float(v) for v in args.percent.split(",") if v.strip()] if args.percent else None
-    if args.percent is None and args.shots is None and args.split_file is None:
-        args.percent = [1.0]  # the paper's headline split size
-    if any(not 0 < v <= 100 for v in args.percent or []) or any(k < 1 for k in args.shots or []):
-        p.error("--percent takes values in (0, 100], --shots values >= 1")
-    if not args.seeds:
-        p.error("--seeds: give at least one seed")
+    check_split_args(p, args)
     return args
 
-# --------------------------------------------------------------------------------------------------------- main
 
 def build_encoder(args, verbose):
     torch.manual_seed(0)  # --checkpoint random: the same random encoder every time
@@ -497,14 +348,7 @@ def build_encoder(args, verbose):
     model = vit.MODELS[args.model](img_size=args.img_size, **kw)
     args.patch_size, args.num_heads = model.patch_size, model.blocks[0].attn.num_heads
     if args.checkpoint != "random":
-        try:
-            vit.load_pretrained(model, args.checkpoint, verbose=verbose)
-        except ValueError as e:  # not found, or weights for another model
-            raise StopRun(f"--checkpoint {args.checkpoint}: {one_line(e)}") from None
-        except Exception as e:  # not a torch file, truncated, pickled objects that weights_only refuses, ...
-            why = (str(e).strip().splitlines() or [""])[0].split(". ")[0]  # torch's messages run for lines
-            raise StopRun(f"--checkpoint {args.checkpoint}: cannot read it as a file of weights "
-                          f"({type(e).__name__}: {why})") from None
+        load_checkpoint(model, args.checkpoint, verbose)
     return model
 
 
@@ -520,33 +364,20 @@ def make_splits(args, train_set, labels):
     return splits
 
 
-def git_sha():
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
-                              capture_output=True, text=True, timeout=10).stdout.strip() or None
-    except Exception:
-        return None
-
-
 def main(argv=None):
     args = get_args(argv)
     rank, world_size, device = setup_distributed(args)
-    args.world_size = world_size
-    print0(f"eval_fewshot: torch {torch.__version__}, {world_size} process(es) on {device}, git {git_sha()}")
+    args.world_size, sha = world_size, git_sha()
+    print0(f"eval_fewshot: torch {torch.__version__}, {world_size} process(es) on {device}, git {sha}")
     print0("args: " + ", ".join(f"{k}={v}" for k, v in sorted(vars(args).items())))
 
-    # ============ model and data: every input error before any long work ============
+    # model and data: every input error before any long work
     model = build_encoder(args, verbose=rank == 0).to(device)
-    transform = eval_transform(args.img_size)
-    train_set, val_set = build_dataset(args, transform, "train"), build_dataset(args, transform, "val")
-    if len(val_set) == 0:
-        raise StopRun(f"--data {args.data}: the val set is empty")
-    if getattr(train_set, "classes", None) != getattr(val_set, "classes", None):
-        raise StopRun(f"--data {args.data}: train/ and val/ have different class folders; labels would not match")
+    train_set, val_set = eval_datasets(args)
     train_labels, val_labels = targets_of(train_set), targets_of(val_set)
     splits = make_splits(args, train_set, train_labels)
 
-    # ============ features: only the train images some split uses, every val image ============
+    # features: only the train images some split uses, every val image
     t0 = time.perf_counter()
     used = torch.cat([idx for _, per_seed in splits for idx in per_seed.values()]).unique()  # sorted
     used_x = cached_features(model, train_set, used, "train", args, device)
@@ -560,7 +391,7 @@ def main(argv=None):
         if rank != 0:
             return None
 
-    # ============ protocols: split x protocol, each over the seeds ============
+    # protocols: split x protocol, each over the seeds
     rows = []
     for split_name, per_seed in splits:
         fixed = len({tuple(idx.tolist()) for idx in per_seed.values()}) == 1
@@ -568,8 +399,7 @@ def main(argv=None):
             seeds = args.seeds[:1] if fixed and protocol != "linear" else args.seeds  # deterministic: once is enough
             accs, infos, t0 = [], [], time.perf_counter()
             for seed in seeds:
-                idx = per_seed[seed]
-                tx, ty = used_x[row[idx]], train_labels[idx]
+                tx, ty = used_x[row[per_seed[seed]]], train_labels[per_seed[seed]]
                 if protocol == "logreg":
                     acc, info = logreg_accuracy(tx, ty, val_x, val_labels, args.lambd, args.max_iter, device=device,
                                                 return_info=True)
@@ -587,7 +417,7 @@ def main(argv=None):
                          **({"logreg": infos} if infos else {})})
             print0(f"{protocol} {split_name}: " + " ".join(f"{a:.2f}" for a in accs))
 
-    # ============ report ============
+    # report
     print0(f"\n{'protocol':<9} {'split':<16} {'n_train':>8} {'top-1 %':>8} {'+-95%':>7} {'seeds':>5} {'seconds':>8}")
     for r in rows:
         ci = f"{r['top1_ci95']:.2f}" if r["top1_ci95"] is not None else "n/a"
@@ -596,7 +426,7 @@ def main(argv=None):
     command = sys.argv if argv is None else ["eval_fewshot.py", *map(str, argv)]
     result = {"rows": rows, "checkpoint": args.checkpoint, "command": command, "args": vars(args),
               "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                           "torchvision": torchvision.__version__, "git": git_sha()},
+                           "torchvision": torchvision.__version__, "git": sha},
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
               f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
               "world_size": world_size, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -609,6 +439,170 @@ def main(argv=None):
             json.dump(result, f, indent=2)
         print0(f"wrote {args.json}")
     return result
+
+
+def git_sha():
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
+                              capture_output=True, text=True, timeout=10).stdout.strip() or None
+    except Exception:
+        return None
+
+
+# ------------------------------------------------------------------------------- inputs and their one-line errors
+
+def int_list(s):
+    return [int(v) for v in s.split(",") if v.strip()]
+
+
+def check_split_args(p, args):
+    """--protocol and --percent parsed to lists; argparse's error (usage + one line) for a bad split option."""
+    args.protocol = [s.strip() for s in args.protocol.split(",") if s.strip()]
+    bad = [s for s in args.protocol if s not in ("logreg", "knn", "linear")]
+    if bad or not args.protocol:
+        p.error(f"--protocol: unknown {bad or 'empty'}; choose from logreg, knn, linear")
+    args.percent = [float(v) for v in args.percent.split(",") if v.strip()] if args.percent else None
+    if args.percent is None and args.shots is None and args.split_file is None:
+        args.percent = [1.0]  # the paper's headline split size
+    if any(not 0 < v <= 100 for v in args.percent or []) or any(k < 1 for k in args.shots or []):
+        p.error("--percent takes values in (0, 100], --shots values >= 1")
+    if not args.seeds:
+        p.error("--seeds: give at least one seed")
+
+
+def setup_distributed(args):
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain `python` runs one process on cuda:0 or the CPU (gloo for CPU
+    processes). No TF32, unlike the training scripts' Run: the logistic regression wants full fp32 matmuls."""
+    rank, world_size, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")) \
+        if "RANK" in os.environ else (0, 1, 0)
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if "RANK" in os.environ and device.type == "cuda":
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    elif "RANK" in os.environ:
+        dist.init_process_group("gloo")
+    if args.batch_size % world_size:
+        raise StopRun(f"--batch-size {args.batch_size} is global and must be divisible by the {world_size} processes; "
+                      f"use e.g. {args.batch_size // world_size * world_size}")
+    torch.backends.cudnn.benchmark = True
+    return rank, world_size, device
+
+
+def is_rank0():
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def load_checkpoint(model, path, verbose):
+    """--checkpoint: any file vit.load_pretrained reads, else a one-line error."""
+    try:
+        vit.load_pretrained(model, path, verbose=verbose)
+    except ValueError as e:  # not found, or weights for another model
+        raise StopRun(f"--checkpoint {path}: {one_line(e)}") from None
+    except Exception as e:  # not a torch file, truncated, pickled objects that weights_only refuses, ...
+        why = (str(e).strip().splitlines() or [""])[0].split(". ")[0]  # torch's messages run for lines
+        raise StopRun(f"--checkpoint {path}: cannot read it as a file of weights ({type(e).__name__}: {why})") from None
+
+
+def eval_datasets(args):
+    """(train, val) with the evaluation transform, by the training scripts' build_dataset, except that stl10's train
+    is its 5k labelled images (build_dataset's is train+unlabeled, for pre-training)."""
+    transform = eval_transform(args.img_size)
+    if args.data == "stl10":
+        val_set = build_dataset(args, transform, "val")  # downloads STL-10's one archive (all splits) if needed
+        train_set = torchvision.datasets.STL10(args.data_root, "train", transform=transform)
+    else:
+        train_set, val_set = build_dataset(args, transform, "train"), build_dataset(args, transform, "val")
+    if len(val_set) == 0:
+        raise StopRun(f"--data {args.data}: the val set is empty")
+    if getattr(train_set, "classes", None) != getattr(val_set, "classes", None):
+        raise StopRun(f"--data {args.data}: train/ and val/ have different class folders; labels would not match")
+    return train_set, val_set
+
+
+def read_split_file(path, dataset):
+    """Sorted indices of the images a split file names. SimCLR: `n04235860_14959.JPEG` (class = the wnid prefix);
+    Layer Grafted: `train/n04235860/n04235860_14959.JPEG 797` (class = the folder; the label column is ignored)."""
+    if not hasattr(dataset, "samples"):
+        raise StopRun(f"--split-file needs an ImageNet-layout --data folder, not --data {dataset.__class__.__name__}")
+    if not os.path.isfile(path):
+        raise StopRun(f"--split-file {path}: no such file")
+    by_class, by_name = {}, {}  # (class, file name) -> index; file name -> [indices]
+    for i, (p, c) in enumerate(dataset.samples):
+        by_class[(dataset.classes[c], os.path.basename(p))] = i
+        by_name.setdefault(os.path.basename(p), []).append(i)
+    chosen, missing = [], []
+    with open(path) as f:
+        lines = [line.strip() for line in f if line.strip()]
+    for line in lines:
+        parts = line.split()[0].replace("\\", "/").split("/")
+        name = parts[-1]
+        cls = parts[-2] if len(parts) > 1 else name.split("_")[0]  # folder, or the wnid prefix n01440764_...
+        i = by_class.get((cls, name))
+        if i is None and len(by_name.get(name, [])) == 1:  # no class in the line: the file name must be unique
+            i = by_name[name][0]
+        if i is None:
+            missing.append(line)
+        else:
+            chosen.append(i)
+    if missing:
+        raise StopRun(f"--split-file {path} names {len(missing)} images that are not in {dataset.root} "
+                      f"(first: {missing[0]}); is --data the right folder?")
+    if not chosen:
+        raise StopRun(f"--split-file {path} names no image")
+    return torch.tensor(sorted(set(chosen)))
+
+
+# ======================== checked copy of mae.py's appendix (tests/test_shared_blocks.py): StopRun ... print0
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class StopRun(Exception):
+    """A problem the user can fix (bad input, a diverged run): printed as one line, without a traceback."""
+
+
+def one_line(e):
+    """The message of a StopRun, also when it was raised inside a DataLoader worker and wrapped there."""
+    lines = str(e).strip().splitlines()
+    return lines[-1].split("StopRun: ", 1)[-1] if len(lines) > 1 else str(e)
+
+
+def pil_loader(path):
+    from PIL import Image
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except Exception as e:
+        raise StopRun(f"cannot read image {path} ({type(e).__name__}: {e}); delete or replace that file") from None
+
+
+def build_dataset(args, transform, split="train"):
+    """--data ROOT: ROOT/<split> as an ImageFolder (ImageNet layout). --data cifar10|cifar100|stl10: torchvision
+    downloads into --data-root on first use ('val' is the test split)."""
+    import torchvision.datasets as datasets
+    train, named = split == "train", {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}
+    try:
+        if args.data in named:
+            return named[args.data](args.data_root, train=train, transform=transform, download=True)
+        if args.data == "stl10":
+            return datasets.STL10(args.data_root, "train+unlabeled" if train else "test", transform=transform, download=True)
+    except (OSError, RuntimeError) as e:  # no network, a partial download, a full disk
+        raise StopRun(f"--data {args.data}: could not download into --data-root {args.data_root} ({e}); "
+                      f"download it by hand into that folder, or pass an ImageFolder root") from None
+    layout, folder = f"ROOT/{split}/<class>/<image>", os.path.join(args.data, split)
+    if not os.path.isdir(args.data):
+        raise StopRun(f"--data {args.data}: no such folder; pass an ImageNet-layout root ({layout}) or one of "
+                      f"cifar10, cifar100, stl10")
+    if not os.path.isdir(folder):
+        raise StopRun(f"--data {args.data}: no '{split}' folder inside; expected the ImageNet layout {layout}")
+    try:
+        return datasets.ImageFolder(folder, transform=transform, loader=pil_loader)
+    except FileNotFoundError as e:
+        raise StopRun(f"--data {args.data}: {folder} holds no class folders with images ({e}); expected {layout}") from None
+
+
+def print0(*a, **kw):
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        tqdm.write(" ".join(str(x) for x in a), **kw)
 
 
 if __name__ == "__main__":

@@ -3,11 +3,11 @@ Representations (Jiang et al., ICLR 2023), end to end in one file.
 
 MIM suits the lower layers of a ViT and CL the higher ones, so "early layers are first trained under one MIM loss, on
 top of which latter layers continue to be trained under another CL loss" (the reverse order hurts). Stage 1 is MAE
-(mae.py, or MAE's released weights). Stage 2, this file, is MoCo v3 whose base AND momentum encoders both start from
-the MIM weights (patch embedding, cls_token, MAE's pos_embed, every block, final norm), with a random projector and
-predictor. The graft is a learning-rate split: the embeddings and the lower 2/3 of the blocks (ViT-B 0-7, ViT-L 0-15)
-learn at 1/10 of the rate of the upper blocks, the final norm, the projector and the predictor. Facts from the
-official code: VITA-Group/layerGraftedPretraining_ICLR23 @ f1862e1 (main_pretrain.py, utils_mae/lr_decay.py).
+(mae.py, or MAE's released weights). Stage 2, this file, is MoCo v3 (moco.py's code, as checked copies) whose base AND
+momentum encoders both start from the MIM weights (patch embedding, cls_token, MAE's pos_embed, blocks, final norm),
+with a random projector and predictor. The graft is a learning-rate split: the embeddings and the lower 2/3 of the
+blocks (ViT-B 0-7, ViT-L 0-15) learn at 1/10 of the rate of the rest (upper blocks, final norm, projector, predictor).
+Facts from the official code: VITA-Group/layerGraftedPretraining_ICLR23 @ f1862e1 (main_pretrain.py, utils_mae/lr_decay.py).
 
 Run, from MAE's released ViT-B/16 (1600 epochs, norm-pix: the paper's start), downloaded once into the torch hub cache
 (no network: download the MAE_RELEASES URL by hand and pass --mim-checkpoint PATH):
@@ -23,13 +23,13 @@ Paper (abstract): ViT-B/16, 1% of the ImageNet labels, logistic regression on fr
 MIM and +2.1 over CL (so MAE ~51.1, MoCo v3 ~63.4). Its other table numbers are unverified here. Ours: README.
 
 Recipe (official -> this file's default): MoCo v3's ViT recipe (300 epochs, 40 warm-up, global batch 4096, blr 1.5e-4,
-tau 0.2, momentum 0.99 -> 1 cosine, projector D->4096->4096->256 and predictor 256->4096->256, BYOL's asymmetric
-views, AdamW with default betas) with lr 2.4e-3 for the upper group and --lower-lr-ratio 0.1 of it, 2.4e-4, for the
-lower one (official: --lr 1 --lr_layer_wise 1.5e-5,1.5e-5,1.5e-4, three groups of depth/3 blocks; one schedule scales
-both). Weight decay 0.1 on tensors with ndim >= 2 (cls_token included), 0 on 1-D ones (MoCo v3 decays all). The patch
-projection stays frozen at its MIM value (--stop-grad-conv1); pos_embed is fixed. --freeze-lower: the paper's
-non-smoothed grafting (official --fixTo): the lower part frozen, in eval mode. --l1-weight (ViT-L: 1e-5, official
---l1_dist_w, --l1_dist_to_block 12): + w * sum |theta - theta_MIM| over base-encoder weights of layer id <= 12.
+tau 0.2, momentum 0.99 -> 1 cosine, MLP heads, BYOL's views, AdamW with default betas) with lr 2.4e-3 for the upper
+group and --lower-lr-ratio 0.1 of it for the lower one (official: --lr 1 --lr_layer_wise 1.5e-5,1.5e-5,1.5e-4, three
+groups of depth/3 blocks; one schedule scales both). Weight decay 0.1 on tensors with ndim >= 2 (cls_token included),
+0 on 1-D ones (MoCo v3 decays all). The patch projection is always frozen at its MIM value (MoCo v3's stop-grad conv1;
+unlike moco.py there is no flag for it) and pos_embed is fixed. --freeze-lower: the paper's non-smoothed grafting
+(official --fixTo): the lower part frozen, in eval mode. --l1-weight (ViT-L: 1e-5, official --l1_dist_w,
+--l1_dist_to_block 12): + w * sum |theta - theta_MIM| over base-encoder weights of layer id <= --l1-depth (12).
 Deviations from the official code, on purpose:
     - The optimizer steps. The released main_pretrain.py never calls scaler.step(optimizer): as released, only the
       momentum update runs and the base encoder never changes.
@@ -43,7 +43,8 @@ Deviations from the official code, on purpose:
     - As moco.py: bf16 autocast (--amp fp16: the official fp16); PIL blur with torch RNG; crop --img-size; SyncBN
       under CUDA DDP only; one process works; no gradient accumulation; a non-finite loss is checked per --log-every.
 
-Sections: model | data | boilerplate (identical in every method script) | arguments | main.
+Read top to bottom: the model (MoCo v3, then the graft), the data, main(), the stage-1 weights and the other inputs,
+and an appendix of plumbing that is the same text in every method script.
 """
 import argparse
 import contextlib
@@ -65,17 +66,13 @@ from tqdm import tqdm
 
 import vit
 
-# ----------------------------------------------------------------------------------------------------------- model
 
-MAE_RELEASES = {  # stage 1 of the paper: MAE's released encoders (facebookresearch/mae README), 1600 epochs, norm-pix
-    "vit_base": "https://dl.fbaipublicfiles.com/mae/pretrain/mae_pretrain_vit_base.pth",
-    "vit_large": "https://dl.fbaipublicfiles.com/mae/pretrain/mae_pretrain_vit_large.pth",
-}
+# ------------------------------------------------------------------------------------------- model and loss
 
-
+# checked copy of moco.py (tests/test_shared_blocks.py; MoCo: tests/test_graft.py): build_mlp ... momentum_at
 def build_mlp(num_layers, in_dim, mlp_dim, out_dim):
-    """MoCo v3 builder.py _build_mlp with last_bn=True: [Linear(no bias), BN, ReLU] per hidden layer, then
-    Linear(no bias), BN(affine=False). Sequential indices as official, so checkpoints load."""
+    """builder.py _build_mlp with last_bn=True: [Linear(no bias), BN, ReLU] per hidden layer, then Linear(no bias),
+    BN(affine=False) ("SimCLR's design, gamma removed"). Sequential indices as official, so checkpoints load."""
     layers = []
     for i in range(num_layers):
         d_in, d_out = in_dim if i == 0 else mlp_dim, out_dim if i == num_layers - 1 else mlp_dim
@@ -96,42 +93,76 @@ def all_gather_nograd(x):
     return torch.cat(out)
 
 
-def contrastive_loss(q, k, T=0.2):
-    """InfoNCE (MoCo v3 Eq. 1, builder.py). q (n, C) this rank's queries, k (n, C) its keys. Logits (n, N) against
-    the keys of the whole global batch; the positive of query i of rank r is key n*r + i. The 2*tau factor follows
-    the official code (it only rescales the gradient)."""
+def contrastive_loss(q, k, tau=0.2):
+    """InfoNCE (paper Eq. 1; builder.py contrastive_loss). q (n, C) this rank's queries, k (n, C) this rank's keys.
+    Logits (n, N) against the keys of the whole global batch; the positive of query i of rank r is key n*r + i.
+    The 2*tau factor follows the official code (moco-v3#31: it only rescales the gradient)."""
     with torch.autocast(q.device.type, enabled=False):  # fp32 logits: .float() alone does not stop autocast's bf16 matmul
         q = F.normalize(q.float(), dim=1)  # fp32: normalization and the softmax are precision-sensitive
         k = F.normalize(k.float(), dim=1)
         k = all_gather_nograd(k)  # (N, C), N = n * world_size
-        logits = q @ k.t() / T  # (n, N)
+        logits = q @ k.t() / tau  # (n, N)
         rank = dist.get_rank() if dist.is_initialized() else 0
         labels = torch.arange(q.shape[0], device=q.device) + q.shape[0] * rank  # equal n on every rank: drop_last
-        return F.cross_entropy(logits, labels) * (2 * T)
+        return F.cross_entropy(logits, labels) * (2 * tau)
 
 
-class GraftedMoCo(nn.Module):
-    """MoCo v3 (builder.py MoCo_ViT) on MIM-initialized encoders, with the graft's lower/upper split and L1 pull.
-    encoder_fn() builds one vit.py encoder; its own init does not matter, load_mim_weights overwrites every weight."""
-    def __init__(self, encoder_fn, dim=256, mlp_dim=4096, T=0.2, graft_depth=None, freeze_lower=False,
-                 l1_weight=0.0, l1_depth=12):
+class MoCo(nn.Module):
+    """builder.py MoCo_ViT. encoder_fn() builds one vit.py encoder; it is called once per encoder, as officially."""
+    def __init__(self, encoder_fn, dim=256, mlp_dim=4096, tau=0.2):
         super().__init__()
-        self.T, self.freeze_lower, self.l1_weight, self.l1_depth = T, freeze_lower, l1_weight, l1_depth
+        self.tau = tau
         self.base_encoder, self.momentum_encoder = encoder_fn(), encoder_fn()
-        D, self.depth = self.base_encoder.embed_dim, self.base_encoder.depth
+        D = self.base_encoder.embed_dim
+        self.base_encoder.head = build_mlp(3, D, mlp_dim, dim)  # projector: the ViT's CLS token -> (B, dim)
+        self.momentum_encoder.head = build_mlp(3, D, mlp_dim, dim)
+        self.predictor = build_mlp(2, dim, mlp_dim, dim)  # ViT: last BN kept (the ResNet predictor drops it)
+        for pb, pm in zip(self.base_encoder.parameters(), self.momentum_encoder.parameters()):
+            pm.data.copy_(pb.data)  # the momentum encoder starts as a copy ...
+            pm.requires_grad = False  # ... and is never trained by gradients
+
+    @torch.no_grad()
+    def update_momentum_encoder(self, m):
+        """theta_m <- m * theta_m + (1 - m) * theta_b over the ViT + projector parameters. Buffers (BN running
+        statistics) are not averaged: each encoder keeps its own, as officially."""
+        for pb, pm in zip(self.base_encoder.parameters(), self.momentum_encoder.parameters()):
+            pm.copy_(pm * m + pb.detach() * (1.0 - m))  # the official arithmetic: bit-identical momentum weights
+
+    def forward(self, x1, x2, m):
+        """x1, x2 (B, 3, H, W): the two views of the same B images; m: momentum for this step. Returns the loss.
+        One view per encoder call, as officially: the BN statistics are per view."""
+        q1 = self.predictor(self.base_encoder(x1))  # (B, dim)
+        q2 = self.predictor(self.base_encoder(x2))
+        with torch.no_grad():  # keys: no gradient
+            self.update_momentum_encoder(m)  # first update, then compute the keys with the new weights
+            k1 = self.momentum_encoder(x1)  # (B, dim)
+            k2 = self.momentum_encoder(x2)
+        return contrastive_loss(q1, k2, self.tau) + contrastive_loss(q2, k1, self.tau)  # symmetrized
+
+
+def momentum_at(step, steps_per_epoch, args):
+    """main_moco.py adjust_moco_momentum: m = 1 - (1 - m0) * (1 + cos(pi * t / E)) / 2, t the fractional epoch,
+    so m goes from m0 (0.99) at the first step to 1 at the end. A pure function of the step, like lr_at."""
+    t = step / steps_per_epoch
+    return 1.0 - 0.5 * (1.0 + math.cos(math.pi * t / args.epochs)) * (1.0 - args.moco_m)
+
+
+class GraftedMoCo(MoCo):
+    """MoCo v3 above on MIM-initialized encoders, plus the graft: the lower/upper split (is_lower, read by
+    param_groups), --freeze-lower's frozen lower part in eval mode, and the L1 pull towards the MIM weights.
+    encoder_fn() builds one vit.py encoder; its own init does not matter, load_mim_weights overwrites every weight."""
+    def __init__(self, encoder_fn, dim=256, mlp_dim=4096, tau=0.2, graft_depth=None, freeze_lower=False,
+                 l1_weight=0.0, l1_depth=12):
+        super().__init__(encoder_fn, dim, mlp_dim, tau)
+        self.freeze_lower, self.l1_weight, self.l1_depth = freeze_lower, l1_weight, l1_depth
+        self.depth = self.base_encoder.depth
         self.graft_depth = self.depth * 2 // 3 if graft_depth is None else graft_depth  # ViT-B 8, ViT-L 16
         if not 0 <= self.graft_depth <= self.depth:
             raise ValueError(f"--graft-depth {graft_depth} must lie in [0, {self.depth}], the depth of the model")
-        self.base_encoder.head = build_mlp(3, D, mlp_dim, dim)  # projector: the CLS token -> (B, dim)
-        self.momentum_encoder.head = build_mlp(3, D, mlp_dim, dim)
-        self.predictor = build_mlp(2, dim, mlp_dim, dim)  # ViT: last BN kept
         self.base_encoder.patch_embed.proj.requires_grad_(False)  # stop-grad conv1: the patch projection stays MIM's
         for n, p in self.base_encoder.named_parameters():
             if freeze_lower and self.is_lower(n):  # the non-smoothed graft; set here, before DDP ever wraps the model
                 p.requires_grad_(False)
-        for pb, pm in zip(self.base_encoder.parameters(), self.momentum_encoder.parameters()):
-            pm.data.copy_(pb.data)  # the momentum encoder starts as a copy ...
-            pm.requires_grad = False  # ... and is never trained by gradients
         self.l1_ref = {}  # name -> MIM weight; a plain attribute (see set_l1_reference)
         self.train()
 
@@ -146,8 +177,9 @@ class GraftedMoCo(nn.Module):
     def train(self, mode=True):
         """With freeze_lower the frozen lower part stays in eval mode whatever the caller asks."""
         super().train(mode)
-        for m in self.lower_modules() if self.freeze_lower else []:
-            m.eval()
+        if self.freeze_lower:
+            for m in self.lower_modules():
+                m.eval()
         return self
 
     @torch.no_grad()
@@ -165,23 +197,17 @@ class GraftedMoCo(nn.Module):
 
     @torch.no_grad()
     def update_momentum_encoder(self, m):
-        """theta_m <- m * theta_m + (1 - m) * theta_b over the ViT + projector parameters that the base encoder
-        trains; the others are equal in both encoders and stay so. BN statistics are not averaged, as officially."""
+        """MoCo's update over the parameters that the base encoder trains only: the others (patch projection,
+        pos_embed, a frozen lower part) are equal in both encoders and stay bit-identical."""
         for pb, pm in zip(self.base_encoder.parameters(), self.momentum_encoder.parameters()):
             if pb.requires_grad:
                 pm.copy_(pm * m + pb.detach() * (1.0 - m))  # MoCo v3's arithmetic
 
     def forward(self, x1, x2, m):
-        """x1, x2 (B, 3, H, W): two views of the same B images; m: momentum for this step.
+        """MoCo's loss (with the update above) + l1_weight x the L1 distance, inside forward: one forward per step.
         Returns (loss, L1 distance to the MIM weights, detached; 0 without the L1 term)."""
-        q1 = self.predictor(self.base_encoder(x1))  # (B, dim)
-        q2 = self.predictor(self.base_encoder(x2))
-        with torch.no_grad():  # keys: no gradient
-            self.update_momentum_encoder(m)  # first update, then compute the keys with the new weights
-            k1 = self.momentum_encoder(x1)  # (B, dim)
-            k2 = self.momentum_encoder(x2)
-        loss = contrastive_loss(q1, k2, self.T) + contrastive_loss(q2, k1, self.T)  # symmetrized
-        l1 = self.l1_distance() if self.l1_weight > 0 else loss.new_zeros(())  # inside forward: one forward per step
+        loss = super().forward(x1, x2, m)
+        l1 = self.l1_distance() if self.l1_weight > 0 else loss.new_zeros(())
         return loss + self.l1_weight * l1, l1.detach()
 
 
@@ -198,7 +224,8 @@ def param_groups(model, weight_decay, lower_lr_ratio):
             continue
         lower = n.startswith("base_encoder.") and model.is_lower(n.removeprefix("base_encoder."))
         g = groups[("lower" if lower else "upper", p.ndim > 1)]
-        g["params"].append(p), g["names"].append(n)
+        g["params"].append(p)
+        g["names"].append(n)
     return [g for g in groups.values() if g["params"]]
 
 
@@ -220,57 +247,9 @@ def group_table(model, groups, lr):
         + ["momentum encoder: an EMA of the base encoder + projector, no gradient"])
 
 
-def mim_weights_path(args, local_main):
-    """Stage 1: --mim-checkpoint, or MAE's release for --model, downloaded once into the torch hub cache by the
-    first process of each machine (the others wait)."""
-    if args.mim_checkpoint and not os.path.isfile(args.mim_checkpoint):
-        raise StopRun(f"--mim-checkpoint {args.mim_checkpoint}: no such file; pass mae.py's checkpoint.pt or "
-                      f"encoder.pt, or an official mae_pretrain_vit_*.pth")
-    if args.mim_checkpoint:
-        return args.mim_checkpoint
-    how = (f"run stage 1 first (torchrun ... mae.py --data DATA --model {args.model} --output-dir runs/mae) and pass "
-           f"--mim-checkpoint runs/mae/checkpoint.pt")
-    if (url := MAE_RELEASES.get(args.model)) is None:
-        raise StopRun(f"--model {args.model}: MAE released weights for vit_base and vit_large only; pass "
-                      f"--mim-checkpoint PATH ({how})")
-    path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
-    reason = ""
-    if local_main and not os.path.isfile(path):
-        print0(f"downloading the MAE weights (stage 1) {url} -> {path}")
-        try:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            torch.hub.download_url_to_file(url, path)  # via a temporary file: a failed download leaves nothing
-        except Exception as e:  # no network, a proxy, a full disk: the message says how else to get the weights
-            reason = f" ({type(e).__name__}: {' '.join(str(e).split())})"
-    dist.barrier() if dist.is_initialized() else None
-    if not os.path.isfile(path):
-        raise StopRun(f"cannot download the MAE weights for --model {args.model}{reason}: download {url} by hand "
-                      f"and pass --mim-checkpoint PATH, or {how}")
-    return path
+# ------------------------------------------------------------------------------------------------------- data
 
-
-def load_mim_weights(model, path, args, verbose=True):
-    """Stage 1 -> stage 2: every encoder weight from the MIM file into the base encoder (vit.load_pretrained: MAE's
-    pos_embed replaces MoCo's, heads and decoders are skipped), then the momentum encoder as its copy."""
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise StopRun(f"--mim-checkpoint {path}: cannot read it as a PyTorch checkpoint ({type(e).__name__})") from None
-    try:
-        vit.load_pretrained(model.base_encoder, sd if isinstance(sd, dict) else {}, verbose=verbose)
-    except ValueError as e:  # another size or depth: the message names --model
-        raise StopRun(f"--mim-checkpoint {path}: {e}") from None
-    model.momentum_encoder.load_state_dict(model.base_encoder.state_dict())
-
-
-def momentum_at(step, steps_per_epoch, args):
-    """main_moco.py adjust_moco_momentum: m = 1 - (1 - m0) * (1 + cos(pi * t / E)) / 2, t the fractional epoch,
-    so m goes from m0 (0.99) at the first step to 1 at the end. A pure function of the step, like lr_at."""
-    t = step / steps_per_epoch
-    return 1.0 - 0.5 * (1.0 + math.cos(math.pi * t / args.epochs)) * (1.0 - args.moco_m)
-
-# ------------------------------------------------------------------------------------------------------------ data
-
+# checked copy of moco.py (tests/test_shared_blocks.py): GaussianBlur, view_transform, TwoViews
 class GaussianBlur:
     """PIL's Gaussian blur with sigma ~ U[0.1, 2] (moco/loader.py GaussianBlur), drawn from torch's RNG so that
     seeding reproduces the views. PIL's filter is ~3-4x cheaper than a 23-tap tensor blur, which matters: the two
@@ -280,10 +259,10 @@ class GaussianBlur:
 
 
 def view_transform(args, blur_p, solarize_p):
-    """One of BYOL's two asymmetric pipelines (MoCo v3 main_moco.py augmentation1 / augmentation2)."""
+    """One of BYOL's two asymmetric pipelines (main_moco.py augmentation1 / augmentation2)."""
     return T.Compose([
         T.RandomResizedCrop(args.img_size, scale=(args.crop_min, 1.0)),  # bilinear, as officially
-        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),  # "not strengthened" (official comment)
         T.RandomGrayscale(p=0.2),
         T.RandomApply([GaussianBlur()], p=blur_p),
         *([T.RandomSolarize(128, p=solarize_p)] if solarize_p > 0 else []),  # PIL ImageOps.solarize's threshold
@@ -292,7 +271,8 @@ def view_transform(args, blur_p, solarize_p):
 
 
 class TwoViews:
-    """One image -> [view1, view2]: view 1 always blurred, view 2 rarely blurred and sometimes solarized."""
+    """One image -> [view1, view2] (moco/loader.py TwoCropsTransform): view 1 always blurred, view 2 rarely blurred
+    and sometimes solarized."""
     def __init__(self, args):
         self.view1 = view_transform(args, blur_p=1.0, solarize_p=0.0)
         self.view2 = view_transform(args, blur_p=0.1, solarize_p=0.2)
@@ -301,165 +281,7 @@ class TwoViews:
         return [self.view1(img), self.view2(img)]
 
 
-# ======================================================================= boilerplate: identical in every method script
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
-class StopRun(Exception):
-    """A problem the user can fix (bad input, a diverged run): printed as one line, without a traceback."""
-
-
-def one_line(e):
-    """The message of a StopRun, also when it was raised inside a DataLoader worker and wrapped there."""
-    lines = str(e).strip().splitlines()
-    return lines[-1].split("StopRun: ", 1)[-1] if len(lines) > 1 else str(e)
-
-
-def pil_loader(path):
-    from PIL import Image
-    try:
-        with open(path, "rb") as f:
-            return Image.open(f).convert("RGB")
-    except Exception as e:
-        raise StopRun(f"cannot read image {path} ({type(e).__name__}: {e}); delete or replace that file") from None
-
-
-def build_dataset(args, transform, split="train"):
-    """--data ROOT: ROOT/<split> as an ImageFolder (ImageNet layout). --data cifar10|cifar100|stl10: torchvision
-    downloads into --data-root on first use ('val' is the test split)."""
-    import torchvision.datasets as datasets
-    train = split == "train"
-    try:
-        if args.data == "cifar10":
-            return datasets.CIFAR10(args.data_root, train=train, transform=transform, download=True)
-        if args.data == "cifar100":
-            return datasets.CIFAR100(args.data_root, train=train, transform=transform, download=True)
-        if args.data == "stl10":
-            return datasets.STL10(args.data_root, split="train+unlabeled" if train else "test", transform=transform,
-                                  download=True)
-    except (OSError, RuntimeError) as e:  # no network, a partial download, a full disk
-        raise StopRun(f"--data {args.data}: could not download into --data-root {args.data_root} ({e}); "
-                      f"download it by hand into that folder, or pass an ImageFolder root") from None
-    folder = os.path.join(args.data, split)
-    if not os.path.isdir(args.data):
-        raise StopRun(f"--data {args.data}: no such folder; pass an ImageNet-layout root (ROOT/{split}/<class>/<image>) "
-                      f"or one of cifar10, cifar100, stl10")
-    if not os.path.isdir(folder):
-        raise StopRun(f"--data {args.data}: no '{split}' folder inside; expected the ImageNet layout "
-                      f"ROOT/{split}/<class>/<image>")
-    try:
-        return datasets.ImageFolder(folder, transform=transform, loader=pil_loader)
-    except FileNotFoundError as e:
-        raise StopRun(f"--data {args.data}: {folder} holds no class folders with images ({e}); expected "
-                      f"ROOT/{split}/<class>/<image>") from None
-
-
-def setup_distributed(args):
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain `python` runs one process on cuda:0 or the CPU."""
-    if "RANK" in os.environ:
-        rank, world_size, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-        if torch.cuda.is_available():
-            torch.cuda.set_device(local_rank)
-            dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
-        else:
-            dist.init_process_group("gloo")  # CPU: tests and debugging
-    else:
-        rank, world_size, local_rank = 0, 1, 0
-    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    if args.batch_size % world_size:
-        raise StopRun(f"--batch-size {args.batch_size} is global and must be divisible by the {world_size} processes; "
-                      f"use e.g. {args.batch_size // world_size * world_size}")
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    torch.backends.cudnn.benchmark = True
-    return rank, world_size, device
-
-
-def print0(*a, **kw):
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        tqdm.write(" ".join(str(x) for x in a), **kw)
-
-
-def lr_at(step, steps_per_epoch, args):
-    """Per-iteration schedule (MAE util/lr_sched.py): 1) linear warm-up from 0 over warmup_epochs,
-    2) half-cosine from lr to 0 over the remaining epochs. A pure function of the step, so resuming needs no state."""
-    epoch = step / steps_per_epoch
-    if epoch < args.warmup_epochs:
-        return args.lr * epoch / args.warmup_epochs
-    return args.lr * 0.5 * (1.0 + math.cos(math.pi * (epoch - args.warmup_epochs) / (args.epochs - args.warmup_epochs)))
-
-
-def make_loader(dataset, args, rank, world_size, device):
-    # drop_last: every step sees the same per-GPU batch (contrastive labels assume it); the sampler shuffles by seed+epoch
-    if len(dataset) < args.batch_size:
-        raise StopRun(f"--data has {len(dataset)} training images, fewer than one --batch-size {args.batch_size}; "
-                      f"lower --batch-size")
-    sampler = torch.utils.data.DistributedSampler(dataset, world_size, rank, shuffle=True, seed=args.seed, drop_last=True)
-    return torch.utils.data.DataLoader(dataset, batch_size=args.batch_size // world_size, sampler=sampler,
-                                       num_workers=args.num_workers, pin_memory=device.type == "cuda", drop_last=True)
-
-
-def autocast(args, device):
-    if args.amp == "none" or device.type != "cuda":
-        return contextlib.nullcontext()  # CPU runs in fp32
-    return torch.autocast("cuda", dtype=torch.bfloat16 if args.amp == "bf16" else torch.float16)
-
-
-def save_checkpoint(obj, path):
-    """Atomic: write a temporary file, then rename it over the old one; a crash never leaves a half-written file."""
-    torch.save(obj, path + ".tmp")
-    os.replace(path + ".tmp", path)
-
-
-# What may differ between a run and its resumption: where things are, how fast it runs, how long it lasts. Any other
-# flag (model, recipe, seed) would silently continue another run.
-RESUME_MAY_CHANGE = {"data", "data_root", "output_dir", "epochs", "num_workers", "amp", "compile", "log_every",
-                     "max_steps", "vis_every", "init", "mim_checkpoint", "teacher"}
-
-
-def resume(path, args, model, optimizer, scaler):
-    """Load OUTPUT_DIR/checkpoint.pt if there is one; returns the epoch to start from."""
-    if not os.path.isfile(path):
-        return 0
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    for k, v in ckpt["args"].items():
-        if k not in RESUME_MAY_CHANGE and getattr(args, k, v) != v:
-            raise StopRun(f"{path} was written with --{k.replace('_', '-')} {v}, not {getattr(args, k)}; pass the "
-                          f"same value or another --output-dir")
-    try:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-    except (RuntimeError, ValueError, KeyError) as e:
-        raise StopRun(f"{path} does not fit this model ({str(e).strip().splitlines()[0]}); pass the flags of the run "
-                      f"that wrote it, or another --output-dir") from None
-    scaler.load_state_dict(ckpt["scaler"]) if ckpt.get("scaler") else None
-    print0(f"resumed from {path} at epoch {ckpt['epoch']}")
-    return ckpt["epoch"]
-
-
-def add_common_args(p, **defaults):
-    """The command line every method script shares; each script passes its paper defaults."""
-    p.add_argument("--data", required=True, help="ImageNet-layout root (ROOT/train/<class>/*) or cifar10|cifar100|stl10")
-    p.add_argument("--data-root", default="./data", help="download folder for --data cifar10|cifar100|stl10")
-    p.add_argument("--output-dir", default=defaults["output_dir"], help="checkpoint.pt, encoder.pt, args.json, log.jsonl")
-    p.add_argument("--model", default=defaults["model"], choices=list(vit.MODELS), help="encoder size")
-    p.add_argument("--img-size", type=int, default=224, help="input resolution")
-    p.add_argument("--patch-size", type=int, default=None, help="patch size (default: the model's, 16 or 14)")
-    p.add_argument("--epochs", type=int, default=defaults["epochs"], help="training epochs")
-    p.add_argument("--warmup-epochs", type=int, default=defaults["warmup_epochs"], help="linear warm-up epochs")
-    p.add_argument("--batch-size", type=int, default=defaults["batch_size"], help="GLOBAL batch, over all processes")
-    p.add_argument("--blr", type=float, default=defaults["blr"], help="base lr; lr = blr * batch_size / 256")
-    p.add_argument("--weight-decay", type=float, default=defaults["weight_decay"], help="AdamW weight decay")
-    p.add_argument("--num-workers", type=int, default=min(10, os.cpu_count() or 1), help="data workers per process")
-    p.add_argument("--amp", default="bf16", choices=["bf16", "fp16", "none"], help="autocast dtype on CUDA (CPU: fp32)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--seed", type=int, default=0, help="seed for init (same on all ranks) and data (seed+rank)")
-    p.add_argument("--init", default=None, help="start from these weights (any file vit.load_pretrained reads)")
-    p.add_argument("--log-every", type=int, default=20, help="steps between log lines (and non-finite loss checks)")
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps in total")
-    return p
-# ================================================================================================= end boilerplate
-
-# ------------------------------------------------------------------------------------------------------- arguments
+# ------------------------------------------------------------------------------------------------------- main
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="Layer Grafted Pre-training (Jiang et al. 2023): stage 2",
@@ -486,39 +308,13 @@ def get_args(argv=None):
     p.add_argument("--crop-min", type=float, default=0.08, help="RandomResizedCrop min scale (paper: 0.08)")
     return p.parse_args(argv)
 
-# ------------------------------------------------------------------------------------------------------------ main
 
-def main(argv=None):
-    args = get_args(argv)
-    if not (0.0 <= args.moco_m <= 1.0 and args.lower_lr_ratio >= 0 and args.l1_weight >= 0):
-        raise StopRun(f"--moco-m {args.moco_m} must lie in [0, 1], --lower-lr-ratio {args.lower_lr_ratio} and "
-                      f"--l1-weight {args.l1_weight} must be >= 0 (paper: 0.99, 0.1, 0 or 1e-5)")
-    if args.init and args.mim_checkpoint and args.init != args.mim_checkpoint:
-        raise StopRun("--init and --mim-checkpoint are the same flag here: pass one of them")
-    args.mim_checkpoint = args.mim_checkpoint or args.init
-    rank, world_size, device = setup_distributed(args)
-    is_main = rank == 0
-    if args.batch_size // world_size < 2:
-        raise StopRun(f"--batch-size {args.batch_size} gives {args.batch_size // world_size} image(s) per process; the "
-                      f"BatchNorm in the projector and predictor needs at least 2: use --batch-size {2 * world_size} or more")
-    args.lr = args.blr * args.batch_size / 256
-    os.makedirs(args.output_dir, exist_ok=True)
-    print0(f"lr = blr {args.blr} x batch {args.batch_size} / 256 = {args.lr:.3g} (upper group), x {args.lower_lr_ratio} "
-           f"= {args.lr * args.lower_lr_ratio:.3g} (lower group); {world_size} process(es) x "
-           f"{args.batch_size // world_size} images on {device}; torch {torch.__version__}")
-
-    # stage 1 weights: needed to start, and on resume only for the L1 reference (checkpoint.pt has every weight)
-    ckpt_path = os.path.join(args.output_dir, "checkpoint.pt")
+def build_model(args, verbose=True):
+    """MoCo v3 of --model's size with the graft, both encoders from stage 1 (not when resuming without the L1 term:
+    checkpoint.pt holds every weight); the same seed on every rank (projector, predictor)."""
     mim_path = None
-    if not os.path.isfile(ckpt_path) or args.l1_weight > 0:
+    if not os.path.isfile(os.path.join(args.output_dir, "checkpoint.pt")) or args.l1_weight > 0:
         mim_path = mim_weights_path(args, local_main=int(os.environ.get("LOCAL_RANK", 0)) == 0)
-
-    # data
-    dataset = build_dataset(args, TwoViews(args))
-    loader = make_loader(dataset, args, rank, world_size, device)
-    steps_per_epoch = len(loader)
-
-    # model: the same seed on every rank (projector, predictor), and DDP also broadcasts rank 0's weights
     torch.manual_seed(args.seed)
     encoder_fn = functools.partial(vit.MODELS[args.model], img_size=args.img_size,
                                    **({"patch_size": args.patch_size} if args.patch_size else {}))
@@ -530,95 +326,366 @@ def main(argv=None):
     except AssertionError as e:  # vit.py checks the sizes: e.g. img_size not a multiple of patch_size
         raise StopRun(f"--model {args.model}: {e}") from None
     args.patch_size, args.graft_depth = model.base_encoder.patch_size, model.graft_depth
-    if mim_path:  # on resume the checkpoint overwrites these weights below; the L1 reference is taken before
-        load_mim_weights(model, mim_path, args, verbose=is_main)
+    if mim_path:  # on resume the checkpoint overwrites these weights; the L1 reference is taken before (main)
+        load_mim_weights(model, mim_path, verbose)
         print0(f"stage 1: {mim_path} -> base and momentum encoders; projector and predictor random")
-    model.to(device)
-    model.set_l1_reference() if args.l1_weight > 0 else None  # the MIM weights that the L1 term pulls towards
-    if world_size > 1 and device.type == "cuda":
+    return model
+
+
+def build_optimizer(model, args, device):
+    """The graft is in the parameter groups (lr x each one's lr_scale); AdamW with default betas, as MoCo v3."""
+    return torch.optim.AdamW(param_groups(model, args.weight_decay, args.lower_lr_ratio), lr=args.lr,
+                             fused=device.type == "cuda")
+
+
+def main(argv=None):
+    args = get_args(argv)
+    run = Run(args)
+    check_args(args, run.world_size)
+    loader = run.loader(build_dataset(args, TwoViews(args)))
+    model = build_model(args, verbose=run.is_main).to(run.device)
+    if args.l1_weight > 0:  # the MIM weights that the L1 term pulls towards, on the device, before resuming
+        model.set_l1_reference()
+    if run.world_size > 1 and run.device.type == "cuda":
         # MoCo v3 converts every BN to SyncBN, so the projector/predictor statistics are over the global batch of
         # the recipe. SyncBatchNorm is CUDA-only in PyTorch: on CPU/gloo each process keeps per-process BN.
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model_without_ddp = model
-
-    # optimizer: the graft is in the parameter groups; AdamW with default betas, as MoCo v3
-    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay, args.lower_lr_ratio), lr=args.lr,
-                                  fused=device.type == "cuda")
-    scaler = torch.amp.GradScaler("cuda", enabled=args.amp == "fp16" and device.type == "cuda")
-    start_epoch = resume(ckpt_path, args, model_without_ddp, optimizer, scaler)
-    if is_main:  # after resume(), which refuses a checkpoint of another run
-        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
-            json.dump(vars(args), f, indent=2)
-    print0(group_table(model_without_ddp, optimizer.param_groups, args.lr))
-
-    if args.compile:
-        model = torch.compile(model)
-    if world_size > 1:  # one forward of one module per step: both views, the momentum update, the loss and L1 term
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    # train
-    global_step = start_epoch * steps_per_epoch
-    log_file = open(os.path.join(args.output_dir, "log.jsonl"), "a") if is_main else None
+    optimizer = build_optimizer(model, args, run.device)
+    scaler = torch.amp.GradScaler("cuda", enabled=args.amp == "fp16" and run.device.type == "cuda")
+    start_epoch = run.resume(model, optimizer, scaler)
+    print0(group_table(model, optimizer.param_groups, args.lr))
+    ddp_model = run.wrap(model)  # one forward of one module per step: both views, the momentum update, loss and L1
     # m enters the model as a 0-d tensor: a Python float that changes every step makes torch.compile specialize on
     # it (recompiles, and a crash in DDP's graph splitting). float64 keeps eager results bit-identical to a float.
-    m_t = torch.zeros((), dtype=torch.float64, device=device)
+    m_t = torch.zeros((), dtype=torch.float64, device=run.device)
+    lower_scale = 0.0 if args.freeze_lower else args.lower_lr_ratio  # logged lr_lower / lr_upper (frozen: no group)
+    l1_logged = args.l1_weight > 0
+
     for epoch in range(start_epoch, args.epochs):
-        if args.max_steps is not None and global_step >= args.max_steps:
-            break
-        torch.manual_seed(args.seed + 10_000 * epoch + rank)  # views and worker seeds: a function of (seed, epoch, rank)
-        loader.sampler.set_epoch(epoch)
-        sums, n_sum, t0 = torch.zeros(2, device=device), 0, time.perf_counter()  # loss, L1 distance
-        for it, ((x1, x2), _) in enumerate(tqdm(loader, desc=f"epoch {epoch}", disable=not is_main, leave=False, dynamic_ncols=True)):
-            lr = lr_at(global_step, steps_per_epoch, args)  # the upper group's; each group gets lr x its lr_scale
-            m = momentum_at(global_step, steps_per_epoch, args)
-            for g in optimizer.param_groups:
-                g["lr"] = lr * g["lr_scale"]
-            x1, x2 = x1.to(device, non_blocking=True), x2.to(device, non_blocking=True)
-            with autocast(args, device):
+        for (x1, x2), _ in run.batches(loader, epoch):
+            lr = set_lr(optimizer, lr_at(run.step, run.steps_per_epoch, args))  # the upper group's; lower: x lr_scale
+            m = momentum_at(run.step, run.steps_per_epoch, args)
+            x1, x2 = x1.to(run.device, non_blocking=True), x2.to(run.device, non_blocking=True)
+            with autocast(args, run.device):
                 m_t.fill_(m)  # no host sync (torch.tensor(m, device=...) would copy and wait)
-                loss, l1 = model(x1, x2, m_t)
+                loss, l1 = ddp_model(x1, x2, m_t)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)  # the step that the released code never takes
             scaler.update()
-            global_step += 1
-            sums += torch.stack([loss.detach(), l1])
-            n_sum += 1
-            if global_step % args.log_every == 0 or it == steps_per_epoch - 1:
-                if world_size > 1:
-                    dist.all_reduce(sums)
-                    sums /= world_size
-                loss_avg, l1_avg = (sums / n_sum).tolist()  # host sync, once per log interval
-                if not math.isfinite(loss_avg):
-                    raise StopRun(f"non-finite loss ({loss_avg}) within steps {global_step - n_sum + 1}-{global_step}; "
-                                  f"the last checkpoint ({ckpt_path}) is intact: lower --blr or use --amp bf16")
-                dt = time.perf_counter() - t0
-                lr_lower = next((g["lr"] for g in optimizer.param_groups if g["name"].startswith("lower")), 0.0)
-                log = {"epoch": epoch, "step": global_step, "loss": round(loss_avg, 5), "lr_upper": lr,
-                       "lr_lower": lr_lower, "m": m, **({"l1_dist": round(l1_avg, 5)} if args.l1_weight > 0 else {}),
-                       "img_per_s": round(n_sum * args.batch_size / dt, 1),
-                       "mem_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if device.type == "cuda" else 0.0}
-                print0(json.dumps(log))
-                log_file.write(json.dumps(log) + "\n") if is_main else None
-                log_file.flush() if is_main else None
-                sums, n_sum, t0 = torch.zeros(2, device=device), 0, time.perf_counter()
-            if args.max_steps is not None and global_step >= args.max_steps:
-                break
-        else:  # the epoch ran to its end: checkpoint it (rank 0 writes, everyone waits)
-            if is_main:
-                save_checkpoint({"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
-                                 "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                                 "epoch": epoch + 1, "args": vars(args)}, ckpt_path)
-            dist.barrier() if world_size > 1 else None
+            run.end_step(loss, lr_upper=lr, lr_lower=lr * lower_scale, m=m, **({"l1_dist": l1} if l1_logged else {}))
+        run.end_epoch(model, optimizer, scaler)
+    run.finish({k: v for k, v in model.base_encoder.state_dict().items() if not k.startswith("head.")})  # no projector
+    return model
 
-    if is_main:  # the base encoder alone, without its projector head: vit.py / timm names
-        encoder = {k: v for k, v in model_without_ddp.base_encoder.state_dict().items() if not k.startswith("head.")}
-        save_checkpoint(encoder, os.path.join(args.output_dir, "encoder.pt"))
-        print0(f"done: {args.output_dir}/encoder.pt after {global_step} steps")
-        log_file.close()
-    if world_size > 1:
-        dist.destroy_process_group()
-    return model_without_ddp
+
+# ------------------------------------------------------------------------------- inputs and their one-line errors
+
+def check_args(args, world_size):
+    if not (0.0 <= args.moco_m <= 1.0 and args.lower_lr_ratio >= 0 and args.l1_weight >= 0):
+        raise StopRun(f"--moco-m {args.moco_m} must lie in [0, 1], --lower-lr-ratio {args.lower_lr_ratio} and "
+                      f"--l1-weight {args.l1_weight} must be >= 0 (paper: 0.99, 0.1, 0 or 1e-5)")
+    if args.init and args.mim_checkpoint and args.init != args.mim_checkpoint:
+        raise StopRun("--init and --mim-checkpoint are the same flag here: pass one of them")
+    args.mim_checkpoint = args.mim_checkpoint or args.init
+    if args.batch_size // world_size < 2:
+        raise StopRun(f"--batch-size {args.batch_size} gives {args.batch_size // world_size} image(s) per process; the "
+                      f"BatchNorm in the projector and predictor needs at least 2: use --batch-size {2 * world_size} or more")
+
+
+MAE_RELEASES = {  # stage 1 of the paper: MAE's released encoders (facebookresearch/mae README), 1600 epochs, norm-pix
+    "vit_base": "https://dl.fbaipublicfiles.com/mae/pretrain/mae_pretrain_vit_base.pth",
+    "vit_large": "https://dl.fbaipublicfiles.com/mae/pretrain/mae_pretrain_vit_large.pth",
+}
+
+
+def mim_weights_path(args, local_main):
+    """Stage 1: --mim-checkpoint, or MAE's release for --model, downloaded once into the torch hub cache by the
+    first process of each machine (the others wait)."""
+    if args.mim_checkpoint and not os.path.isfile(args.mim_checkpoint):
+        raise StopRun(f"--mim-checkpoint {args.mim_checkpoint}: no such file; pass mae.py's checkpoint.pt or "
+                      f"encoder.pt, or an official mae_pretrain_vit_*.pth")
+    if args.mim_checkpoint:
+        return args.mim_checkpoint
+    how = (f"run stage 1 first (torchrun ... mae.py --data DATA --model {args.model} --output-dir runs/mae) and pass "
+           f"--mim-checkpoint runs/mae/checkpoint.pt")
+    if (url := MAE_RELEASES.get(args.model)) is None:
+        raise StopRun(f"--model {args.model}: MAE released weights for vit_base and vit_large only; pass "
+                      f"--mim-checkpoint PATH ({how})")
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
+    reason = ""
+    if local_main and not os.path.isfile(path):
+        print0(f"downloading the MAE weights (stage 1) {url} -> {path}")
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            torch.hub.download_url_to_file(url, path)  # via a temporary file: a failed download leaves nothing
+        except Exception as e:  # no network, a proxy, a full disk: the message says how else to get the weights
+            reason = f" ({type(e).__name__}: {' '.join(str(e).split())})"
+    if dist.is_initialized():
+        dist.barrier()
+    if not os.path.isfile(path):
+        raise StopRun(f"cannot download the MAE weights for --model {args.model}{reason}: download {url} by hand "
+                      f"and pass --mim-checkpoint PATH, or {how}")
+    return path
+
+
+def load_mim_weights(model, path, verbose=True):
+    """Stage 1 -> stage 2: every encoder weight from the MIM file into the base encoder (vit.load_pretrained: MAE's
+    pos_embed replaces MoCo's, heads and decoders are skipped), then the momentum encoder as its copy."""
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise StopRun(f"--mim-checkpoint {path}: cannot read it as a PyTorch checkpoint ({type(e).__name__})") from None
+    try:
+        vit.load_pretrained(model.base_encoder, sd if isinstance(sd, dict) else {}, verbose=verbose)
+    except ValueError as e:  # another size or depth: the message names --model
+        raise StopRun(f"--mim-checkpoint {path}: {e}") from None
+    model.momentum_encoder.load_state_dict(model.base_encoder.state_dict())
+
+
+# ================================================================= appendix: the same text in every method script
+# Plumbing every training script shares (data, processes, schedule, checkpoints, logging, command line, one-line
+# errors); tests/test_shared_blocks.py keeps it identical everywhere: read it once, skip it in the other scripts.
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class StopRun(Exception):
+    """A problem the user can fix (bad input, a diverged run): printed as one line, without a traceback."""
+
+
+def one_line(e):
+    """The message of a StopRun, also when it was raised inside a DataLoader worker and wrapped there."""
+    lines = str(e).strip().splitlines()
+    return lines[-1].split("StopRun: ", 1)[-1] if len(lines) > 1 else str(e)
+
+
+def pil_loader(path):
+    from PIL import Image
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except Exception as e:
+        raise StopRun(f"cannot read image {path} ({type(e).__name__}: {e}); delete or replace that file") from None
+
+
+def build_dataset(args, transform, split="train"):
+    """--data ROOT: ROOT/<split> as an ImageFolder (ImageNet layout). --data cifar10|cifar100|stl10: torchvision
+    downloads into --data-root on first use ('val' is the test split)."""
+    import torchvision.datasets as datasets
+    train, named = split == "train", {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}
+    try:
+        if args.data in named:
+            return named[args.data](args.data_root, train=train, transform=transform, download=True)
+        if args.data == "stl10":
+            return datasets.STL10(args.data_root, "train+unlabeled" if train else "test", transform=transform, download=True)
+    except (OSError, RuntimeError) as e:  # no network, a partial download, a full disk
+        raise StopRun(f"--data {args.data}: could not download into --data-root {args.data_root} ({e}); "
+                      f"download it by hand into that folder, or pass an ImageFolder root") from None
+    layout, folder = f"ROOT/{split}/<class>/<image>", os.path.join(args.data, split)
+    if not os.path.isdir(args.data):
+        raise StopRun(f"--data {args.data}: no such folder; pass an ImageNet-layout root ({layout}) or one of "
+                      f"cifar10, cifar100, stl10")
+    if not os.path.isdir(folder):
+        raise StopRun(f"--data {args.data}: no '{split}' folder inside; expected the ImageNet layout {layout}")
+    try:
+        return datasets.ImageFolder(folder, transform=transform, loader=pil_loader)
+    except FileNotFoundError as e:
+        raise StopRun(f"--data {args.data}: {folder} holds no class folders with images ({e}); expected {layout}") from None
+
+
+def print0(*a, **kw):
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        tqdm.write(" ".join(str(x) for x in a), **kw)
+
+
+def lr_at(step, steps_per_epoch, args):
+    """Per-iteration schedule (MAE util/lr_sched.py): 1) linear warm-up from 0 over warmup_epochs,
+    2) half-cosine from lr to 0 over the remaining epochs. A pure function of the step, so resuming needs no state."""
+    epoch = step / steps_per_epoch
+    if epoch < args.warmup_epochs:
+        return args.lr * epoch / args.warmup_epochs
+    return args.lr * 0.5 * (1.0 + math.cos(math.pi * (epoch - args.warmup_epochs) / (args.epochs - args.warmup_epochs)))
+
+
+def set_lr(optimizer, lr):
+    """Every parameter group gets lr x its "lr_scale" (1 unless a script sets one, e.g. graft.py's lower layers)."""
+    for g in optimizer.param_groups:
+        g["lr"] = lr * g.get("lr_scale", 1.0)
+    return lr
+
+
+def autocast(args, device):
+    if args.amp == "none" or device.type != "cuda":
+        return contextlib.nullcontext()  # CPU runs in fp32
+    return torch.autocast("cuda", dtype=torch.bfloat16 if args.amp == "bf16" else torch.float16)
+
+
+def save_checkpoint(obj, path):
+    """Atomic: write a temporary file, then rename it over the old one; a crash never leaves a half-written file."""
+    torch.save(obj, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+# The flags a resumed run may change (where things are, how fast, how long); any other would continue another run.
+RESUME_MAY_CHANGE = {"data", "data_root", "output_dir", "epochs", "num_workers", "amp", "compile", "log_every",
+                     "max_steps", "vis_every", "init", "mim_checkpoint", "teacher"}
+
+
+class Run:
+    """Everything around the training loop: processes and device, the step count, checkpoint.pt (resume, then a save
+    after every whole epoch), log.jsonl and encoder.pt. torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain `python`
+    runs one process on cuda:0 or the CPU (gloo for several CPU processes: tests and debugging)."""
+    def __init__(self, args):
+        self.args, self.step, self.log_file = args, 0, None
+        self.rank, self.world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        self.is_main, local_rank = self.rank == 0, int(os.environ.get("LOCAL_RANK", 0))
+        self.device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        if "RANK" in os.environ and self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+            dist.init_process_group("nccl", device_id=self.device)
+        elif "RANK" in os.environ:
+            dist.init_process_group("gloo")  # CPU: tests and debugging
+        if args.batch_size % self.world_size:
+            raise StopRun(f"--batch-size {args.batch_size} is global and must be divisible by the {self.world_size} "
+                          f"processes; use e.g. {args.batch_size // self.world_size * self.world_size}")
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+        args.lr = args.blr * args.batch_size / 256
+        os.makedirs(args.output_dir, exist_ok=True)
+        self.ckpt_path = os.path.join(args.output_dir, "checkpoint.pt")
+        print0(f"lr = blr {args.blr} x batch {args.batch_size} / 256 = {args.lr:.3g}; {self.world_size} process(es) x "
+               f"{args.batch_size // self.world_size} images on {self.device}; torch {torch.__version__}")
+
+    def loader(self, dataset):
+        """Each process its share of a seed + epoch shuffle; drop_last: every step has the same per-process batch."""
+        b = self.args.batch_size // self.world_size
+        if len(dataset) < self.args.batch_size:
+            raise StopRun(f"--data has {len(dataset)} training images, fewer than one --batch-size "
+                          f"{self.args.batch_size}; lower --batch-size")
+        sampler = torch.utils.data.DistributedSampler(dataset, self.world_size, self.rank, seed=self.args.seed,
+                                                      drop_last=True)
+        loader = torch.utils.data.DataLoader(dataset, b, sampler=sampler, num_workers=self.args.num_workers,
+                                             pin_memory=self.device.type == "cuda", drop_last=True)
+        self.steps_per_epoch = len(loader)
+        return loader
+
+    def resume(self, model, optimizer, scaler):
+        """Load checkpoint.pt if there is one (refusing one of another recipe); write args.json. Returns the epoch."""
+        epoch, args = 0, self.args
+        if os.path.isfile(self.ckpt_path):
+            ckpt = torch.load(self.ckpt_path, map_location="cpu", weights_only=True)
+            for k, v in ckpt["args"].items():
+                if k not in RESUME_MAY_CHANGE and getattr(args, k, v) != v:
+                    raise StopRun(f"{self.ckpt_path} was written with --{k.replace('_', '-')} {v}, not "
+                                  f"{getattr(args, k)}; pass the same value or another --output-dir")
+            try:
+                model.load_state_dict(ckpt["model"])
+                optimizer.load_state_dict(ckpt["optimizer"])
+            except (RuntimeError, ValueError, KeyError) as e:
+                raise StopRun(f"{self.ckpt_path} does not fit this model ({str(e).strip().splitlines()[0]}); pass the "
+                              f"flags of the run that wrote it, or another --output-dir") from None
+            if ckpt.get("scaler"):
+                scaler.load_state_dict(ckpt["scaler"])
+            epoch = ckpt["epoch"]
+            print0(f"resumed from {self.ckpt_path} at epoch {epoch}")
+        if self.is_main:
+            with open(os.path.join(args.output_dir, "args.json"), "w") as f:
+                json.dump(vars(args), f, indent=2)
+            self.log_file = open(os.path.join(args.output_dir, "log.jsonl"), "a")
+        self.step = epoch * self.steps_per_epoch
+        return epoch
+
+    def wrap(self, model):
+        """--compile and, with several processes, DDP around the model (the module itself stays as it is)."""
+        model = torch.compile(model) if self.args.compile else model
+        if self.world_size > 1:
+            model = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        return model
+
+    def batches(self, loader, epoch):
+        """The epoch's batches, until --max-steps. Data, masks and augmentations are a function of (seed, epoch,
+        rank): a resumed epoch sees what the interrupted one saw."""
+        self.epoch, self.epoch_done, self.sums, self.n, self.t0 = epoch, False, {}, 0, time.perf_counter()
+        if self.args.max_steps is not None and self.step >= self.args.max_steps:
+            return
+        torch.manual_seed(self.args.seed + 10_000 * epoch + self.rank)
+        loader.sampler.set_epoch(epoch)
+        for self.it, batch in enumerate(tqdm(loader, f"epoch {epoch}", disable=not self.is_main, leave=False,
+                                             dynamic_ncols=True)):
+            yield batch
+            if self.args.max_steps is not None and self.step >= self.args.max_steps:
+                return
+        self.epoch_done = True
+
+    def end_step(self, loss, **logged):
+        """Count one optimizer step. Every --log-every steps and at the epoch's end, one log line (one host sync):
+        loss and the other tensors averaged over those steps and the processes; lr and other numbers as given."""
+        self.step, self.n = self.step + 1, self.n + 1
+        for k, v in {"loss": loss, **logged}.items():
+            if torch.is_tensor(v):
+                self.sums[k] = self.sums.get(k, 0) + v.detach().float()
+        if self.step % self.args.log_every and self.it != self.steps_per_epoch - 1:
+            return
+        means = torch.stack(list(self.sums.values())) / self.n
+        if self.world_size > 1:
+            dist.all_reduce(means)
+            means /= self.world_size
+        means = dict(zip(self.sums, means.tolist()))
+        if not math.isfinite(means["loss"]):
+            raise StopRun(f"non-finite loss ({means['loss']}) within steps {self.step - self.n + 1}-{self.step}; "
+                          f"the last checkpoint ({self.ckpt_path}) is intact: lower --blr or use --amp bf16")
+        log = {"epoch": self.epoch, "step": self.step, **{k: round(v, 5) for k, v in means.items()},
+               **{k: v for k, v in logged.items() if not torch.is_tensor(v)},
+               "img_per_s": round(self.n * self.args.batch_size / (time.perf_counter() - self.t0), 1),
+               "mem_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if self.device.type == "cuda" else 0.0}
+        print0(json.dumps(log))
+        if self.is_main:
+            self.log_file.write(json.dumps(log) + "\n")
+            self.log_file.flush()
+        self.sums, self.n, self.t0 = {}, 0, time.perf_counter()
+
+    def end_epoch(self, model, optimizer, scaler):
+        """checkpoint.pt after an epoch that ran to its end (rank 0 writes, all wait). Returns whether it wrote."""
+        if self.epoch_done and self.is_main:
+            save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                             "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                             "epoch": self.epoch + 1, "args": vars(self.args)}, self.ckpt_path)
+        if self.epoch_done and self.world_size > 1:
+            dist.barrier()
+        return self.epoch_done
+
+    def finish(self, encoder_state_dict):
+        """encoder.pt: the encoder alone, in vit.py / timm names."""
+        if self.is_main:
+            save_checkpoint(encoder_state_dict, os.path.join(self.args.output_dir, "encoder.pt"))
+            print0(f"done: {self.args.output_dir}/encoder.pt after {self.step} steps")
+            self.log_file.close()
+        if self.world_size > 1:
+            dist.destroy_process_group()
+
+
+def add_common_args(p, **defaults):
+    """The command line every method script shares; each script passes its paper defaults."""
+    p.add_argument("--data", required=True, help="ImageNet-layout root (ROOT/train/<class>/*) or cifar10|cifar100|stl10")
+    p.add_argument("--data-root", default="./data", help="download folder for --data cifar10|cifar100|stl10")
+    p.add_argument("--output-dir", default=defaults["output_dir"], help="checkpoint.pt, encoder.pt, args.json, log.jsonl")
+    p.add_argument("--model", default=defaults["model"], choices=list(vit.MODELS), help="encoder size")
+    p.add_argument("--img-size", type=int, default=224, help="input resolution")
+    p.add_argument("--patch-size", type=int, default=None, help="patch size (default: the model's, 16 or 14)")
+    p.add_argument("--epochs", type=int, default=defaults["epochs"], help="training epochs")
+    p.add_argument("--warmup-epochs", type=int, default=defaults["warmup_epochs"], help="linear warm-up epochs")
+    p.add_argument("--batch-size", type=int, default=defaults["batch_size"], help="GLOBAL batch, over all processes")
+    p.add_argument("--blr", type=float, default=defaults["blr"], help="base lr; lr = blr * batch_size / 256")
+    p.add_argument("--weight-decay", type=float, default=defaults["weight_decay"], help="AdamW weight decay")
+    p.add_argument("--num-workers", type=int, default=min(10, os.cpu_count() or 1), help="data workers per process")
+    p.add_argument("--amp", default="bf16", choices=["bf16", "fp16", "none"], help="autocast dtype on CUDA (CPU: fp32)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--seed", type=int, default=0, help="seed for init (same on all ranks) and data (seed+rank)")
+    p.add_argument("--init", default=None, help="start from these weights (any file vit.load_pretrained reads)")
+    p.add_argument("--log-every", type=int, default=20, help="steps between log lines (and non-finite loss checks)")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps in total")
+    return p
+# ====================================================================================================== end appendix
 
 
 if __name__ == "__main__":

@@ -336,15 +336,14 @@ class Run:
     runs one process on cuda:0 or the CPU (gloo for several CPU processes: tests and debugging)."""
     def __init__(self, args):
         self.args, self.step, self.log_file = args, 0, None
-        self.rank, self.world_size, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")) \
-            if "RANK" in os.environ else (0, 1, 0)
-        self.is_main = self.rank == 0
+        self.rank, self.world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        self.is_main, local_rank = self.rank == 0, int(os.environ.get("LOCAL_RANK", 0))
         self.device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-        if self.world_size > 1 or "RANK" in os.environ:
-            if self.device.type == "cuda":
-                torch.cuda.set_device(self.device)
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo",
-                                    device_id=self.device if self.device.type == "cuda" else None)
+        if "RANK" in os.environ and self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+            dist.init_process_group("nccl", device_id=self.device)
+        elif "RANK" in os.environ:
+            dist.init_process_group("gloo")  # CPU: tests and debugging
         if args.batch_size % self.world_size:
             raise StopRun(f"--batch-size {args.batch_size} is global and must be divisible by the {self.world_size} "
                           f"processes; use e.g. {args.batch_size // self.world_size * self.world_size}")

@@ -30,7 +30,8 @@ Deviations from the release, on purpose:
     - The patch embedding of each image is computed twice, once per view (see MiCL.forward); the release embeds once.
     - The release's PRETRAIN.md is MAE's (mask 0.75, 800 epochs); the code defaults above are what it runs.
 
-Sections: model | data | boilerplate (identical in every method script) | arguments | main.
+Read top to bottom: the model and its loss, the data, main() (build, then the training loop), the checks of this
+script's inputs, and an appendix of plumbing that is the same text in every method script.
 """
 import argparse
 import contextlib
@@ -51,7 +52,7 @@ from tqdm import tqdm
 
 import vit
 
-# ----------------------------------------------------------------------------------------------------------- model
+# ------------------------------------------------------------------------------------------- model and loss
 
 def all_gather_grad(x):
     """(n, ...) on every rank -> (world_size * n, ...), rank order, WITH gradient: the backward hands each rank the
@@ -67,34 +68,29 @@ def phi(c, kappa):
     return 0.5 * (1 + c) / (1 + kappa * (1 - c))
 
 
-def contrastive_loss(m, n, kappa=1 / 64, tau=0.07, gather=False):
-    """Symmetric InfoNCE on L2-normalized features m (view A) and n (view B), both (N, D), row i = image i:
-        loss = 1/2 [CE(phi(m n^T) / tau, arange) + CE(phi(n m^T) / tau, arange)]
+def contrastive_loss(a, b, kappa=1 / 64, tau=0.07, gather=False):
+    """Symmetric InfoNCE on L2-normalized features a (view A) and b (view B), both (N, D), row i = image i:
+        loss = 1/2 [CE(phi(a b^T) / tau, arange) + CE(phi(b a^T) / tau, arange)]
     gather=False: the negatives are the local batch (the release). gather=True: the other ranks' images too; the
     labels are offset by rank, and the loss is the mean over local images, so DDP's gradient average is the gradient
     of the mean loss over the global batch."""
-    labels = torch.arange(m.shape[0], device=m.device)  # (N,) image i's positive is column i
-    m_all, n_all = m, n
+    labels = torch.arange(a.shape[0], device=a.device)  # (N,) image i's positive is column i
+    a_all, b_all = a, b
     if gather and dist.is_initialized() and dist.get_world_size() > 1:
-        m_all, n_all = all_gather_grad(m), all_gather_grad(n)  # (W*N, D)
-        labels = labels + m.shape[0] * dist.get_rank()  # equal N on every rank: drop_last in make_loader
-    logits_mn = phi(m @ n_all.T, kappa) / tau  # (N, N or W*N)
-    logits_nm = phi(n @ m_all.T, kappa) / tau
-    return 0.5 * (F.cross_entropy(logits_mn, labels) + F.cross_entropy(logits_nm, labels))
+        a_all, b_all = all_gather_grad(a), all_gather_grad(b)  # (W*N, D)
+        labels = labels + a.shape[0] * dist.get_rank()  # equal N on every rank: Run.loader drops the last batch
+    logits_ab = phi(a @ b_all.T, kappa) / tau  # (N, N or W*N)
+    logits_ba = phi(b @ a_all.T, kappa) / tau
+    return 0.5 * (F.cross_entropy(logits_ab, labels) + F.cross_entropy(logits_ba, labels))
 
 
-class MiCL(nn.Module):
-    def __init__(self, encoder, mask_ratio=0.9, kappa=1 / 64, tau=0.07, gather=False):
-        super().__init__()
-        # As in mae.py: the encoder's parts are registered at the top level, so state_dict() has the plain encoder
-        # names (patch_embed.*, cls_token, pos_embed, blocks.*, norm.*), which are also the release's names.
-        # self.encoder is the same module, kept unregistered so its weights are not listed twice.
-        self.__dict__["encoder"] = encoder
-        self.patch_embed, self.cls_token, self.pos_embed = encoder.patch_embed, encoder.cls_token, encoder.pos_embed
-        self.blocks, self.norm = encoder.blocks, encoder.norm
+class MiCL(vit.VisionTransformer):
+    """A vit.py encoder (its own patch_embed, cls_token, pos_embed, blocks, norm: also the release's names) and MiCL's
+    loss; nothing else is trained. vit_kw: the encoder's size (vit.MODELS[name](cls=MiCL, ...))."""
+    def __init__(self, mask_ratio=0.9, kappa=1 / 64, tau=0.07, gather=False, **vit_kw):
+        super().__init__(**vit_kw)
         self.mask_ratio, self.kappa, self.tau, self.gather = mask_ratio, kappa, tau, gather
-        L = encoder.patch_embed.num_patches
-        assert self.len_keep(L) >= 2, f"mask ratio {mask_ratio} keeps {self.len_keep(L)} of {L} patches; need 2 or more"
+        check_mask_ratio(mask_ratio, self.patch_embed.num_patches)
 
     def len_keep(self, L):
         return int(L * (1 - self.mask_ratio)) // 2 * 2  # release: rounded down to even, 196 -> int(19.6) = 19 -> 18
@@ -117,11 +113,13 @@ class MiCL(nn.Module):
         # Cost of that readability: forward_features embeds all L patches of every row before it keeps K/2, so the
         # patch embedding (one conv layer) runs twice per image. For ViT-L/16 at 224 px that is ~0.15 GMAC per
         # image against ~6 GMAC for the 24 blocks on 2 x 10 tokens, plus a transient (2N, L, D) activation.
-        x = self.encoder.forward_features(torch.cat([imgs, imgs]), torch.cat([ids_a, ids_b]))  # (2N, 1+K/2, D)
+        x = self.forward_features(torch.cat([imgs, imgs]), torch.cat([ids_a, ids_b]))  # (2N, 1+K/2, D)
         with torch.autocast(imgs.device.type, enabled=False):  # fp32: autocast would run the matmuls in bf16/fp16
             z = F.normalize(x[:, 0].float(), dim=-1)  # (2N, D) CLS after the final norm, unit length
             return contrastive_loss(z[:N], z[N:], self.kappa, self.tau, self.gather)
 
+
+# ------------------------------------------------------------------------------------------------------- data
 
 def train_transform(args):
     # The release's main_pretrain.py = MAE's: RandomResizedCrop(scale 0.2-1, bicubic) + flip, nothing else.
@@ -130,7 +128,98 @@ def train_transform(args):
                       T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
-# ======================================================================= boilerplate: identical in every method script
+# ------------------------------------------------------------------------------------------------------- main
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description="MiCL pre-training (Yang & Xu 2024)", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_common_args(p, output_dir="runs/micl", model="vit_large", epochs=200, warmup_epochs=10, batch_size=7200,
+                    blr=5e-5, weight_decay=0.05)  # release main_pretrain.py; batch = 1800 per GPU x 4 GPUs
+    p.add_argument("--mask-ratio", type=float, default=0.9, help="fraction of patches removed; the kept ones are split "
+                   "into the two views (release: 0.9, main_pretrain.py)")
+    p.add_argument("--kappa", type=float, default=1 / 64, help="kappa of phi(c) = (1+c)/2/(1+kappa(1-c)) (release: 1/64)")
+    p.add_argument("--tau", type=float, default=0.07, help="InfoNCE temperature (release: 0.07)")
+    p.add_argument("--gather", action="store_true", help="negatives from all processes (global batch) instead of the "
+                   "per-GPU batch only (release: per GPU; then results depend on the per-GPU batch)")
+    return p.parse_args(argv)
+
+
+def build_model(args, verbose=True):
+    """The MiCL of --model's size; the same seed on every rank (DDP also broadcasts rank 0's weights)."""
+    torch.manual_seed(args.seed)
+    model = vit.MODELS[args.model](cls=MiCL, img_size=args.img_size, mask_ratio=args.mask_ratio, kappa=args.kappa,
+                                   tau=args.tau, gather=args.gather, **({"patch_size": args.patch_size} if args.patch_size else {}))
+    args.patch_size = model.patch_size
+    L = model.patch_embed.num_patches
+    print0(f"mask ratio {args.mask_ratio}: {model.len_keep(L)} of {L} patches kept, {model.len_keep(L) // 2} per view")
+    if args.init:
+        load_init(model, args.init, verbose)
+    return model
+
+
+def build_optimizer(model, args, device):
+    """AdamW(0.9, 0.95), no weight decay on 1-D parameters (norms, biases); the fixed pos-embed is not trained."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": args.weight_decay},
+              {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+
+
+def main(argv=None):
+    args = get_args(argv)
+    run = Run(args)
+    check_negatives(args, run.world_size)
+    loader = run.loader(build_dataset(args, train_transform(args)))
+    model = build_model(args, verbose=run.is_main).to(run.device)
+    optimizer = build_optimizer(model, args, run.device)
+    scaler = torch.amp.GradScaler("cuda", enabled=args.amp == "fp16" and run.device.type == "cuda")
+    start_epoch = run.resume(model, optimizer, scaler)
+    ddp_model = run.wrap(model)
+
+    for epoch in range(start_epoch, args.epochs):
+        for imgs, _ in run.batches(loader, epoch):
+            lr = set_lr(optimizer, lr_at(run.step, run.steps_per_epoch, args))
+            with autocast(args, run.device):
+                loss = ddp_model(imgs.to(run.device, non_blocking=True))  # one forward: both views and the loss
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            run.end_step(loss, lr=lr)
+        run.end_epoch(model, optimizer, scaler)
+    run.finish(model.state_dict())  # the model is the encoder: its state dict has the plain vit.py names
+    return model
+
+
+# ------------------------------------------------------------------------------- inputs and their one-line errors
+
+def check_mask_ratio(mask_ratio, L):
+    """Each view needs at least one of the L patches: the mask must keep 2 or more."""
+    if not 0 <= mask_ratio < 1 or int(L * (1 - mask_ratio)) < 2:
+        raise StopRun(f"--mask-ratio {mask_ratio} keeps {int(L * (1 - mask_ratio))} of {L} patches; "
+                      f"each view needs one, so keep 2 or more (release: 0.9)")
+
+
+def check_negatives(args, world_size):
+    """Each image is contrasted with the other images of its process's batch (of the global batch with --gather)."""
+    negatives = (args.batch_size if args.gather else args.batch_size // world_size) - 1
+    if negatives < 1:
+        raise StopRun(f"--batch-size {args.batch_size} on {world_size} process(es) leaves each image no negative "
+                      f"(its loss would be 0); use 2 or more images per process, or --gather (release: 1800 per GPU)")
+    print0(f"negatives per image: {negatives} ({'global batch, --gather' if args.gather else 'per-GPU batch'}; "
+           f"release: 1799 per GPU)")
+
+
+def load_init(model, path, verbose):
+    """--init: an encoder any vit.load_pretrained reads (the model is a vit.py encoder)."""
+    try:
+        vit.load_pretrained(model, path, verbose=verbose)
+    except ValueError as e:  # missing file, another model size
+        raise StopRun(f"--init {path}: {e}") from None
+
+
+# ================================================================= appendix: the same text in every method script
+# Plumbing every training script shares (data, processes, schedule, checkpoints, logging, command line, one-line
+# errors); tests/test_shared_blocks.py keeps it identical everywhere: read it once, skip it in the other scripts.
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -157,50 +246,25 @@ def build_dataset(args, transform, split="train"):
     """--data ROOT: ROOT/<split> as an ImageFolder (ImageNet layout). --data cifar10|cifar100|stl10: torchvision
     downloads into --data-root on first use ('val' is the test split)."""
     import torchvision.datasets as datasets
-    train = split == "train"
+    train, named = split == "train", {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}
     try:
-        if args.data == "cifar10":
-            return datasets.CIFAR10(args.data_root, train=train, transform=transform, download=True)
-        if args.data == "cifar100":
-            return datasets.CIFAR100(args.data_root, train=train, transform=transform, download=True)
+        if args.data in named:
+            return named[args.data](args.data_root, train=train, transform=transform, download=True)
         if args.data == "stl10":
-            return datasets.STL10(args.data_root, split="train+unlabeled" if train else "test", transform=transform,
-                                  download=True)
+            return datasets.STL10(args.data_root, "train+unlabeled" if train else "test", transform=transform, download=True)
     except (OSError, RuntimeError) as e:  # no network, a partial download, a full disk
         raise StopRun(f"--data {args.data}: could not download into --data-root {args.data_root} ({e}); "
                       f"download it by hand into that folder, or pass an ImageFolder root") from None
-    folder = os.path.join(args.data, split)
+    layout, folder = f"ROOT/{split}/<class>/<image>", os.path.join(args.data, split)
     if not os.path.isdir(args.data):
-        raise StopRun(f"--data {args.data}: no such folder; pass an ImageNet-layout root (ROOT/{split}/<class>/<image>) "
-                      f"or one of cifar10, cifar100, stl10")
+        raise StopRun(f"--data {args.data}: no such folder; pass an ImageNet-layout root ({layout}) or one of "
+                      f"cifar10, cifar100, stl10")
     if not os.path.isdir(folder):
-        raise StopRun(f"--data {args.data}: no '{split}' folder inside; expected the ImageNet layout "
-                      f"ROOT/{split}/<class>/<image>")
+        raise StopRun(f"--data {args.data}: no '{split}' folder inside; expected the ImageNet layout {layout}")
     try:
         return datasets.ImageFolder(folder, transform=transform, loader=pil_loader)
     except FileNotFoundError as e:
-        raise StopRun(f"--data {args.data}: {folder} holds no class folders with images ({e}); expected "
-                      f"ROOT/{split}/<class>/<image>") from None
-
-
-def setup_distributed(args):
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain `python` runs one process on cuda:0 or the CPU."""
-    if "RANK" in os.environ:
-        rank, world_size, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-        if torch.cuda.is_available():
-            torch.cuda.set_device(local_rank)
-            dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
-        else:
-            dist.init_process_group("gloo")  # CPU: tests and debugging
-    else:
-        rank, world_size, local_rank = 0, 1, 0
-    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    if args.batch_size % world_size:
-        raise StopRun(f"--batch-size {args.batch_size} is global and must be divisible by the {world_size} processes; "
-                      f"use e.g. {args.batch_size // world_size * world_size}")
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    torch.backends.cudnn.benchmark = True
-    return rank, world_size, device
+        raise StopRun(f"--data {args.data}: {folder} holds no class folders with images ({e}); expected {layout}") from None
 
 
 def print0(*a, **kw):
@@ -217,14 +281,11 @@ def lr_at(step, steps_per_epoch, args):
     return args.lr * 0.5 * (1.0 + math.cos(math.pi * (epoch - args.warmup_epochs) / (args.epochs - args.warmup_epochs)))
 
 
-def make_loader(dataset, args, rank, world_size, device):
-    # drop_last: every step sees the same per-GPU batch (contrastive labels assume it); the sampler shuffles by seed+epoch
-    if len(dataset) < args.batch_size:
-        raise StopRun(f"--data has {len(dataset)} training images, fewer than one --batch-size {args.batch_size}; "
-                      f"lower --batch-size")
-    sampler = torch.utils.data.DistributedSampler(dataset, world_size, rank, shuffle=True, seed=args.seed, drop_last=True)
-    return torch.utils.data.DataLoader(dataset, batch_size=args.batch_size // world_size, sampler=sampler,
-                                       num_workers=args.num_workers, pin_memory=device.type == "cuda", drop_last=True)
+def set_lr(optimizer, lr):
+    """Every parameter group gets lr x its "lr_scale" (1 unless a script sets one, e.g. graft.py's lower layers)."""
+    for g in optimizer.param_groups:
+        g["lr"] = lr * g.get("lr_scale", 1.0)
+    return lr
 
 
 def autocast(args, device):
@@ -239,30 +300,142 @@ def save_checkpoint(obj, path):
     os.replace(path + ".tmp", path)
 
 
-# What may differ between a run and its resumption: where things are, how fast it runs, how long it lasts. Any other
-# flag (model, recipe, seed) would silently continue another run.
+# The flags a resumed run may change (where things are, how fast, how long); any other would continue another run.
 RESUME_MAY_CHANGE = {"data", "data_root", "output_dir", "epochs", "num_workers", "amp", "compile", "log_every",
                      "max_steps", "vis_every", "init", "mim_checkpoint", "teacher"}
 
 
-def resume(path, args, model, optimizer, scaler):
-    """Load OUTPUT_DIR/checkpoint.pt if there is one; returns the epoch to start from."""
-    if not os.path.isfile(path):
-        return 0
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    for k, v in ckpt["args"].items():
-        if k not in RESUME_MAY_CHANGE and getattr(args, k, v) != v:
-            raise StopRun(f"{path} was written with --{k.replace('_', '-')} {v}, not {getattr(args, k)}; pass the "
-                          f"same value or another --output-dir")
-    try:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-    except (RuntimeError, ValueError, KeyError) as e:
-        raise StopRun(f"{path} does not fit this model ({str(e).strip().splitlines()[0]}); pass the flags of the run "
-                      f"that wrote it, or another --output-dir") from None
-    scaler.load_state_dict(ckpt["scaler"]) if ckpt.get("scaler") else None
-    print0(f"resumed from {path} at epoch {ckpt['epoch']}")
-    return ckpt["epoch"]
+class Run:
+    """Everything around the training loop: processes and device, the step count, checkpoint.pt (resume, then a save
+    after every whole epoch), log.jsonl and encoder.pt. torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain `python`
+    runs one process on cuda:0 or the CPU (gloo for several CPU processes: tests and debugging)."""
+    def __init__(self, args):
+        self.args, self.step, self.log_file = args, 0, None
+        self.rank, self.world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        self.is_main, local_rank = self.rank == 0, int(os.environ.get("LOCAL_RANK", 0))
+        self.device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        if "RANK" in os.environ and self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+            dist.init_process_group("nccl", device_id=self.device)
+        elif "RANK" in os.environ:
+            dist.init_process_group("gloo")  # CPU: tests and debugging
+        if args.batch_size % self.world_size:
+            raise StopRun(f"--batch-size {args.batch_size} is global and must be divisible by the {self.world_size} "
+                          f"processes; use e.g. {args.batch_size // self.world_size * self.world_size}")
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+        args.lr = args.blr * args.batch_size / 256
+        os.makedirs(args.output_dir, exist_ok=True)
+        self.ckpt_path = os.path.join(args.output_dir, "checkpoint.pt")
+        print0(f"lr = blr {args.blr} x batch {args.batch_size} / 256 = {args.lr:.3g}; {self.world_size} process(es) x "
+               f"{args.batch_size // self.world_size} images on {self.device}; torch {torch.__version__}")
+
+    def loader(self, dataset):
+        """Each process its share of a seed + epoch shuffle; drop_last: every step has the same per-process batch."""
+        b = self.args.batch_size // self.world_size
+        if len(dataset) < self.args.batch_size:
+            raise StopRun(f"--data has {len(dataset)} training images, fewer than one --batch-size "
+                          f"{self.args.batch_size}; lower --batch-size")
+        sampler = torch.utils.data.DistributedSampler(dataset, self.world_size, self.rank, seed=self.args.seed,
+                                                      drop_last=True)
+        loader = torch.utils.data.DataLoader(dataset, b, sampler=sampler, num_workers=self.args.num_workers,
+                                             pin_memory=self.device.type == "cuda", drop_last=True)
+        self.steps_per_epoch = len(loader)
+        return loader
+
+    def resume(self, model, optimizer, scaler):
+        """Load checkpoint.pt if there is one (refusing one of another recipe); write args.json. Returns the epoch."""
+        epoch, args = 0, self.args
+        if os.path.isfile(self.ckpt_path):
+            ckpt = torch.load(self.ckpt_path, map_location="cpu", weights_only=True)
+            for k, v in ckpt["args"].items():
+                if k not in RESUME_MAY_CHANGE and getattr(args, k, v) != v:
+                    raise StopRun(f"{self.ckpt_path} was written with --{k.replace('_', '-')} {v}, not "
+                                  f"{getattr(args, k)}; pass the same value or another --output-dir")
+            try:
+                model.load_state_dict(ckpt["model"])
+                optimizer.load_state_dict(ckpt["optimizer"])
+            except (RuntimeError, ValueError, KeyError) as e:
+                raise StopRun(f"{self.ckpt_path} does not fit this model ({str(e).strip().splitlines()[0]}); pass the "
+                              f"flags of the run that wrote it, or another --output-dir") from None
+            if ckpt.get("scaler"):
+                scaler.load_state_dict(ckpt["scaler"])
+            epoch = ckpt["epoch"]
+            print0(f"resumed from {self.ckpt_path} at epoch {epoch}")
+        if self.is_main:
+            with open(os.path.join(args.output_dir, "args.json"), "w") as f:
+                json.dump(vars(args), f, indent=2)
+            self.log_file = open(os.path.join(args.output_dir, "log.jsonl"), "a")
+        self.step = epoch * self.steps_per_epoch
+        return epoch
+
+    def wrap(self, model):
+        """--compile and, with several processes, DDP around the model (the module itself stays as it is)."""
+        model = torch.compile(model) if self.args.compile else model
+        if self.world_size > 1:
+            model = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        return model
+
+    def batches(self, loader, epoch):
+        """The epoch's batches, until --max-steps. Data, masks and augmentations are a function of (seed, epoch,
+        rank): a resumed epoch sees what the interrupted one saw."""
+        self.epoch, self.epoch_done, self.sums, self.n, self.t0 = epoch, False, {}, 0, time.perf_counter()
+        if self.args.max_steps is not None and self.step >= self.args.max_steps:
+            return
+        torch.manual_seed(self.args.seed + 10_000 * epoch + self.rank)
+        loader.sampler.set_epoch(epoch)
+        for self.it, batch in enumerate(tqdm(loader, f"epoch {epoch}", disable=not self.is_main, leave=False,
+                                             dynamic_ncols=True)):
+            yield batch
+            if self.args.max_steps is not None and self.step >= self.args.max_steps:
+                return
+        self.epoch_done = True
+
+    def end_step(self, loss, **logged):
+        """Count one optimizer step. Every --log-every steps and at the epoch's end, one log line (one host sync):
+        loss and the other tensors averaged over those steps and the processes; lr and other numbers as given."""
+        self.step, self.n = self.step + 1, self.n + 1
+        for k, v in {"loss": loss, **logged}.items():
+            if torch.is_tensor(v):
+                self.sums[k] = self.sums.get(k, 0) + v.detach().float()
+        if self.step % self.args.log_every and self.it != self.steps_per_epoch - 1:
+            return
+        means = torch.stack(list(self.sums.values())) / self.n
+        if self.world_size > 1:
+            dist.all_reduce(means)
+            means /= self.world_size
+        means = dict(zip(self.sums, means.tolist()))
+        if not math.isfinite(means["loss"]):
+            raise StopRun(f"non-finite loss ({means['loss']}) within steps {self.step - self.n + 1}-{self.step}; "
+                          f"the last checkpoint ({self.ckpt_path}) is intact: lower --blr or use --amp bf16")
+        log = {"epoch": self.epoch, "step": self.step, **{k: round(v, 5) for k, v in means.items()},
+               **{k: v for k, v in logged.items() if not torch.is_tensor(v)},
+               "img_per_s": round(self.n * self.args.batch_size / (time.perf_counter() - self.t0), 1),
+               "mem_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if self.device.type == "cuda" else 0.0}
+        print0(json.dumps(log))
+        if self.is_main:
+            self.log_file.write(json.dumps(log) + "\n")
+            self.log_file.flush()
+        self.sums, self.n, self.t0 = {}, 0, time.perf_counter()
+
+    def end_epoch(self, model, optimizer, scaler):
+        """checkpoint.pt after an epoch that ran to its end (rank 0 writes, all wait). Returns whether it wrote."""
+        if self.epoch_done and self.is_main:
+            save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                             "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                             "epoch": self.epoch + 1, "args": vars(self.args)}, self.ckpt_path)
+        if self.epoch_done and self.world_size > 1:
+            dist.barrier()
+        return self.epoch_done
+
+    def finish(self, encoder_state_dict):
+        """encoder.pt: the encoder alone, in vit.py / timm names."""
+        if self.is_main:
+            save_checkpoint(encoder_state_dict, os.path.join(self.args.output_dir, "encoder.pt"))
+            print0(f"done: {self.args.output_dir}/encoder.pt after {self.step} steps")
+            self.log_file.close()
+        if self.world_size > 1:
+            dist.destroy_process_group()
 
 
 def add_common_args(p, **defaults):
@@ -286,132 +459,7 @@ def add_common_args(p, **defaults):
     p.add_argument("--log-every", type=int, default=20, help="steps between log lines (and non-finite loss checks)")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps in total")
     return p
-# ================================================================================================= end boilerplate
-
-# ------------------------------------------------------------------------------------------------------- arguments
-
-def get_args(argv=None):
-    p = argparse.ArgumentParser(description="MiCL pre-training (Yang & Xu 2024)", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_common_args(p, output_dir="runs/micl", model="vit_large", epochs=200, warmup_epochs=10, batch_size=7200,
-                    blr=5e-5, weight_decay=0.05)  # release main_pretrain.py; batch = 1800 per GPU x 4 GPUs
-    p.add_argument("--mask-ratio", type=float, default=0.9, help="fraction of patches removed; the kept ones are split "
-                   "into the two views (release: 0.9, main_pretrain.py)")
-    p.add_argument("--kappa", type=float, default=1 / 64, help="kappa of phi(c) = (1+c)/2/(1+kappa(1-c)) (release: 1/64)")
-    p.add_argument("--tau", type=float, default=0.07, help="InfoNCE temperature (release: 0.07)")
-    p.add_argument("--gather", action="store_true", help="negatives from all processes (global batch) instead of the "
-                   "per-GPU batch only (release: per GPU; then results depend on the per-GPU batch)")
-    return p.parse_args(argv)
-
-# ------------------------------------------------------------------------------------------------------------ main
-
-def main(argv=None):
-    args = get_args(argv)
-    rank, world_size, device = setup_distributed(args)
-    is_main = rank == 0
-    args.lr = args.blr * args.batch_size / 256
-    os.makedirs(args.output_dir, exist_ok=True)
-    print0(f"lr = blr {args.blr} x batch {args.batch_size} / 256 = {args.lr:.3g}; {world_size} process(es) x "
-           f"{args.batch_size // world_size} images on {device}; torch {torch.__version__}")
-    negatives = (args.batch_size if args.gather else args.batch_size // world_size) - 1
-    print0(f"negatives per image: {negatives} ({'global batch, --gather' if args.gather else 'per-GPU batch'}; "
-           f"release: 1799 per GPU)")
-
-    # data
-    dataset = build_dataset(args, train_transform(args))
-    loader = make_loader(dataset, args, rank, world_size, device)
-    steps_per_epoch = len(loader)
-
-    # model: the same seed on every rank, and DDP also broadcasts rank 0's weights
-    torch.manual_seed(args.seed)
-    encoder = vit.MODELS[args.model](img_size=args.img_size, **({"patch_size": args.patch_size} if args.patch_size else {}))
-    args.patch_size = encoder.patch_size
-    L = encoder.patch_embed.num_patches
-    if not 0 <= args.mask_ratio < 1 or int(L * (1 - args.mask_ratio)) < 2:
-        raise StopRun(f"--mask-ratio {args.mask_ratio} keeps {int(L * (1 - args.mask_ratio))} of {L} patches; "
-                      f"each view needs one, so keep 2 or more (release: 0.9)")
-    model = MiCL(encoder, args.mask_ratio, args.kappa, args.tau, args.gather)
-    K = model.len_keep(L)
-    print0(f"mask ratio {args.mask_ratio}: {K} of {L} patches kept, {K // 2} per view")
-    if args.init:
-        try:
-            vit.load_pretrained(encoder, args.init, verbose=is_main)
-        except ValueError as e:  # missing file, another model size
-            raise StopRun(f"--init {args.init}: {e}") from None
-    model.to(device)
-    model_without_ddp = model
-
-    # optimizer: AdamW(0.9, 0.95), no weight decay on 1-D parameters (norms, biases); the fixed pos-embed is skipped
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    groups = [{"params": [p for n, p in params if p.ndim > 1], "weight_decay": args.weight_decay},
-              {"params": [p for n, p in params if p.ndim <= 1], "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
-    scaler = torch.amp.GradScaler("cuda", enabled=args.amp == "fp16" and device.type == "cuda")
-    ckpt_path = os.path.join(args.output_dir, "checkpoint.pt")
-    start_epoch = resume(ckpt_path, args, model_without_ddp, optimizer, scaler)
-    if is_main:  # after resume(), which refuses a checkpoint of another run
-        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
-            json.dump(vars(args), f, indent=2)
-
-    if args.compile:
-        model = torch.compile(model)
-    if world_size > 1:
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    # train
-    global_step = start_epoch * steps_per_epoch
-    log_file = open(os.path.join(args.output_dir, "log.jsonl"), "a") if is_main else None
-    for epoch in range(start_epoch, args.epochs):
-        if args.max_steps is not None and global_step >= args.max_steps:
-            break
-        torch.manual_seed(args.seed + 10_000 * epoch + rank)  # data, masks and worker seeds: a function of (seed, epoch, rank)
-        loader.sampler.set_epoch(epoch)
-        loss_sum, n_sum, t0 = torch.zeros((), device=device), 0, time.perf_counter()
-        for it, (imgs, _) in enumerate(tqdm(loader, desc=f"epoch {epoch}", disable=not is_main, leave=False, dynamic_ncols=True)):
-            lr = lr_at(global_step, steps_per_epoch, args)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            imgs = imgs.to(device, non_blocking=True)
-            with autocast(args, device):
-                loss = model(imgs)  # one forward of one module per step: both views and the loss
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            global_step += 1
-            loss_sum += loss.detach()
-            n_sum += 1
-            if global_step % args.log_every == 0 or it == steps_per_epoch - 1:
-                if world_size > 1:
-                    dist.all_reduce(loss_sum)
-                    loss_sum /= world_size
-                loss_avg = loss_sum.item() / n_sum  # host sync, once per log interval
-                if not math.isfinite(loss_avg):  # the release only prints this and trains on
-                    raise StopRun(f"non-finite loss ({loss_avg}) within steps {global_step - n_sum + 1}-{global_step}; "
-                                  f"the last checkpoint ({ckpt_path}) is intact: lower --blr or use --amp bf16")
-                dt = time.perf_counter() - t0
-                log = {"epoch": epoch, "step": global_step, "loss": round(loss_avg, 5), "lr": lr,
-                       "img_per_s": round(n_sum * args.batch_size / dt, 1),
-                       "mem_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if device.type == "cuda" else 0.0}
-                print0(json.dumps(log))
-                log_file.write(json.dumps(log) + "\n") if is_main else None
-                log_file.flush() if is_main else None
-                loss_sum, n_sum, t0 = torch.zeros((), device=device), 0, time.perf_counter()
-            if args.max_steps is not None and global_step >= args.max_steps:
-                break
-        else:  # the epoch ran to its end: checkpoint it (rank 0 writes, everyone waits)
-            if is_main:
-                save_checkpoint({"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
-                                 "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                                 "epoch": epoch + 1, "args": vars(args)}, ckpt_path)
-            dist.barrier() if world_size > 1 else None
-
-    if is_main:  # the encoder alone, in vit.py / timm names
-        save_checkpoint(encoder.state_dict(), os.path.join(args.output_dir, "encoder.pt"))
-        print0(f"done: {args.output_dir}/encoder.pt after {global_step} steps")
-        log_file.close()
-    if world_size > 1:
-        dist.destroy_process_group()
-    return model_without_ddp
+# ====================================================================================================== end appendix
 
 
 if __name__ == "__main__":

@@ -38,7 +38,8 @@ Where each choice comes from (paper = abstract; review = a third-party summary; 
             800); MAE's augmentation RandomResizedCrop(scale 0.2-1, bicubic) + flip, one crop for both networks
     ours, as every script: bf16 autocast (--amp), losses in fp32, no find_unused_parameters, non-finite loss check.
 
-Sections: model | data | boilerplate (identical in every method script) | arguments | main.
+Read top to bottom: the model and its losses, the data, main() (build, then the training loop), the inputs and their
+one-line errors (student, teacher, --init), and an appendix of plumbing that is the same text in every method script.
 """
 import argparse
 import contextlib
@@ -58,12 +59,13 @@ from tqdm import tqdm
 
 import vit
 
-# ----------------------------------------------------------------------------------------------------------- model
+# ------------------------------------------------------------------------------------------ model and losses
 
+# copy of moco.py (the teacher's features here play the momentum keys' part: they carry no gradient either)
 @torch.no_grad()
 def all_gather_nograd(x):
     """Concatenate x from every rank along dim 0: (n, C) -> (world_size * n, C), rank order.
-    *** NO GRADIENT ***: dist.all_gather is not differentiable. Right for the teacher's features only, which carry no
+    *** NO GRADIENT ***: dist.all_gather is not differentiable. Right for the momentum keys only, which carry no
     gradient anyway. Without a process group it returns x (detached)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return x.detach()
@@ -104,17 +106,18 @@ def image_nce(q, k, tau=0.2):
 
 
 class MimCo(nn.Module):
+    """The student (encoder, MAE-style decoder, image head) and the frozen teacher. The teacher is a plain submodule,
+    so .to() / .cuda() move it, but it is not part of what trains or what is saved: its parameters have
+    requires_grad False (so no optimizer and no DDP gradient sees them), train() leaves it in eval mode, and
+    state_dict() / load_state_dict() cover the student only (checkpoint.pt; the teacher comes from --teacher)."""
     def __init__(self, encoder, teacher, decoder_embed_dim=256, decoder_depth=4, decoder_num_heads=8,
                  head_hidden_dim=2048, mask_ratio=0.75, patch_tau=0.2, image_tau=0.2, image_weight=1.0,
                  patch_negatives="image", teacher_feature="cls"):
         super().__init__()
         assert teacher.patch_embed.grid_size == encoder.patch_embed.grid_size, "student and teacher patch grids differ"
         assert patch_negatives in ("image", "batch") and teacher_feature in ("cls", "mean")
-        self.encoder = encoder  # registered: state_dict keys encoder.* (what graft.py expects of a MimCo checkpoint)
-        # The teacher is NOT registered: it is not in state_dict() (so not in checkpoint.pt), parameters() (so not in
-        # the optimizer), nor seen by DDP; and model.train() does not reach it, so it stays in eval mode. _apply
-        # below moves it with the model. Frozen besides, and run under no_grad.
-        self.__dict__["teacher"] = teacher.requires_grad_(False).eval()
+        self.encoder = encoder  # state_dict keys encoder.* (what graft.py expects of a MimCo checkpoint)
+        self.teacher = teacher.requires_grad_(False).eval()  # frozen, and run under no_grad besides
         self.mask_ratio, self.patch_tau, self.image_tau, self.image_weight = mask_ratio, patch_tau, image_tau, image_weight
         self.patch_negatives, self.teacher_feature = patch_negatives, teacher_feature
         D, Dt = encoder.embed_dim, teacher.embed_dim
@@ -131,23 +134,45 @@ class MimCo(nn.Module):
         self.image_head = nn.Sequential(nn.Linear(D, head_hidden_dim), nn.GELU(), nn.Linear(head_hidden_dim, Dt))
         for m in [self.decoder_embed, self.decoder_pred, *self.decoder_blocks.modules(), *self.image_head]:  # MAE init
             if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight), nn.init.zeros_(m.bias)
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
         nn.init.normal_(self.mask_token, std=0.02)
 
-    def _apply(self, fn, *args, **kwargs):  # .to(), .cuda(), .double() ... also move the unregistered teacher
-        self.teacher._apply(fn, *args, **kwargs)
-        return super()._apply(fn, *args, **kwargs)
+    def train(self, mode=True):
+        """model.train() reaches every submodule; the teacher goes back to eval mode (frozen, as a fixed target)."""
+        super().train(mode)
+        self.teacher.eval()
+        return self
 
-    def random_masking(self, noise):
-        """Per-sample random masking as MAE's: keep the len_keep patches with the lowest noise.
-        Returns ids_keep (B, K), ids_restore (B, L) and ids_masked (B, M = L - K), the removed positions."""
-        len_keep = int(noise.shape[1] * (1 - self.mask_ratio))  # 196 * 0.25 = 49
+    def state_dict(self, *, destination=None, prefix="", keep_vars=False):
+        """The student only: everything but the teacher.* keys (checkpoint.pt holds no teacher)."""
+        sd = super().state_dict(destination=destination, prefix=prefix, keep_vars=keep_vars)
+        for k in [k for k in sd if k.startswith(prefix + "teacher.")]:
+            del sd[k]
+        return sd
+
+    def load_state_dict(self, state_dict, strict=True, assign=False):
+        """A student state dict (as state_dict() gives): the teacher's own current weights are added back before the
+        usual load, so the teacher never changes and strict=True still reports any missing or unexpected student key."""
+        teacher = {f"teacher.{k}": v for k, v in self.teacher.state_dict().items()}
+        return super().load_state_dict({**state_dict, **teacher}, strict, assign)
+
+    # copy of mae.py (MaskedAutoencoder.random_masking); forward() uses ids_keep and ids_restore, not the mask
+    @staticmethod
+    def random_masking(noise, mask_ratio):
+        """Per-sample random masking (MAE Sec. 3): keep the len_keep patches with the lowest noise."""
+        B, L = noise.shape
+        len_keep = int(L * (1 - mask_ratio))  # 196 * 0.25 = 49
         ids_shuffle = torch.argsort(noise, dim=1)  # ascending: small noise is kept
         ids_restore = torch.argsort(ids_shuffle, dim=1)  # inverse permutation
-        return ids_shuffle[:, :len_keep], ids_restore, ids_shuffle[:, len_keep:]
+        ids_keep = ids_shuffle[:, :len_keep]  # (B, K)
+        mask = torch.ones(B, L, device=noise.device)
+        mask[:, :len_keep] = 0
+        mask = torch.gather(mask, 1, ids_restore)  # (B, L), 1 = removed, in the original patch order
+        return ids_keep, ids_restore, mask
 
+    # copy of mae.py (MaskedAutoencoder.forward_decoder); here decoder_pred gives a teacher feature (B, L, Dt), not pixels
     def forward_decoder(self, latent, ids_restore):
-        """latent (B, 1+K, D) -> predicted teacher features (B, L, Dt) at every position; as mae.py's decoder."""
         x = self.decoder_embed(latent)  # (B, 1+K, Dd)
         B, L = ids_restore.shape
         mask_tokens = self.mask_token.expand(B, L + 1 - x.shape[1], -1)  # one per removed patch
@@ -156,14 +181,16 @@ class MimCo(nn.Module):
         x = torch.cat([x[:, :1], x_], dim=1) + self.decoder_pos_embed  # CLS back in front
         for blk in self.decoder_blocks:
             x = blk(x)
-        return self.decoder_pred(self.decoder_norm(x))[:, 1:]  # (B, L, Dt), CLS dropped
+        return self.decoder_pred(self.decoder_norm(x))[:, 1:]  # (B, L, p*p*3), CLS dropped
 
     def forward(self, imgs, noise=None):
         """imgs (B, 3, H, W); noise (B, L) in [0, 1) decides the mask (drawn at random when None).
         Returns (loss, {"loss_patch", "loss_image"} detached)."""
         if noise is None:
             noise = torch.rand(imgs.shape[0], self.encoder.patch_embed.num_patches, device=imgs.device)
-        ids_keep, ids_restore, ids_masked = self.random_masking(noise)
+        ids_keep, ids_restore, _ = self.random_masking(noise, self.mask_ratio)
+        # the removed positions (B, M): ids_shuffle[:, K:], ids_shuffle being the inverse permutation of ids_restore
+        ids_masked = torch.argsort(ids_restore, dim=1)[:, ids_keep.shape[1]:]
         with torch.no_grad():  # the teacher: frozen, on the FULL image
             t = self.teacher.forward_features(imgs)  # (B, 1+L, Dt), after its final norm
         t_global = t[:, 0] if self.teacher_feature == "cls" else t[:, 1:].mean(dim=1)  # (B, Dt)
@@ -173,6 +200,111 @@ class MimCo(nn.Module):
         loss_image = image_nce(self.image_head(latent[:, 0]), t_global, self.image_tau)  # student CLS, after its norm
         loss = loss_patch + self.image_weight * loss_image
         return loss, {"loss_patch": loss_patch.detach(), "loss_image": loss_image.detach()}
+
+
+# ------------------------------------------------------------------------------------------------------- data
+
+def train_transform(args):
+    # MAE main_pretrain.py: RandomResizedCrop(scale 0.2-1, bicubic) + flip. Student and teacher see the same crop.
+    return T.Compose([T.RandomResizedCrop(args.img_size, scale=(0.2, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+                      T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+# ------------------------------------------------------------------------------------------------------- main
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description="MimCo pre-training (Zhou et al. 2022)", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_common_args(p, output_dir="runs/mimco", model="vit_small", epochs=100, warmup_epochs=10, batch_size=4096,
+                    blr=1.5e-4, weight_decay=0.05)  # paper: ViT-S, 100 epochs; the rest is MAE's recipe (ours)
+    p.add_argument("--teacher", required=True, help="stage-1 contrastive encoder: moco.py's encoder.pt or an official "
+                   "MoCo v3 checkpoint (paper: MoCo v3 ViT-S)")
+    p.add_argument("--teacher-model", default="vit_small", choices=list(vit.MODELS), help="teacher size (paper: ViT-S)")
+    p.add_argument("--teacher-num-heads", type=int, default=None,
+                   help="teacher heads (default: 12 for vit_small, MoCo v3's ViT-S; the model's otherwise)")
+    p.add_argument("--num-heads", type=int, default=None, help="student heads (default: the model's; vit_small: 6)")
+    p.add_argument("--teacher-feature", default="cls", choices=["cls", "mean"],
+                   help="teacher global feature for the image level: CLS or mean patch token, after the final norm (ours)")
+    p.add_argument("--mask-ratio", type=float, default=0.75, help="fraction of patches removed (ours: MAE's 0.75)")
+    p.add_argument("--patch-tau", type=float, default=0.2, help="patch-level InfoNCE temperature (ours)")
+    p.add_argument("--image-tau", type=float, default=0.2, help="image-level InfoNCE temperature (ours)")
+    p.add_argument("--image-weight", type=float, default=1.0, help="lambda in L_patch + lambda * L_image (ours)")
+    p.add_argument("--patch-negatives", default="image", choices=["image", "batch"], help="patch-level negatives: the "
+                   "other removed patches of the same image, or of the whole per-process batch (ours: image)")
+    p.add_argument("--decoder-embed-dim", type=int, default=256, help="decoder width (ours; MAE ViT-B: 512)")
+    p.add_argument("--decoder-depth", type=int, default=4, help="decoder blocks (ours; MAE ViT-B: 8)")
+    p.add_argument("--decoder-num-heads", type=int, default=8, help="decoder heads (ours; MAE ViT-B: 16)")
+    p.add_argument("--head-hidden-dim", type=int, default=2048, help="hidden width of the image-level head (ours)")
+    return p.parse_args(argv)
+
+
+def build_model(args, verbose=True):
+    """Student and frozen teacher in one MimCo, on the CPU; the same seed on every rank (DDP also broadcasts rank 0's
+    weights), the teacher from its file. Sets args.patch_size, args.num_heads and args.teacher_num_heads."""
+    torch.manual_seed(args.seed)
+    encoder = build_student(args)
+    teacher = load_teacher(args, verbose)
+    model = MimCo(encoder, teacher, args.decoder_embed_dim, args.decoder_depth, args.decoder_num_heads,
+                  args.head_hidden_dim, args.mask_ratio, args.patch_tau, args.image_tau, args.image_weight,
+                  args.patch_negatives, args.teacher_feature)
+    if verbose:
+        L = encoder.patch_embed.num_patches
+        print0(f"student {args.model} ({args.num_heads} heads) sees {int(L * (1 - args.mask_ratio))} of {L} patches; "
+               f"teacher {args.teacher_model} ({args.teacher_num_heads} heads, {teacher.embed_dim}-d) frozen, full image")
+    if args.init:  # the student encoder; the decoder and the head start as initialized
+        load_init(encoder, args.init, verbose)
+    return model
+
+
+def build_optimizer(model, args, device):
+    """AdamW(0.9, 0.95), no weight decay on 1-D parameters (norms, biases). Only what trains: the frozen teacher and
+    the fixed decoder pos-embed have requires_grad False, so they are never in the optimizer."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": args.weight_decay},
+              {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+
+
+def main(argv=None):
+    args = get_args(argv)
+    run = Run(args)
+    loader = run.loader(build_dataset(args, train_transform(args)))
+    model = build_model(args, verbose=run.is_main).to(run.device)  # the teacher too: a registered submodule
+    check_checkpoint_teacher(run.ckpt_path, args)
+    optimizer = build_optimizer(model, args, run.device)
+    scaler = torch.amp.GradScaler("cuda", enabled=args.amp == "fp16" and run.device.type == "cuda")
+    start_epoch = run.resume(model, optimizer, scaler)  # the student: MimCo.load_state_dict keeps the teacher
+    ddp_model = run.wrap(model)  # one forward of one module per step: teacher, student, decoder, both losses
+
+    for epoch in range(start_epoch, args.epochs):
+        for imgs, _ in run.batches(loader, epoch):
+            lr = set_lr(optimizer, lr_at(run.step, run.steps_per_epoch, args))
+            with autocast(args, run.device):
+                loss, stats = ddp_model(imgs.to(run.device, non_blocking=True))
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            run.end_step(loss, lr=lr, loss_patch=stats["loss_patch"], loss_image=stats["loss_image"])
+        run.end_epoch(model, optimizer, scaler)  # model.state_dict(): the student only
+    run.finish(model.encoder.state_dict())
+    return model
+
+
+# ------------------------------------------------------------------------------- inputs and their one-line errors
+
+def build_student(args):
+    """The student encoder of --model size (--patch-size, --num-heads), and a --mask-ratio that leaves work to do."""
+    kw = {k: v for k, v in (("patch_size", args.patch_size), ("num_heads", args.num_heads)) if v}
+    try:
+        encoder = vit.MODELS[args.model](img_size=args.img_size, **kw)
+    except AssertionError as e:  # vit.py checks the sizes: e.g. embed_dim not divisible by --num-heads
+        raise StopRun(f"--model {args.model}: {e}") from None
+    args.patch_size, args.num_heads = encoder.patch_size, encoder.blocks[0].attn.num_heads
+    L = encoder.patch_embed.num_patches
+    if not 1 <= int(L * (1 - args.mask_ratio)) <= L - 2:
+        raise StopRun(f"--mask-ratio {args.mask_ratio} keeps {int(L * (1 - args.mask_ratio))} of {L} patches; keep at "
+                      f"least 1 and remove at least 2 (ours: 0.75)")
+    return encoder
 
 
 def load_teacher(args, verbose=True):
@@ -210,15 +342,31 @@ def load_teacher(args, verbose=True):
                       f"teacher's size as --teacher-model") from None
     return teacher
 
-# ------------------------------------------------------------------------------------------------------------ data
 
-def train_transform(args):
-    # MAE main_pretrain.py: RandomResizedCrop(scale 0.2-1, bicubic) + flip. Student and teacher see the same crop.
-    return T.Compose([T.RandomResizedCrop(args.img_size, scale=(0.2, 1.0), interpolation=T.InterpolationMode.BICUBIC),
-                      T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+def check_checkpoint_teacher(path, args):
+    """checkpoint.pt holds no teacher: a resumed run must use the same teacher targets (the file itself may move)."""
+    if not os.path.isfile(path):
+        return
+    old = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["args"]  # mmap: read the args only
+    for k in ("teacher_model", "teacher_num_heads", "teacher_feature"):
+        if old.get(k) != getattr(args, k):
+            raise StopRun(f"{path} was trained with --{k.replace('_', '-')} {old.get(k)}, not "
+                          f"{getattr(args, k)}; pass the same value or another --output-dir")
+    if old["teacher"] != args.teacher:
+        print0(f"note: {path} was trained with --teacher {old['teacher']}")
 
 
-# ======================================================================= boilerplate: identical in every method script
+def load_init(encoder, path, verbose):
+    """--init: the student encoder from any file vit.load_pretrained reads."""
+    try:
+        vit.load_pretrained(encoder, path, verbose=verbose)
+    except ValueError as e:
+        raise StopRun(f"--init {path}: {e}") from None
+
+
+# ================================================================= appendix: the same text in every method script
+# Plumbing every training script shares (data, processes, schedule, checkpoints, logging, command line, one-line
+# errors); tests/test_shared_blocks.py keeps it identical everywhere: read it once, skip it in the other scripts.
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -245,50 +393,25 @@ def build_dataset(args, transform, split="train"):
     """--data ROOT: ROOT/<split> as an ImageFolder (ImageNet layout). --data cifar10|cifar100|stl10: torchvision
     downloads into --data-root on first use ('val' is the test split)."""
     import torchvision.datasets as datasets
-    train = split == "train"
+    train, named = split == "train", {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}
     try:
-        if args.data == "cifar10":
-            return datasets.CIFAR10(args.data_root, train=train, transform=transform, download=True)
-        if args.data == "cifar100":
-            return datasets.CIFAR100(args.data_root, train=train, transform=transform, download=True)
+        if args.data in named:
+            return named[args.data](args.data_root, train=train, transform=transform, download=True)
         if args.data == "stl10":
-            return datasets.STL10(args.data_root, split="train+unlabeled" if train else "test", transform=transform,
-                                  download=True)
+            return datasets.STL10(args.data_root, "train+unlabeled" if train else "test", transform=transform, download=True)
     except (OSError, RuntimeError) as e:  # no network, a partial download, a full disk
         raise StopRun(f"--data {args.data}: could not download into --data-root {args.data_root} ({e}); "
                       f"download it by hand into that folder, or pass an ImageFolder root") from None
-    folder = os.path.join(args.data, split)
+    layout, folder = f"ROOT/{split}/<class>/<image>", os.path.join(args.data, split)
     if not os.path.isdir(args.data):
-        raise StopRun(f"--data {args.data}: no such folder; pass an ImageNet-layout root (ROOT/{split}/<class>/<image>) "
-                      f"or one of cifar10, cifar100, stl10")
+        raise StopRun(f"--data {args.data}: no such folder; pass an ImageNet-layout root ({layout}) or one of "
+                      f"cifar10, cifar100, stl10")
     if not os.path.isdir(folder):
-        raise StopRun(f"--data {args.data}: no '{split}' folder inside; expected the ImageNet layout "
-                      f"ROOT/{split}/<class>/<image>")
+        raise StopRun(f"--data {args.data}: no '{split}' folder inside; expected the ImageNet layout {layout}")
     try:
         return datasets.ImageFolder(folder, transform=transform, loader=pil_loader)
     except FileNotFoundError as e:
-        raise StopRun(f"--data {args.data}: {folder} holds no class folders with images ({e}); expected "
-                      f"ROOT/{split}/<class>/<image>") from None
-
-
-def setup_distributed(args):
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain `python` runs one process on cuda:0 or the CPU."""
-    if "RANK" in os.environ:
-        rank, world_size, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-        if torch.cuda.is_available():
-            torch.cuda.set_device(local_rank)
-            dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
-        else:
-            dist.init_process_group("gloo")  # CPU: tests and debugging
-    else:
-        rank, world_size, local_rank = 0, 1, 0
-    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    if args.batch_size % world_size:
-        raise StopRun(f"--batch-size {args.batch_size} is global and must be divisible by the {world_size} processes; "
-                      f"use e.g. {args.batch_size // world_size * world_size}")
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    torch.backends.cudnn.benchmark = True
-    return rank, world_size, device
+        raise StopRun(f"--data {args.data}: {folder} holds no class folders with images ({e}); expected {layout}") from None
 
 
 def print0(*a, **kw):
@@ -305,14 +428,11 @@ def lr_at(step, steps_per_epoch, args):
     return args.lr * 0.5 * (1.0 + math.cos(math.pi * (epoch - args.warmup_epochs) / (args.epochs - args.warmup_epochs)))
 
 
-def make_loader(dataset, args, rank, world_size, device):
-    # drop_last: every step sees the same per-GPU batch (contrastive labels assume it); the sampler shuffles by seed+epoch
-    if len(dataset) < args.batch_size:
-        raise StopRun(f"--data has {len(dataset)} training images, fewer than one --batch-size {args.batch_size}; "
-                      f"lower --batch-size")
-    sampler = torch.utils.data.DistributedSampler(dataset, world_size, rank, shuffle=True, seed=args.seed, drop_last=True)
-    return torch.utils.data.DataLoader(dataset, batch_size=args.batch_size // world_size, sampler=sampler,
-                                       num_workers=args.num_workers, pin_memory=device.type == "cuda", drop_last=True)
+def set_lr(optimizer, lr):
+    """Every parameter group gets lr x its "lr_scale" (1 unless a script sets one, e.g. graft.py's lower layers)."""
+    for g in optimizer.param_groups:
+        g["lr"] = lr * g.get("lr_scale", 1.0)
+    return lr
 
 
 def autocast(args, device):
@@ -327,30 +447,142 @@ def save_checkpoint(obj, path):
     os.replace(path + ".tmp", path)
 
 
-# What may differ between a run and its resumption: where things are, how fast it runs, how long it lasts. Any other
-# flag (model, recipe, seed) would silently continue another run.
+# The flags a resumed run may change (where things are, how fast, how long); any other would continue another run.
 RESUME_MAY_CHANGE = {"data", "data_root", "output_dir", "epochs", "num_workers", "amp", "compile", "log_every",
                      "max_steps", "vis_every", "init", "mim_checkpoint", "teacher"}
 
 
-def resume(path, args, model, optimizer, scaler):
-    """Load OUTPUT_DIR/checkpoint.pt if there is one; returns the epoch to start from."""
-    if not os.path.isfile(path):
-        return 0
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    for k, v in ckpt["args"].items():
-        if k not in RESUME_MAY_CHANGE and getattr(args, k, v) != v:
-            raise StopRun(f"{path} was written with --{k.replace('_', '-')} {v}, not {getattr(args, k)}; pass the "
-                          f"same value or another --output-dir")
-    try:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-    except (RuntimeError, ValueError, KeyError) as e:
-        raise StopRun(f"{path} does not fit this model ({str(e).strip().splitlines()[0]}); pass the flags of the run "
-                      f"that wrote it, or another --output-dir") from None
-    scaler.load_state_dict(ckpt["scaler"]) if ckpt.get("scaler") else None
-    print0(f"resumed from {path} at epoch {ckpt['epoch']}")
-    return ckpt["epoch"]
+class Run:
+    """Everything around the training loop: processes and device, the step count, checkpoint.pt (resume, then a save
+    after every whole epoch), log.jsonl and encoder.pt. torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain `python`
+    runs one process on cuda:0 or the CPU (gloo for several CPU processes: tests and debugging)."""
+    def __init__(self, args):
+        self.args, self.step, self.log_file = args, 0, None
+        self.rank, self.world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        self.is_main, local_rank = self.rank == 0, int(os.environ.get("LOCAL_RANK", 0))
+        self.device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        if "RANK" in os.environ and self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+            dist.init_process_group("nccl", device_id=self.device)
+        elif "RANK" in os.environ:
+            dist.init_process_group("gloo")  # CPU: tests and debugging
+        if args.batch_size % self.world_size:
+            raise StopRun(f"--batch-size {args.batch_size} is global and must be divisible by the {self.world_size} "
+                          f"processes; use e.g. {args.batch_size // self.world_size * self.world_size}")
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+        args.lr = args.blr * args.batch_size / 256
+        os.makedirs(args.output_dir, exist_ok=True)
+        self.ckpt_path = os.path.join(args.output_dir, "checkpoint.pt")
+        print0(f"lr = blr {args.blr} x batch {args.batch_size} / 256 = {args.lr:.3g}; {self.world_size} process(es) x "
+               f"{args.batch_size // self.world_size} images on {self.device}; torch {torch.__version__}")
+
+    def loader(self, dataset):
+        """Each process its share of a seed + epoch shuffle; drop_last: every step has the same per-process batch."""
+        b = self.args.batch_size // self.world_size
+        if len(dataset) < self.args.batch_size:
+            raise StopRun(f"--data has {len(dataset)} training images, fewer than one --batch-size "
+                          f"{self.args.batch_size}; lower --batch-size")
+        sampler = torch.utils.data.DistributedSampler(dataset, self.world_size, self.rank, seed=self.args.seed,
+                                                      drop_last=True)
+        loader = torch.utils.data.DataLoader(dataset, b, sampler=sampler, num_workers=self.args.num_workers,
+                                             pin_memory=self.device.type == "cuda", drop_last=True)
+        self.steps_per_epoch = len(loader)
+        return loader
+
+    def resume(self, model, optimizer, scaler):
+        """Load checkpoint.pt if there is one (refusing one of another recipe); write args.json. Returns the epoch."""
+        epoch, args = 0, self.args
+        if os.path.isfile(self.ckpt_path):
+            ckpt = torch.load(self.ckpt_path, map_location="cpu", weights_only=True)
+            for k, v in ckpt["args"].items():
+                if k not in RESUME_MAY_CHANGE and getattr(args, k, v) != v:
+                    raise StopRun(f"{self.ckpt_path} was written with --{k.replace('_', '-')} {v}, not "
+                                  f"{getattr(args, k)}; pass the same value or another --output-dir")
+            try:
+                model.load_state_dict(ckpt["model"])
+                optimizer.load_state_dict(ckpt["optimizer"])
+            except (RuntimeError, ValueError, KeyError) as e:
+                raise StopRun(f"{self.ckpt_path} does not fit this model ({str(e).strip().splitlines()[0]}); pass the "
+                              f"flags of the run that wrote it, or another --output-dir") from None
+            if ckpt.get("scaler"):
+                scaler.load_state_dict(ckpt["scaler"])
+            epoch = ckpt["epoch"]
+            print0(f"resumed from {self.ckpt_path} at epoch {epoch}")
+        if self.is_main:
+            with open(os.path.join(args.output_dir, "args.json"), "w") as f:
+                json.dump(vars(args), f, indent=2)
+            self.log_file = open(os.path.join(args.output_dir, "log.jsonl"), "a")
+        self.step = epoch * self.steps_per_epoch
+        return epoch
+
+    def wrap(self, model):
+        """--compile and, with several processes, DDP around the model (the module itself stays as it is)."""
+        model = torch.compile(model) if self.args.compile else model
+        if self.world_size > 1:
+            model = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        return model
+
+    def batches(self, loader, epoch):
+        """The epoch's batches, until --max-steps. Data, masks and augmentations are a function of (seed, epoch,
+        rank): a resumed epoch sees what the interrupted one saw."""
+        self.epoch, self.epoch_done, self.sums, self.n, self.t0 = epoch, False, {}, 0, time.perf_counter()
+        if self.args.max_steps is not None and self.step >= self.args.max_steps:
+            return
+        torch.manual_seed(self.args.seed + 10_000 * epoch + self.rank)
+        loader.sampler.set_epoch(epoch)
+        for self.it, batch in enumerate(tqdm(loader, f"epoch {epoch}", disable=not self.is_main, leave=False,
+                                             dynamic_ncols=True)):
+            yield batch
+            if self.args.max_steps is not None and self.step >= self.args.max_steps:
+                return
+        self.epoch_done = True
+
+    def end_step(self, loss, **logged):
+        """Count one optimizer step. Every --log-every steps and at the epoch's end, one log line (one host sync):
+        loss and the other tensors averaged over those steps and the processes; lr and other numbers as given."""
+        self.step, self.n = self.step + 1, self.n + 1
+        for k, v in {"loss": loss, **logged}.items():
+            if torch.is_tensor(v):
+                self.sums[k] = self.sums.get(k, 0) + v.detach().float()
+        if self.step % self.args.log_every and self.it != self.steps_per_epoch - 1:
+            return
+        means = torch.stack(list(self.sums.values())) / self.n
+        if self.world_size > 1:
+            dist.all_reduce(means)
+            means /= self.world_size
+        means = dict(zip(self.sums, means.tolist()))
+        if not math.isfinite(means["loss"]):
+            raise StopRun(f"non-finite loss ({means['loss']}) within steps {self.step - self.n + 1}-{self.step}; "
+                          f"the last checkpoint ({self.ckpt_path}) is intact: lower --blr or use --amp bf16")
+        log = {"epoch": self.epoch, "step": self.step, **{k: round(v, 5) for k, v in means.items()},
+               **{k: v for k, v in logged.items() if not torch.is_tensor(v)},
+               "img_per_s": round(self.n * self.args.batch_size / (time.perf_counter() - self.t0), 1),
+               "mem_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if self.device.type == "cuda" else 0.0}
+        print0(json.dumps(log))
+        if self.is_main:
+            self.log_file.write(json.dumps(log) + "\n")
+            self.log_file.flush()
+        self.sums, self.n, self.t0 = {}, 0, time.perf_counter()
+
+    def end_epoch(self, model, optimizer, scaler):
+        """checkpoint.pt after an epoch that ran to its end (rank 0 writes, all wait). Returns whether it wrote."""
+        if self.epoch_done and self.is_main:
+            save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                             "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                             "epoch": self.epoch + 1, "args": vars(self.args)}, self.ckpt_path)
+        if self.epoch_done and self.world_size > 1:
+            dist.barrier()
+        return self.epoch_done
+
+    def finish(self, encoder_state_dict):
+        """encoder.pt: the encoder alone, in vit.py / timm names."""
+        if self.is_main:
+            save_checkpoint(encoder_state_dict, os.path.join(self.args.output_dir, "encoder.pt"))
+            print0(f"done: {self.args.output_dir}/encoder.pt after {self.step} steps")
+            self.log_file.close()
+        if self.world_size > 1:
+            dist.destroy_process_group()
 
 
 def add_common_args(p, **defaults):
@@ -374,156 +606,7 @@ def add_common_args(p, **defaults):
     p.add_argument("--log-every", type=int, default=20, help="steps between log lines (and non-finite loss checks)")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps in total")
     return p
-# ================================================================================================= end boilerplate
-
-# ------------------------------------------------------------------------------------------------------- arguments
-
-def get_args(argv=None):
-    p = argparse.ArgumentParser(description="MimCo pre-training (Zhou et al. 2022)", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_common_args(p, output_dir="runs/mimco", model="vit_small", epochs=100, warmup_epochs=10, batch_size=4096,
-                    blr=1.5e-4, weight_decay=0.05)  # paper: ViT-S, 100 epochs; the rest is MAE's recipe (ours)
-    p.add_argument("--teacher", required=True, help="stage-1 contrastive encoder: moco.py's encoder.pt or an official "
-                   "MoCo v3 checkpoint (paper: MoCo v3 ViT-S)")
-    p.add_argument("--teacher-model", default="vit_small", choices=list(vit.MODELS), help="teacher size (paper: ViT-S)")
-    p.add_argument("--teacher-num-heads", type=int, default=None,
-                   help="teacher heads (default: 12 for vit_small, MoCo v3's ViT-S; the model's otherwise)")
-    p.add_argument("--num-heads", type=int, default=None, help="student heads (default: the model's; vit_small: 6)")
-    p.add_argument("--teacher-feature", default="cls", choices=["cls", "mean"],
-                   help="teacher global feature for the image level: CLS or mean patch token, after the final norm (ours)")
-    p.add_argument("--mask-ratio", type=float, default=0.75, help="fraction of patches removed (ours: MAE's 0.75)")
-    p.add_argument("--patch-tau", type=float, default=0.2, help="patch-level InfoNCE temperature (ours)")
-    p.add_argument("--image-tau", type=float, default=0.2, help="image-level InfoNCE temperature (ours)")
-    p.add_argument("--image-weight", type=float, default=1.0, help="lambda in L_patch + lambda * L_image (ours)")
-    p.add_argument("--patch-negatives", default="image", choices=["image", "batch"], help="patch-level negatives: the "
-                   "other removed patches of the same image, or of the whole per-process batch (ours: image)")
-    p.add_argument("--decoder-embed-dim", type=int, default=256, help="decoder width (ours; MAE ViT-B: 512)")
-    p.add_argument("--decoder-depth", type=int, default=4, help="decoder blocks (ours; MAE ViT-B: 8)")
-    p.add_argument("--decoder-num-heads", type=int, default=8, help="decoder heads (ours; MAE ViT-B: 16)")
-    p.add_argument("--head-hidden-dim", type=int, default=2048, help="hidden width of the image-level head (ours)")
-    return p.parse_args(argv)
-
-# ------------------------------------------------------------------------------------------------------------ main
-
-def main(argv=None):
-    args = get_args(argv)
-    rank, world_size, device = setup_distributed(args)
-    is_main = rank == 0
-    args.lr = args.blr * args.batch_size / 256
-    os.makedirs(args.output_dir, exist_ok=True)
-    print0(f"lr = blr {args.blr} x batch {args.batch_size} / 256 = {args.lr:.3g}; {world_size} process(es) x "
-           f"{args.batch_size // world_size} images on {device}; torch {torch.__version__}")
-
-    # data
-    dataset = build_dataset(args, train_transform(args))
-    loader = make_loader(dataset, args, rank, world_size, device)
-    steps_per_epoch = len(loader)
-
-    # model: the same seed on every rank, and DDP also broadcasts rank 0's weights; the teacher comes from its file
-    torch.manual_seed(args.seed)
-    kw = {k: v for k, v in (("patch_size", args.patch_size), ("num_heads", args.num_heads)) if v}
-    try:
-        encoder = vit.MODELS[args.model](img_size=args.img_size, **kw)
-    except AssertionError as e:  # vit.py checks the sizes: e.g. embed_dim not divisible by --num-heads
-        raise StopRun(f"--model {args.model}: {e}") from None
-    args.patch_size, args.num_heads = encoder.patch_size, encoder.blocks[0].attn.num_heads
-    L = encoder.patch_embed.num_patches
-    if not 1 <= int(L * (1 - args.mask_ratio)) <= L - 2:
-        raise StopRun(f"--mask-ratio {args.mask_ratio} keeps {int(L * (1 - args.mask_ratio))} of {L} patches; keep at "
-                      f"least 1 and remove at least 2 (ours: 0.75)")
-    teacher = load_teacher(args, verbose=is_main)
-    ckpt_path = os.path.join(args.output_dir, "checkpoint.pt")
-    if os.path.isfile(ckpt_path):  # the checkpoint holds no teacher: a resumed run must use the same one
-        old = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)["args"]  # mmap: read the args only
-        for k in ("teacher_model", "teacher_num_heads", "teacher_feature"):
-            if old.get(k) != getattr(args, k):
-                raise StopRun(f"{ckpt_path} was trained with --{k.replace('_', '-')} {old.get(k)}, not "
-                              f"{getattr(args, k)}; pass the same value or another --output-dir")
-        print0(f"note: {ckpt_path} was trained with --teacher {old['teacher']}") if old["teacher"] != args.teacher else None
-    model = MimCo(encoder, teacher, args.decoder_embed_dim, args.decoder_depth, args.decoder_num_heads,
-                  args.head_hidden_dim, args.mask_ratio, args.patch_tau, args.image_tau, args.image_weight,
-                  args.patch_negatives, args.teacher_feature)
-    print0(f"student {args.model} ({args.num_heads} heads) sees {int(L * (1 - args.mask_ratio))} of {L} patches; "
-           f"teacher {args.teacher_model} ({args.teacher_num_heads} heads, {teacher.embed_dim}-d) frozen, full image")
-    if args.init:  # the student encoder; the decoder and the head start as initialized
-        try:
-            vit.load_pretrained(encoder, args.init, verbose=is_main)
-        except ValueError as e:
-            raise StopRun(f"--init {args.init}: {e}") from None
-    model.to(device)  # the teacher too (MimCo._apply)
-    model_without_ddp = model
-
-    # optimizer: AdamW(0.9, 0.95), no weight decay on 1-D parameters (norms, biases); the fixed pos-embeds are skipped.
-    # model.parameters() does not list the teacher: it is never in the optimizer.
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    groups = [{"params": [p for n, p in params if p.ndim > 1], "weight_decay": args.weight_decay},
-              {"params": [p for n, p in params if p.ndim <= 1], "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
-    scaler = torch.amp.GradScaler("cuda", enabled=args.amp == "fp16" and device.type == "cuda")
-    start_epoch = resume(ckpt_path, args, model_without_ddp, optimizer, scaler)
-    if is_main:  # after resume(), which refuses a checkpoint of another run
-        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
-            json.dump(vars(args), f, indent=2)
-
-    if args.compile:
-        model = torch.compile(model)
-    if world_size > 1:  # one forward of one module per step: teacher, student, decoder, both losses
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    # train
-    global_step = start_epoch * steps_per_epoch
-    log_file = open(os.path.join(args.output_dir, "log.jsonl"), "a") if is_main else None
-    for epoch in range(start_epoch, args.epochs):
-        if args.max_steps is not None and global_step >= args.max_steps:
-            break
-        torch.manual_seed(args.seed + 10_000 * epoch + rank)  # data, masks and worker seeds: a function of (seed, epoch, rank)
-        loader.sampler.set_epoch(epoch)
-        loss_sum, n_sum, t0 = torch.zeros(3, device=device), 0, time.perf_counter()  # total, patch, image
-        for it, (imgs, _) in enumerate(tqdm(loader, desc=f"epoch {epoch}", disable=not is_main, leave=False, dynamic_ncols=True)):
-            lr = lr_at(global_step, steps_per_epoch, args)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            imgs = imgs.to(device, non_blocking=True)
-            with autocast(args, device):
-                loss, stats = model(imgs)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            global_step += 1
-            loss_sum += torch.stack([loss.detach(), stats["loss_patch"], stats["loss_image"]])
-            n_sum += 1
-            if global_step % args.log_every == 0 or it == steps_per_epoch - 1:
-                if world_size > 1:
-                    dist.all_reduce(loss_sum)
-                    loss_sum /= world_size
-                loss_avg, patch_avg, image_avg = (loss_sum / n_sum).tolist()  # host sync, once per log interval
-                if not math.isfinite(loss_avg):
-                    raise StopRun(f"non-finite loss ({loss_avg}) within steps {global_step - n_sum + 1}-{global_step}; "
-                                  f"the last checkpoint ({ckpt_path}) is intact: lower --blr or use --amp bf16")
-                dt = time.perf_counter() - t0
-                log = {"epoch": epoch, "step": global_step, "loss": round(loss_avg, 5), "loss_patch": round(patch_avg, 5),
-                       "loss_image": round(image_avg, 5), "lr": lr, "img_per_s": round(n_sum * args.batch_size / dt, 1),
-                       "mem_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if device.type == "cuda" else 0.0}
-                print0(json.dumps(log))
-                log_file.write(json.dumps(log) + "\n") if is_main else None
-                log_file.flush() if is_main else None
-                loss_sum, n_sum, t0 = torch.zeros(3, device=device), 0, time.perf_counter()
-            if args.max_steps is not None and global_step >= args.max_steps:
-                break
-        else:  # the epoch ran to its end: checkpoint it (rank 0 writes, everyone waits); no teacher inside
-            if is_main:
-                save_checkpoint({"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
-                                 "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                                 "epoch": epoch + 1, "args": vars(args)}, ckpt_path)
-            dist.barrier() if world_size > 1 else None
-
-    if is_main:  # the student encoder alone, in vit.py / timm names
-        save_checkpoint(encoder.state_dict(), os.path.join(args.output_dir, "encoder.pt"))
-        print0(f"done: {args.output_dir}/encoder.pt after {global_step} steps")
-        log_file.close()
-    if world_size > 1:
-        dist.destroy_process_group()
-    return model_without_ddp
+# ====================================================================================================== end appendix
 
 
 if __name__ == "__main__":

@@ -46,7 +46,8 @@ Deviations from the official code, on purpose:
     - Checkpoints go to --output-dir every epoch; a non-finite loss is checked every --log-every steps. --init
       takes a full MoCo state (ours, or official) or any encoder file vit.load_pretrained reads (into both encoders).
 
-Sections: model | data | boilerplate (identical in every method script) | arguments | main.
+Read top to bottom: the model and its loss, the data, main() (build, then the training loop), the checks of the
+inputs, and an appendix of plumbing that is the same text in every method script.
 """
 import argparse
 import contextlib
@@ -68,7 +69,8 @@ from tqdm import tqdm
 
 import vit
 
-# ----------------------------------------------------------------------------------------------------------- model
+
+# ------------------------------------------------------------------------------------------- model and loss
 
 def moco_vit(arch, stop_grad_conv1=True, **kw):
     """A vit.py encoder with MoCo v3's init (vits.py VisionTransformerMoCo). arch: vit.MODELS[name] or
@@ -116,7 +118,7 @@ def all_gather_nograd(x):
     return torch.cat(out)
 
 
-def contrastive_loss(q, k, T=0.2):
+def contrastive_loss(q, k, tau=0.2):
     """InfoNCE (paper Eq. 1; builder.py contrastive_loss). q (n, C) this rank's queries, k (n, C) this rank's keys.
     Logits (n, N) against the keys of the whole global batch; the positive of query i of rank r is key n*r + i.
     The 2*tau factor follows the official code (moco-v3#31: it only rescales the gradient)."""
@@ -124,17 +126,17 @@ def contrastive_loss(q, k, T=0.2):
         q = F.normalize(q.float(), dim=1)  # fp32: normalization and the softmax are precision-sensitive
         k = F.normalize(k.float(), dim=1)
         k = all_gather_nograd(k)  # (N, C), N = n * world_size
-        logits = q @ k.t() / T  # (n, N)
+        logits = q @ k.t() / tau  # (n, N)
         rank = dist.get_rank() if dist.is_initialized() else 0
         labels = torch.arange(q.shape[0], device=q.device) + q.shape[0] * rank  # equal n on every rank: drop_last
-        return F.cross_entropy(logits, labels) * (2 * T)
+        return F.cross_entropy(logits, labels) * (2 * tau)
 
 
 class MoCo(nn.Module):
     """builder.py MoCo_ViT. encoder_fn() builds one vit.py encoder; it is called once per encoder, as officially."""
-    def __init__(self, encoder_fn, dim=256, mlp_dim=4096, T=0.2):
+    def __init__(self, encoder_fn, dim=256, mlp_dim=4096, tau=0.2):
         super().__init__()
-        self.T = T
+        self.tau = tau
         self.base_encoder, self.momentum_encoder = encoder_fn(), encoder_fn()
         D = self.base_encoder.embed_dim
         self.base_encoder.head = build_mlp(3, D, mlp_dim, dim)  # projector: the ViT's CLS token -> (B, dim)
@@ -160,7 +162,7 @@ class MoCo(nn.Module):
             self.update_momentum_encoder(m)  # first update, then compute the keys with the new weights
             k1 = self.momentum_encoder(x1)  # (B, dim)
             k2 = self.momentum_encoder(x2)
-        return contrastive_loss(q1, k2, self.T) + contrastive_loss(q2, k1, self.T)  # symmetrized
+        return contrastive_loss(q1, k2, self.tau) + contrastive_loss(q2, k1, self.tau)  # symmetrized
 
 
 def momentum_at(step, steps_per_epoch, args):
@@ -170,32 +172,7 @@ def momentum_at(step, steps_per_epoch, args):
     return 1.0 - 0.5 * (1.0 + math.cos(math.pi * t / args.epochs)) * (1.0 - args.moco_m)
 
 
-def load_init(model, path, verbose=True):
-    """--init PATH. A full MoCo state whose names and shapes all match (our checkpoint.pt, or an official MoCo v3
-    checkpoint with 'module.' names) restores everything: both encoders, projectors and the predictor. Anything else
-    that vit.load_pretrained reads (encoder.pt, MAE, timm) goes into BOTH encoders; the heads stay as initialized."""
-    if not os.path.isfile(path):
-        raise StopRun(f"--init {path}: no such file; pass a checkpoint.pt, encoder.pt or an official .pth(.tar)")
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise StopRun(f"--init {path}: cannot read it as a PyTorch checkpoint ({type(e).__name__})") from None
-    if not isinstance(sd, dict):
-        raise StopRun(f"--init {path}: holds a {type(sd).__name__}, not a state dict")
-    full = next((sd[k] for k in ("model", "state_dict") if isinstance(sd.get(k), dict)), sd)
-    full = {k.removeprefix("module."): v for k, v in full.items()}
-    own = model.state_dict()
-    if all(torch.is_tensor(full.get(k)) and full[k].shape == v.shape for k, v in own.items()):
-        model.load_state_dict({k: full[k] for k in own})
-        return "full MoCo state (both encoders, projectors, predictor)"
-    try:
-        for enc in (model.base_encoder, model.momentum_encoder):
-            vit.load_pretrained(enc, sd, verbose=verbose and enc is model.base_encoder)
-    except ValueError as e:
-        raise StopRun(f"--init {path}: {e}") from None
-    return "encoder weights into both encoders; projectors and predictor as initialized"
-
-# ------------------------------------------------------------------------------------------------------------ data
+# ------------------------------------------------------------------------------------------------------- data
 
 class GaussianBlur:
     """PIL's Gaussian blur with sigma ~ U[0.1, 2] (moco/loader.py GaussianBlur), drawn from torch's RNG so that
@@ -228,7 +205,120 @@ class TwoViews:
         return [self.view1(img), self.view2(img)]
 
 
-# ======================================================================= boilerplate: identical in every method script
+# ------------------------------------------------------------------------------------------------------- main
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description="MoCo v3 pre-training (Chen, Xie, He 2021)", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_common_args(p, output_dir="runs/moco", model="vit_base", epochs=300, warmup_epochs=40, batch_size=4096,
+                    blr=1.5e-4, weight_decay=0.1)  # MoCo v3 CONFIG.md ViT recipe (wd on all parameters)
+    p.add_argument("--num-heads", type=int, default=None, help="attention heads (default: the model's). The paper's "
+                   "ViT-S has 12 (vit.py's vit_small: 6): pass 12 for it, also with an official ViT-S checkpoint")
+    p.add_argument("--moco-dim", type=int, default=256, help="output dim of projector and predictor (paper: 256)")
+    p.add_argument("--moco-mlp-dim", type=int, default=4096, help="hidden dim of projector and predictor (paper: 4096)")
+    p.add_argument("--moco-t", type=float, default=0.2, help="softmax temperature tau (paper ViT: 0.2)")
+    p.add_argument("--moco-m", type=float, default=0.99, help="momentum at step 0; cosine to 1 at the end (paper: 0.99)")
+    p.add_argument("--stop-grad-conv1", action=argparse.BooleanOptionalAction, default=True,
+                   help="freeze the random patch projection (paper ViT recipe: on; it avoids loss spikes)")
+    p.add_argument("--crop-min", type=float, default=0.08, help="RandomResizedCrop min scale (paper ViT: 0.08)")
+    return p.parse_args(argv)
+
+
+def build_model(args, verbose=True):
+    """MoCo v3 of --model's size (--num-heads, --init); the same seed on every rank (DDP also broadcasts rank 0's)."""
+    torch.manual_seed(args.seed)
+    kw = {k: v for k, v in (("patch_size", args.patch_size), ("num_heads", args.num_heads)) if v}
+    encoder_fn = functools.partial(moco_vit, vit.MODELS[args.model], args.stop_grad_conv1, img_size=args.img_size, **kw)
+    try:
+        model = MoCo(encoder_fn, args.moco_dim, args.moco_mlp_dim, args.moco_t)
+    except AssertionError as e:  # vit.py checks the sizes: e.g. embed_dim not divisible by --num-heads
+        raise StopRun(f"--model {args.model}: {e}") from None
+    args.patch_size, args.num_heads = model.base_encoder.patch_size, model.base_encoder.blocks[0].attn.num_heads
+    if args.init:
+        print0(f"--init {args.init}: " + load_init(model, args.init, verbose))
+    return model
+
+
+def build_optimizer(model, args, device):
+    """AdamW with default betas and weight decay on every trainable parameter, as main_moco.py."""
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
+                             weight_decay=args.weight_decay, fused=device.type == "cuda")
+
+
+def main(argv=None):
+    args = get_args(argv)
+    run = Run(args)
+    check_args(args, run.world_size)
+    loader = run.loader(build_dataset(args, TwoViews(args)))
+    model = build_model(args, verbose=run.is_main).to(run.device)
+    if run.world_size > 1 and run.device.type == "cuda":
+        # main_moco.py converts every BN to SyncBN, so the projector/predictor statistics are over the global batch
+        # of the recipe. SyncBatchNorm is CUDA-only in PyTorch: on CPU/gloo each process keeps per-process BN.
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    optimizer = build_optimizer(model, args, run.device)
+    scaler = torch.amp.GradScaler("cuda", enabled=args.amp == "fp16" and run.device.type == "cuda")
+    start_epoch = run.resume(model, optimizer, scaler)
+    ddp_model = run.wrap(model)  # one forward of one module per step: both views, the momentum update and the loss
+    # m enters the model as a 0-d tensor: a Python float that changes every step makes torch.compile specialize on
+    # it (recompiles, and a crash in DDP's graph splitting). float64 keeps eager results bit-identical to a float.
+    m_t = torch.zeros((), dtype=torch.float64, device=run.device)
+
+    for epoch in range(start_epoch, args.epochs):
+        for (x1, x2), _ in run.batches(loader, epoch):
+            lr = set_lr(optimizer, lr_at(run.step, run.steps_per_epoch, args))
+            m = momentum_at(run.step, run.steps_per_epoch, args)
+            x1, x2 = x1.to(run.device, non_blocking=True), x2.to(run.device, non_blocking=True)
+            with autocast(args, run.device):
+                m_t.fill_(m)  # no host sync (torch.tensor(m, device=...) would copy and wait)
+                loss = ddp_model(x1, x2, m_t)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            run.end_step(loss, lr=lr, m=m)
+        run.end_epoch(model, optimizer, scaler)
+    run.finish({k: v for k, v in model.base_encoder.state_dict().items() if not k.startswith("head.")})  # no projector
+    return model
+
+
+# ------------------------------------------------------------------------------- inputs and their one-line errors
+
+def check_args(args, world_size):
+    if not 0.0 <= args.moco_m <= 1.0:
+        raise StopRun(f"--moco-m {args.moco_m} must lie in [0, 1] (paper: 0.99)")
+    if args.batch_size // world_size < 2:
+        raise StopRun(f"--batch-size {args.batch_size} gives {args.batch_size // world_size} image(s) per process; the "
+                      f"BatchNorm in the projector and predictor needs at least 2: use --batch-size {2 * world_size} or more")
+
+
+def load_init(model, path, verbose=True):
+    """--init PATH. A full MoCo state whose names and shapes all match (our checkpoint.pt, or an official MoCo v3
+    checkpoint with 'module.' names) restores everything: both encoders, projectors and the predictor. Anything else
+    that vit.load_pretrained reads (encoder.pt, MAE, timm) goes into BOTH encoders; the heads stay as initialized."""
+    if not os.path.isfile(path):
+        raise StopRun(f"--init {path}: no such file; pass a checkpoint.pt, encoder.pt or an official .pth(.tar)")
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise StopRun(f"--init {path}: cannot read it as a PyTorch checkpoint ({type(e).__name__})") from None
+    if not isinstance(sd, dict):
+        raise StopRun(f"--init {path}: holds a {type(sd).__name__}, not a state dict")
+    full = next((sd[k] for k in ("model", "state_dict") if isinstance(sd.get(k), dict)), sd)
+    full = {k.removeprefix("module."): v for k, v in full.items()}
+    own = model.state_dict()
+    if all(torch.is_tensor(full.get(k)) and full[k].shape == v.shape for k, v in own.items()):
+        model.load_state_dict({k: full[k] for k in own})
+        return "full MoCo state (both encoders, projectors, predictor)"
+    try:
+        for enc in (model.base_encoder, model.momentum_encoder):
+            vit.load_pretrained(enc, sd, verbose=verbose and enc is model.base_encoder)
+    except ValueError as e:
+        raise StopRun(f"--init {path}: {e}") from None
+    return "encoder weights into both encoders; projectors and predictor as initialized"
+
+
+# ================================================================= appendix: the same text in every method script
+# Plumbing every training script shares (data, processes, schedule, checkpoints, logging, command line, one-line
+# errors); tests/test_shared_blocks.py keeps it identical everywhere: read it once, skip it in the other scripts.
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -255,50 +345,25 @@ def build_dataset(args, transform, split="train"):
     """--data ROOT: ROOT/<split> as an ImageFolder (ImageNet layout). --data cifar10|cifar100|stl10: torchvision
     downloads into --data-root on first use ('val' is the test split)."""
     import torchvision.datasets as datasets
-    train = split == "train"
+    train, named = split == "train", {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}
     try:
-        if args.data == "cifar10":
-            return datasets.CIFAR10(args.data_root, train=train, transform=transform, download=True)
-        if args.data == "cifar100":
-            return datasets.CIFAR100(args.data_root, train=train, transform=transform, download=True)
+        if args.data in named:
+            return named[args.data](args.data_root, train=train, transform=transform, download=True)
         if args.data == "stl10":
-            return datasets.STL10(args.data_root, split="train+unlabeled" if train else "test", transform=transform,
-                                  download=True)
+            return datasets.STL10(args.data_root, "train+unlabeled" if train else "test", transform=transform, download=True)
     except (OSError, RuntimeError) as e:  # no network, a partial download, a full disk
         raise StopRun(f"--data {args.data}: could not download into --data-root {args.data_root} ({e}); "
                       f"download it by hand into that folder, or pass an ImageFolder root") from None
-    folder = os.path.join(args.data, split)
+    layout, folder = f"ROOT/{split}/<class>/<image>", os.path.join(args.data, split)
     if not os.path.isdir(args.data):
-        raise StopRun(f"--data {args.data}: no such folder; pass an ImageNet-layout root (ROOT/{split}/<class>/<image>) "
-                      f"or one of cifar10, cifar100, stl10")
+        raise StopRun(f"--data {args.data}: no such folder; pass an ImageNet-layout root ({layout}) or one of "
+                      f"cifar10, cifar100, stl10")
     if not os.path.isdir(folder):
-        raise StopRun(f"--data {args.data}: no '{split}' folder inside; expected the ImageNet layout "
-                      f"ROOT/{split}/<class>/<image>")
+        raise StopRun(f"--data {args.data}: no '{split}' folder inside; expected the ImageNet layout {layout}")
     try:
         return datasets.ImageFolder(folder, transform=transform, loader=pil_loader)
     except FileNotFoundError as e:
-        raise StopRun(f"--data {args.data}: {folder} holds no class folders with images ({e}); expected "
-                      f"ROOT/{split}/<class>/<image>") from None
-
-
-def setup_distributed(args):
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain `python` runs one process on cuda:0 or the CPU."""
-    if "RANK" in os.environ:
-        rank, world_size, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-        if torch.cuda.is_available():
-            torch.cuda.set_device(local_rank)
-            dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
-        else:
-            dist.init_process_group("gloo")  # CPU: tests and debugging
-    else:
-        rank, world_size, local_rank = 0, 1, 0
-    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    if args.batch_size % world_size:
-        raise StopRun(f"--batch-size {args.batch_size} is global and must be divisible by the {world_size} processes; "
-                      f"use e.g. {args.batch_size // world_size * world_size}")
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    torch.backends.cudnn.benchmark = True
-    return rank, world_size, device
+        raise StopRun(f"--data {args.data}: {folder} holds no class folders with images ({e}); expected {layout}") from None
 
 
 def print0(*a, **kw):
@@ -315,14 +380,11 @@ def lr_at(step, steps_per_epoch, args):
     return args.lr * 0.5 * (1.0 + math.cos(math.pi * (epoch - args.warmup_epochs) / (args.epochs - args.warmup_epochs)))
 
 
-def make_loader(dataset, args, rank, world_size, device):
-    # drop_last: every step sees the same per-GPU batch (contrastive labels assume it); the sampler shuffles by seed+epoch
-    if len(dataset) < args.batch_size:
-        raise StopRun(f"--data has {len(dataset)} training images, fewer than one --batch-size {args.batch_size}; "
-                      f"lower --batch-size")
-    sampler = torch.utils.data.DistributedSampler(dataset, world_size, rank, shuffle=True, seed=args.seed, drop_last=True)
-    return torch.utils.data.DataLoader(dataset, batch_size=args.batch_size // world_size, sampler=sampler,
-                                       num_workers=args.num_workers, pin_memory=device.type == "cuda", drop_last=True)
+def set_lr(optimizer, lr):
+    """Every parameter group gets lr x its "lr_scale" (1 unless a script sets one, e.g. graft.py's lower layers)."""
+    for g in optimizer.param_groups:
+        g["lr"] = lr * g.get("lr_scale", 1.0)
+    return lr
 
 
 def autocast(args, device):
@@ -337,30 +399,142 @@ def save_checkpoint(obj, path):
     os.replace(path + ".tmp", path)
 
 
-# What may differ between a run and its resumption: where things are, how fast it runs, how long it lasts. Any other
-# flag (model, recipe, seed) would silently continue another run.
+# The flags a resumed run may change (where things are, how fast, how long); any other would continue another run.
 RESUME_MAY_CHANGE = {"data", "data_root", "output_dir", "epochs", "num_workers", "amp", "compile", "log_every",
                      "max_steps", "vis_every", "init", "mim_checkpoint", "teacher"}
 
 
-def resume(path, args, model, optimizer, scaler):
-    """Load OUTPUT_DIR/checkpoint.pt if there is one; returns the epoch to start from."""
-    if not os.path.isfile(path):
-        return 0
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    for k, v in ckpt["args"].items():
-        if k not in RESUME_MAY_CHANGE and getattr(args, k, v) != v:
-            raise StopRun(f"{path} was written with --{k.replace('_', '-')} {v}, not {getattr(args, k)}; pass the "
-                          f"same value or another --output-dir")
-    try:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-    except (RuntimeError, ValueError, KeyError) as e:
-        raise StopRun(f"{path} does not fit this model ({str(e).strip().splitlines()[0]}); pass the flags of the run "
-                      f"that wrote it, or another --output-dir") from None
-    scaler.load_state_dict(ckpt["scaler"]) if ckpt.get("scaler") else None
-    print0(f"resumed from {path} at epoch {ckpt['epoch']}")
-    return ckpt["epoch"]
+class Run:
+    """Everything around the training loop: processes and device, the step count, checkpoint.pt (resume, then a save
+    after every whole epoch), log.jsonl and encoder.pt. torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain `python`
+    runs one process on cuda:0 or the CPU (gloo for several CPU processes: tests and debugging)."""
+    def __init__(self, args):
+        self.args, self.step, self.log_file = args, 0, None
+        self.rank, self.world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        self.is_main, local_rank = self.rank == 0, int(os.environ.get("LOCAL_RANK", 0))
+        self.device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        if "RANK" in os.environ and self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+            dist.init_process_group("nccl", device_id=self.device)
+        elif "RANK" in os.environ:
+            dist.init_process_group("gloo")  # CPU: tests and debugging
+        if args.batch_size % self.world_size:
+            raise StopRun(f"--batch-size {args.batch_size} is global and must be divisible by the {self.world_size} "
+                          f"processes; use e.g. {args.batch_size // self.world_size * self.world_size}")
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+        args.lr = args.blr * args.batch_size / 256
+        os.makedirs(args.output_dir, exist_ok=True)
+        self.ckpt_path = os.path.join(args.output_dir, "checkpoint.pt")
+        print0(f"lr = blr {args.blr} x batch {args.batch_size} / 256 = {args.lr:.3g}; {self.world_size} process(es) x "
+               f"{args.batch_size // self.world_size} images on {self.device}; torch {torch.__version__}")
+
+    def loader(self, dataset):
+        """Each process its share of a seed + epoch shuffle; drop_last: every step has the same per-process batch."""
+        b = self.args.batch_size // self.world_size
+        if len(dataset) < self.args.batch_size:
+            raise StopRun(f"--data has {len(dataset)} training images, fewer than one --batch-size "
+                          f"{self.args.batch_size}; lower --batch-size")
+        sampler = torch.utils.data.DistributedSampler(dataset, self.world_size, self.rank, seed=self.args.seed,
+                                                      drop_last=True)
+        loader = torch.utils.data.DataLoader(dataset, b, sampler=sampler, num_workers=self.args.num_workers,
+                                             pin_memory=self.device.type == "cuda", drop_last=True)
+        self.steps_per_epoch = len(loader)
+        return loader
+
+    def resume(self, model, optimizer, scaler):
+        """Load checkpoint.pt if there is one (refusing one of another recipe); write args.json. Returns the epoch."""
+        epoch, args = 0, self.args
+        if os.path.isfile(self.ckpt_path):
+            ckpt = torch.load(self.ckpt_path, map_location="cpu", weights_only=True)
+            for k, v in ckpt["args"].items():
+                if k not in RESUME_MAY_CHANGE and getattr(args, k, v) != v:
+                    raise StopRun(f"{self.ckpt_path} was written with --{k.replace('_', '-')} {v}, not "
+                                  f"{getattr(args, k)}; pass the same value or another --output-dir")
+            try:
+                model.load_state_dict(ckpt["model"])
+                optimizer.load_state_dict(ckpt["optimizer"])
+            except (RuntimeError, ValueError, KeyError) as e:
+                raise StopRun(f"{self.ckpt_path} does not fit this model ({str(e).strip().splitlines()[0]}); pass the "
+                              f"flags of the run that wrote it, or another --output-dir") from None
+            if ckpt.get("scaler"):
+                scaler.load_state_dict(ckpt["scaler"])
+            epoch = ckpt["epoch"]
+            print0(f"resumed from {self.ckpt_path} at epoch {epoch}")
+        if self.is_main:
+            with open(os.path.join(args.output_dir, "args.json"), "w") as f:
+                json.dump(vars(args), f, indent=2)
+            self.log_file = open(os.path.join(args.output_dir, "log.jsonl"), "a")
+        self.step = epoch * self.steps_per_epoch
+        return epoch
+
+    def wrap(self, model):
+        """--compile and, with several processes, DDP around the model (the module itself stays as it is)."""
+        model = torch.compile(model) if self.args.compile else model
+        if self.world_size > 1:
+            model = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        return model
+
+    def batches(self, loader, epoch):
+        """The epoch's batches, until --max-steps. Data, masks and augmentations are a function of (seed, epoch,
+        rank): a resumed epoch sees what the interrupted one saw."""
+        self.epoch, self.epoch_done, self.sums, self.n, self.t0 = epoch, False, {}, 0, time.perf_counter()
+        if self.args.max_steps is not None and self.step >= self.args.max_steps:
+            return
+        torch.manual_seed(self.args.seed + 10_000 * epoch + self.rank)
+        loader.sampler.set_epoch(epoch)
+        for self.it, batch in enumerate(tqdm(loader, f"epoch {epoch}", disable=not self.is_main, leave=False,
+                                             dynamic_ncols=True)):
+            yield batch
+            if self.args.max_steps is not None and self.step >= self.args.max_steps:
+                return
+        self.epoch_done = True
+
+    def end_step(self, loss, **logged):
+        """Count one optimizer step. Every --log-every steps and at the epoch's end, one log line (one host sync):
+        loss and the other tensors averaged over those steps and the processes; lr and other numbers as given."""
+        self.step, self.n = self.step + 1, self.n + 1
+        for k, v in {"loss": loss, **logged}.items():
+            if torch.is_tensor(v):
+                self.sums[k] = self.sums.get(k, 0) + v.detach().float()
+        if self.step % self.args.log_every and self.it != self.steps_per_epoch - 1:
+            return
+        means = torch.stack(list(self.sums.values())) / self.n
+        if self.world_size > 1:
+            dist.all_reduce(means)
+            means /= self.world_size
+        means = dict(zip(self.sums, means.tolist()))
+        if not math.isfinite(means["loss"]):
+            raise StopRun(f"non-finite loss ({means['loss']}) within steps {self.step - self.n + 1}-{self.step}; "
+                          f"the last checkpoint ({self.ckpt_path}) is intact: lower --blr or use --amp bf16")
+        log = {"epoch": self.epoch, "step": self.step, **{k: round(v, 5) for k, v in means.items()},
+               **{k: v for k, v in logged.items() if not torch.is_tensor(v)},
+               "img_per_s": round(self.n * self.args.batch_size / (time.perf_counter() - self.t0), 1),
+               "mem_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if self.device.type == "cuda" else 0.0}
+        print0(json.dumps(log))
+        if self.is_main:
+            self.log_file.write(json.dumps(log) + "\n")
+            self.log_file.flush()
+        self.sums, self.n, self.t0 = {}, 0, time.perf_counter()
+
+    def end_epoch(self, model, optimizer, scaler):
+        """checkpoint.pt after an epoch that ran to its end (rank 0 writes, all wait). Returns whether it wrote."""
+        if self.epoch_done and self.is_main:
+            save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                             "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                             "epoch": self.epoch + 1, "args": vars(self.args)}, self.ckpt_path)
+        if self.epoch_done and self.world_size > 1:
+            dist.barrier()
+        return self.epoch_done
+
+    def finish(self, encoder_state_dict):
+        """encoder.pt: the encoder alone, in vit.py / timm names."""
+        if self.is_main:
+            save_checkpoint(encoder_state_dict, os.path.join(self.args.output_dir, "encoder.pt"))
+            print0(f"done: {self.args.output_dir}/encoder.pt after {self.step} steps")
+            self.log_file.close()
+        if self.world_size > 1:
+            dist.destroy_process_group()
 
 
 def add_common_args(p, **defaults):
@@ -384,140 +558,7 @@ def add_common_args(p, **defaults):
     p.add_argument("--log-every", type=int, default=20, help="steps between log lines (and non-finite loss checks)")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps in total")
     return p
-# ================================================================================================= end boilerplate
-
-# ------------------------------------------------------------------------------------------------------- arguments
-
-def get_args(argv=None):
-    p = argparse.ArgumentParser(description="MoCo v3 pre-training (Chen, Xie, He 2021)", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_common_args(p, output_dir="runs/moco", model="vit_base", epochs=300, warmup_epochs=40, batch_size=4096,
-                    blr=1.5e-4, weight_decay=0.1)  # MoCo v3 CONFIG.md ViT recipe (wd on all parameters)
-    p.add_argument("--num-heads", type=int, default=None, help="attention heads (default: the model's). The paper's "
-                   "ViT-S has 12 (vit.py's vit_small: 6): pass 12 for it, also with an official ViT-S checkpoint")
-    p.add_argument("--moco-dim", type=int, default=256, help="output dim of projector and predictor (paper: 256)")
-    p.add_argument("--moco-mlp-dim", type=int, default=4096, help="hidden dim of projector and predictor (paper: 4096)")
-    p.add_argument("--moco-t", type=float, default=0.2, help="softmax temperature tau (paper ViT: 0.2)")
-    p.add_argument("--moco-m", type=float, default=0.99, help="momentum at step 0; cosine to 1 at the end (paper: 0.99)")
-    p.add_argument("--stop-grad-conv1", action=argparse.BooleanOptionalAction, default=True,
-                   help="freeze the random patch projection (paper ViT recipe: on; it avoids loss spikes)")
-    p.add_argument("--crop-min", type=float, default=0.08, help="RandomResizedCrop min scale (paper ViT: 0.08)")
-    return p.parse_args(argv)
-
-# ------------------------------------------------------------------------------------------------------------ main
-
-def main(argv=None):
-    args = get_args(argv)
-    if not 0.0 <= args.moco_m <= 1.0:
-        raise StopRun(f"--moco-m {args.moco_m} must lie in [0, 1] (paper: 0.99)")
-    rank, world_size, device = setup_distributed(args)
-    is_main = rank == 0
-    if args.batch_size // world_size < 2:
-        raise StopRun(f"--batch-size {args.batch_size} gives {args.batch_size // world_size} image(s) per process; the "
-                      f"BatchNorm in the projector and predictor needs at least 2: use --batch-size {2 * world_size} or more")
-    args.lr = args.blr * args.batch_size / 256
-    os.makedirs(args.output_dir, exist_ok=True)
-    print0(f"lr = blr {args.blr} x batch {args.batch_size} / 256 = {args.lr:.3g}; {world_size} process(es) x "
-           f"{args.batch_size // world_size} images on {device}; torch {torch.__version__}")
-
-    # data
-    dataset = build_dataset(args, TwoViews(args))
-    loader = make_loader(dataset, args, rank, world_size, device)
-    steps_per_epoch = len(loader)
-
-    # model: the same seed on every rank, and DDP also broadcasts rank 0's weights
-    torch.manual_seed(args.seed)
-    kw = {k: v for k, v in (("patch_size", args.patch_size), ("num_heads", args.num_heads)) if v}
-    encoder_fn = functools.partial(moco_vit, vit.MODELS[args.model], args.stop_grad_conv1, img_size=args.img_size, **kw)
-    try:
-        model = MoCo(encoder_fn, args.moco_dim, args.moco_mlp_dim, args.moco_t)
-    except AssertionError as e:  # vit.py checks the sizes: e.g. embed_dim not divisible by --num-heads
-        raise StopRun(f"--model {args.model}: {e}") from None
-    args.patch_size, args.num_heads = model.base_encoder.patch_size, model.base_encoder.blocks[0].attn.num_heads
-    if args.init:
-        print0(f"--init {args.init}: " + load_init(model, args.init, verbose=is_main))
-    model.to(device)
-    if world_size > 1 and device.type == "cuda":
-        # main_moco.py converts every BN to SyncBN, so the projector/predictor statistics are over the global batch
-        # of the recipe. SyncBatchNorm is CUDA-only in PyTorch: on CPU/gloo each process keeps per-process BN.
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model_without_ddp = model
-
-    # optimizer: AdamW with default betas and weight decay on every trainable parameter, as main_moco.py
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
-                                  weight_decay=args.weight_decay, fused=device.type == "cuda")
-    scaler = torch.amp.GradScaler("cuda", enabled=args.amp == "fp16" and device.type == "cuda")
-    ckpt_path = os.path.join(args.output_dir, "checkpoint.pt")
-    start_epoch = resume(ckpt_path, args, model_without_ddp, optimizer, scaler)
-    if is_main:  # after resume(), which refuses a checkpoint of another run
-        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
-            json.dump(vars(args), f, indent=2)
-
-    if args.compile:
-        model = torch.compile(model)
-    if world_size > 1:  # one forward of one module per step: both views, the momentum update and the loss
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    # train
-    global_step = start_epoch * steps_per_epoch
-    log_file = open(os.path.join(args.output_dir, "log.jsonl"), "a") if is_main else None
-    # m enters the model as a 0-d tensor: a Python float that changes every step makes torch.compile specialize on
-    # it (recompiles, and a crash in DDP's graph splitting). float64 keeps eager results bit-identical to a float.
-    m_t = torch.zeros((), dtype=torch.float64, device=device)
-    for epoch in range(start_epoch, args.epochs):
-        if args.max_steps is not None and global_step >= args.max_steps:
-            break
-        torch.manual_seed(args.seed + 10_000 * epoch + rank)  # views and worker seeds: a function of (seed, epoch, rank)
-        loader.sampler.set_epoch(epoch)
-        loss_sum, n_sum, t0 = torch.zeros((), device=device), 0, time.perf_counter()
-        for it, ((x1, x2), _) in enumerate(tqdm(loader, desc=f"epoch {epoch}", disable=not is_main, leave=False, dynamic_ncols=True)):
-            lr = lr_at(global_step, steps_per_epoch, args)
-            m = momentum_at(global_step, steps_per_epoch, args)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            x1, x2 = x1.to(device, non_blocking=True), x2.to(device, non_blocking=True)
-            with autocast(args, device):
-                m_t.fill_(m)  # no host sync (torch.tensor(m, device=...) would copy and wait)
-                loss = model(x1, x2, m_t)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            global_step += 1
-            loss_sum += loss.detach()
-            n_sum += 1
-            if global_step % args.log_every == 0 or it == steps_per_epoch - 1:
-                if world_size > 1:
-                    dist.all_reduce(loss_sum)
-                    loss_sum /= world_size
-                loss_avg = loss_sum.item() / n_sum  # host sync, once per log interval
-                if not math.isfinite(loss_avg):
-                    raise StopRun(f"non-finite loss ({loss_avg}) within steps {global_step - n_sum + 1}-{global_step}; "
-                                  f"the last checkpoint ({ckpt_path}) is intact: lower --blr or use --amp bf16")
-                dt = time.perf_counter() - t0
-                log = {"epoch": epoch, "step": global_step, "loss": round(loss_avg, 5), "lr": lr, "m": m,
-                       "img_per_s": round(n_sum * args.batch_size / dt, 1),
-                       "mem_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if device.type == "cuda" else 0.0}
-                print0(json.dumps(log))
-                log_file.write(json.dumps(log) + "\n") if is_main else None
-                log_file.flush() if is_main else None
-                loss_sum, n_sum, t0 = torch.zeros((), device=device), 0, time.perf_counter()
-            if args.max_steps is not None and global_step >= args.max_steps:
-                break
-        else:  # the epoch ran to its end: checkpoint it (rank 0 writes, everyone waits)
-            if is_main:
-                save_checkpoint({"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
-                                 "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                                 "epoch": epoch + 1, "args": vars(args)}, ckpt_path)
-            dist.barrier() if world_size > 1 else None
-
-    if is_main:  # the base encoder alone, without its projector head: vit.py / timm names
-        encoder = {k: v for k, v in model_without_ddp.base_encoder.state_dict().items() if not k.startswith("head.")}
-        save_checkpoint(encoder, os.path.join(args.output_dir, "encoder.pt"))
-        print0(f"done: {args.output_dir}/encoder.pt after {global_step} steps")
-        log_file.close()
-    if world_size > 1:
-        dist.destroy_process_group()
-    return model_without_ddp
+# ====================================================================================================== end appendix
 
 
 if __name__ == "__main__":

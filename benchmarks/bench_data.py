@@ -81,11 +81,13 @@ def sync(device):
 
 
 def script_loader(mod, transform_fn, data, split, batch_size, workers, img_size, device):
-    """The method script's own dataset and loader, built from its own command-line defaults."""
+    """The method script's own dataset and loader (its appendix's Run.loader, one process), built from its own
+    command-line defaults; the output folder Run makes is a temporary one."""
+    import tempfile
     args = mod.get_args(["--data", data, "--img-size", str(img_size), "--batch-size", str(batch_size),
-                         "--num-workers", str(workers)])
+                         "--num-workers", str(workers), "--output-dir", tempfile.mkdtemp(prefix="bench_data_")])
     dataset = mod.build_dataset(args, transform_fn(args), split)
-    return mod.make_loader(dataset, args, 0, 1, device)
+    return mod.Run(args).loader(dataset)
 
 
 class FileBytes(torch.utils.data.Dataset):

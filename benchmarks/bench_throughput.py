@@ -32,8 +32,9 @@ x 16 heads)), and stepped as their training loops step them: fp16 autocast + Gra
 not fused) through util.misc.NativeScalerWithGradNormCount (it also computes the gradient norm every step) and
 loss.item() every step (engine_pretrain.py); MoCo v3: torch.optim.AdamW(model.parameters(), weight_decay=0.1)
 (PyTorch defaults otherwise) and loss.item() every step (main_moco.py). Neither side is wrapped in DDP (one process;
-SyncBatchNorm on one process is plain BatchNorm). Ours: the scripts' defaults (bf16 autocast, no GradScaler, fused
-AdamW on CUDA). The ratio table is ours / official img/s.
+SyncBatchNorm on one process is plain BatchNorm). Ours: each script's own build_model and build_optimizer (so a
+change in a script is measured here) and the scripts' defaults (bf16 autocast, no GradScaler, fused AdamW on CUDA).
+The ratio table is ours / official img/s.
 
 FLOP count (model FLOPs, 2 per multiply-add, matrix products only: LayerNorm, softmax, GELU, BatchNorm, the optimizer
 and the pixel loss are left out, all elementwise and well under 1%):
@@ -55,7 +56,7 @@ get_args, so --method-args changes them in the count too):
           256 -> 4096 -> 256 (bias-free Linears), fwd + bwd; momentum encoder + projector on both views, forward only;
           logits q k^T 2B^2 256 per loss term, two terms; frozen patch projection (stop-grad-conv1): forward only.
     MiCL: 2B views, each through the encoder on 1 + K/2 tokens (K = int(L(1 - 0.9)) rounded down to even), the patch
-          embedding on all L patches of each view (micl.py embeds every image twice); logits phi(m n^T) 2B^2 D per
+          embedding on all L patches of each view (micl.py embeds every image twice); logits phi(a b^T) 2B^2 D per
           term, two terms, both sides trained.
     MimCo: frozen teacher (here: a random encoder of the student's size) forward only on 1+L tokens; student encoder
           on 1+K tokens (K = int(L(1 - 0.75))), decoder as MAE's at mimco.py's width (256 x 4 blocks) with
@@ -149,7 +150,7 @@ def micl_flops(cfg, B, a):
     L, D = cfg["L"], cfg["D"]
     K = int(L * (1 - a.mask_ratio)) // 2 * 2
     pe, enc = encoder_flops(cfg, 1 + K // 2)
-    logits = 2 * linear_flops(B, D, B)  # phi(m n^T) and phi(n m^T)
+    logits = 2 * linear_flops(B, D, B)  # phi(a b^T) and phi(b a^T)
     return {"forward": 2 * B * (pe + enc) + logits, "train": 2 * B * (2 * pe + 3 * enc) + 3 * logits}
 
 
@@ -223,79 +224,63 @@ def script_args(mod, cfg, extra=()):
         raise RuntimeError(f"{mod.__name__}.get_args({argv}) failed: its command line changed; update this adapter") from None
 
 
-def make_encoder(cfg):
-    return vit.MODELS[cfg["model"]](img_size=cfg["img_size"], patch_size=cfg["patch_size"])
-
-
 def images(B, cfg, device, gen):
     return torch.randn(B, 3, cfg["img_size"], cfg["img_size"], device=device, generator=gen)  # never zeros
 
 
-def build_mae(mod, cfg, B, device, gen):
-    a = script_args(mod, cfg)
-    model = mod.MaskedAutoencoder(make_encoder(cfg), a.decoder_embed_dim, a.decoder_depth, a.decoder_num_heads,
-                                  a.norm_pix_loss)
-    x = images(B, cfg, device, gen)
-    return {"model": model, "betas": (0.9, 0.95), "wd": a.weight_decay, "flops": mae_flops(cfg, B, a),
-            "loss": lambda m, step: m(x, a.mask_ratio)[0]}
+def random_encoder_file(cfg):
+    """graft.py's stage-1 weights and mimco.py's teacher: a random encoder of the benchmark's size, in a temporary
+    file (the weights do not change the cost)."""
+    import tempfile
+    path = os.path.join(tempfile.mkdtemp(prefix="bench_"), "encoder.pt")
+    torch.save(vit.MODELS[cfg["model"]](img_size=cfg["img_size"], patch_size=cfg["patch_size"]).state_dict(), path)
+    return path
 
 
-def build_moco(mod, cfg, B, device, gen):
-    a = script_args(mod, cfg)
-    encoder_fn = functools.partial(mod.moco_vit, vit.MODELS[cfg["model"]], a.stop_grad_conv1, img_size=cfg["img_size"],
-                                   patch_size=cfg["patch_size"], **({"num_heads": a.num_heads} if a.num_heads else {}))
-    model = mod.MoCo(encoder_fn, a.moco_dim, a.moco_mlp_dim, a.moco_t)
-    x1, x2 = images(B, cfg, device, gen), images(B, cfg, device, gen)
-    # m changes every step, as in training (a compiled model must not recompile for it)
-    return {"model": model, "betas": (0.9, 0.999), "wd": a.weight_decay, "flops": moco_flops(cfg, B, a),
-            "loss": lambda m, step: m(x1, x2, a.moco_m + 1e-6 * step)}
+# The inputs and the loss call of each method's module (its forward returns the loss, or (loss, extras)); the model
+# and its optimizer are built by the script's own build_model / build_optimizer, so a change there is measured here.
+EXTRA_ARGS = {"mimco": lambda cfg: ["--teacher", random_encoder_file(cfg), "--teacher-model", cfg["model"]],
+              "graft": lambda cfg: ["--mim-checkpoint", random_encoder_file(cfg)]}
+INPUTS = {"mae": 1, "moco": 2, "micl": 1, "mimco": 1, "graft": 2}  # views per image
 
 
-def build_micl(mod, cfg, B, device, gen):
-    a = script_args(mod, cfg)
-    model = mod.MiCL(make_encoder(cfg), a.mask_ratio, a.kappa, a.tau, a.gather)
-    x = images(B, cfg, device, gen)
-    return {"model": model, "betas": (0.9, 0.95), "wd": a.weight_decay, "flops": micl_flops(cfg, B, a),
-            "loss": lambda m, step: m(x)}
+def loss_fn(method, a, xs):
+    """m changes every step, as in training (a compiled model must not recompile for it)."""
+    if method == "mae":
+        return lambda model, step: model(xs[0], a.mask_ratio)[0]
+    if method in ("moco", "graft"):
+        first = (lambda out: out) if method == "moco" else (lambda out: out[0])
+        return lambda model, step: first(model(xs[0], xs[1], a.moco_m + 1e-6 * step))
+    if method == "mimco":
+        return lambda model, step: model(xs[0])[0]
+    return lambda model, step: model(xs[0])
 
 
-def build_mimco(mod, cfg, B, device, gen):
-    """The teacher is a random (frozen) vit.py encoder of the student's size: its weights do not change the cost.
-    Heads as mimco.py's load_teacher (12 for vit_small, MoCo v3's ViT-S)."""
-    a = script_args(mod, cfg, ["--teacher", "unused", "--teacher-model", cfg["model"]])
-    heads = a.teacher_num_heads or (12 if cfg["model"] == "vit_small" else None)
-    teacher = vit.MODELS[cfg["model"]](img_size=cfg["img_size"], patch_size=cfg["patch_size"],
-                                       **({"num_heads": heads} if heads else {}))
-    student = vit.MODELS[cfg["model"]](img_size=cfg["img_size"], patch_size=cfg["patch_size"],
-                                       **({"num_heads": a.num_heads} if a.num_heads else {}))
-    model = mod.MimCo(student, teacher, a.decoder_embed_dim, a.decoder_depth, a.decoder_num_heads,
-                      a.head_hidden_dim, a.mask_ratio, a.patch_tau, a.image_tau, a.image_weight, a.patch_negatives,
-                      a.teacher_feature)
-    x = images(B, cfg, device, gen)
-    teacher_cfg = {**cfg, "D": teacher.embed_dim, "depth": teacher.depth}
-    return {"model": model, "betas": (0.9, 0.95), "wd": a.weight_decay, "flops": mimco_flops(cfg, B, a, teacher_cfg),
-            "loss": lambda m, step: m(x)[0]}
+def method_flops(method, cfg, B, a, model):
+    if method == "mae":
+        return mae_flops(cfg, B, a)
+    if method == "moco":
+        return moco_flops(cfg, B, a)
+    if method == "micl":
+        return micl_flops(cfg, B, a)
+    if method == "graft":
+        return graft_flops(cfg, B, a, model.graft_depth)
+    return mimco_flops(cfg, B, a, {**cfg, "D": model.teacher.embed_dim, "depth": model.teacher.depth})
 
 
-def build_graft(mod, cfg, B, device, gen):
-    """graft.py's GraftedMoCo with the script's own lower/upper learning-rate groups (its param_groups). The MIM
-    weights it starts from do not change the cost: random ones here."""
-    a = script_args(mod, cfg)
-    encoder_fn = functools.partial(vit.MODELS[cfg["model"]], img_size=cfg["img_size"], patch_size=cfg["patch_size"])
-    model = mod.GraftedMoCo(encoder_fn, a.moco_dim, a.moco_mlp_dim, a.moco_t, a.graft_depth, a.freeze_lower,
-                            a.l1_weight, a.l1_depth)
-    if a.l1_weight > 0:
+def build_ours(method, mod, cfg, B, device, gen):
+    """The script's model (build_model) on the device, its optimizer (build_optimizer), inputs, loss call, FLOPs."""
+    a = script_args(mod, cfg, EXTRA_ARGS[method](cfg) if method in EXTRA_ARGS else ())
+    a.lr = a.blr * B / 256  # as the scripts' Run(args) sets it
+    model = mod.build_model(a, verbose=False).to(device)
+    if getattr(a, "l1_weight", 0) > 0:  # graft.py takes the L1 reference on the device, after build_model
         model.set_l1_reference()
-    x1, x2 = images(B, cfg, device, gen), images(B, cfg, device, gen)
-    return {"model": model, "betas": (0.9, 0.999), "wd": a.weight_decay,
-            "param_groups": lambda: mod.param_groups(model, a.weight_decay, a.lower_lr_ratio),
-            "flops": graft_flops(cfg, B, a, model.graft_depth),
-            "loss": lambda m, step: m(x1, x2, a.moco_m + 1e-6 * step)[0]}
+    xs = [images(B, cfg, device, gen) for _ in range(INPUTS[method])]
+    return {"model": model, "optimizer": mod.build_optimizer(model, a, device), "flops": method_flops(method, cfg, B, a, model),
+            "loss": loss_fn(method, a, xs)}
 
 
-BUILDERS = {"mae": build_mae, "moco": build_moco, "micl": build_micl,
-            "mimco": build_mimco,
-            "graft": build_graft}
+BUILDERS = {m: functools.partial(build_ours, m) for m in METHOD_NAMES}
 
 # ------------------------------------------------------------------------------------------ the official code
 
@@ -519,10 +504,7 @@ def prepare_ours(method, mod, cfg, B, device, args, compiled):
     gen = torch.Generator(device).manual_seed(0)
     torch.manual_seed(0)
     b = BUILDERS[method](mod, cfg, B, device, gen)
-    model = b["model"].to(device).train()
-    # one group (the step cost does not depend on weight-decay groups), or the script's own lr groups (graft.py)
-    params = b["param_groups"]() if "param_groups" in b else [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4, betas=b["betas"], weight_decay=b["wd"], fused=device.type == "cuda")
+    model, optimizer = b["model"].train(), b["optimizer"]
     use_amp = device.type == "cuda" and args.amp != "none"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and args.amp == "fp16")
     fmodel = torch.compile(model) if compiled else model

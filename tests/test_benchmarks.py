@@ -1,7 +1,6 @@
 """benchmarks/bench_throughput.py and benchmarks/bench_data.py: the FLOP formulas against torch's own FLOP counter on
 the real modules, and CPU smoke runs of both scripts' main() at tiny sizes (their JSON and table fields).
 The official-code comparison (--reference-mae / --reference-moco) needs timm and checkouts: not tested here."""
-import functools
 import importlib
 import json
 import os
@@ -36,8 +35,9 @@ TINY_ARGS = {"mae": "--decoder-embed-dim 32 --decoder-depth 1 --decoder-num-head
 @pytest.fixture
 def tiny_vit(monkeypatch):
     """A 2-block, 64-wide ViT registered as vit.MODELS['vit_bench'] (the scripts' --model choices read that dict)."""
-    monkeypatch.setitem(vit.MODELS, "vit_bench", functools.partial(vit.VisionTransformer, embed_dim=64, depth=2,
-                                                                   num_heads=2))
+    def vit_bench(cls=vit.VisionTransformer, **kw):
+        return cls(**{"embed_dim": 64, "depth": 2, "num_heads": 2, **kw})
+    monkeypatch.setitem(vit.MODELS, "vit_bench", vit_bench)
     return "vit_bench"
 
 

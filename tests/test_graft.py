@@ -174,6 +174,44 @@ def test_l1_term_against_slow_formula():
             assert torch.allclose(p.grad - grads[n].grad, 0.5 * sign, atol=1e-6), n
 
 
+def test_graft_is_moco_v3_underneath():
+    """With the same weights, the same two views and the L1 term off, graft's loss, gradients and momentum update are
+    moco.py's. Graft's update skips the frozen tensors (equal in both encoders), which moco.py's m t + (1 - m) t keeps
+    equal only up to rounding; at m = 0.5 that is exact, so there everything must be bit-identical. And graft.py's MoCo
+    is a checked copy of moco.py's."""
+    import inspect
+    import moco
+    assert inspect.getsource(graft.MoCo) == inspect.getsource(moco.MoCo)
+    fn = functools.partial(moco.moco_vit, vit.VisionTransformer, True, img_size=32, patch_size=8, embed_dim=64, depth=2,
+                           num_heads=4)
+    for m in (0.5, 0.99):
+        torch.manual_seed(0)
+        ref = moco.MoCo(fn, dim=16, mlp_dim=32, tau=0.2)
+        with torch.no_grad():  # base and momentum weights differ, as after some training (frozen ones never move)
+            for p in ref.parameters():
+                if p.requires_grad:
+                    p.add_(0.01 * torch.randn_like(p))
+        torch.manual_seed(1)
+        ours = graft.GraftedMoCo(fn, dim=16, mlp_dim=32, tau=0.2)
+        ours.load_state_dict(ref.state_dict(), strict=True)
+        assert [n for n, p in ours.named_parameters() if p.requires_grad] == \
+            [n for n, p in ref.named_parameters() if p.requires_grad]
+        x1, x2 = torch.randn(6, 3, 32, 32), torch.randn(6, 3, 32, 32)
+        ref_loss = ref(x1, x2, m)
+        loss, l1 = ours(x1, x2, m)
+        assert l1 == 0 and abs(loss.item() / ref_loss.item() - 1) < 1e-6, (m, loss.item(), ref_loss.item())
+        if m != 0.5:
+            continue
+        assert torch.equal(loss, ref_loss)
+        ref_loss.backward()
+        loss.backward()
+        theirs = dict(ref.named_parameters())
+        for n, p in ours.named_parameters():
+            assert (p.grad is None and theirs[n].grad is None) or torch.equal(p.grad, theirs[n].grad), n
+        for (n, a), b in zip(ref.momentum_encoder.state_dict().items(), ours.momentum_encoder.state_dict().values()):
+            assert torch.equal(a, b), n  # momentum-updated weights and BN running statistics
+
+
 def test_mae_then_graft_on_real_images_and_exact_resume(image_root, tmp_path):
     """Stage 1 by mae.py, stage 2 from its checkpoint.pt; with the L1 pull on, so a resumed run must also read its
     reference from the MIM file again (not from the checkpoint's trained weights) to end equal."""

@@ -14,9 +14,17 @@ import vit
 from helpers import free_port, run_ddp
 
 
+TINY = {"img_size": 32, "patch_size": 4, "embed_dim": 64, "depth": 2, "num_heads": 4}  # 64 patches
+
+
 def tiny_vit(seed=0):
     torch.manual_seed(seed)
-    return vit.VisionTransformer(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=4)  # 64 patches
+    return vit.VisionTransformer(**TINY)
+
+
+def tiny_micl(seed=0, **kw):
+    torch.manual_seed(seed)
+    return micl.MiCL(**kw, **TINY)
 
 
 def batch(n, seed=1):
@@ -24,47 +32,48 @@ def batch(n, seed=1):
     return torch.randn(n, 3, 32, 32, generator=g), torch.rand(n, 64, generator=g)  # images, mask noise
 
 
-def slow_loss(m, n, kappa, tau):
+def slow_loss(a, b, kappa, tau):
     """MiCL's loss, one image at a time, in float64: for each image i and each direction, the softmax over all
-    images j of phi(cos(a_i, b_j)) / tau, minus the log of its entry j = i; the mean over i, then over directions."""
-    m, n = m.double(), n.double()
-    def direction(a, b):  # Python floats throughout: the result is a float, not a tensor
+    images j of phi(cos(u_i, v_j)) / tau, minus the log of its entry j = i; the mean over i, then over directions."""
+    a, b = a.double(), b.double()
+    def direction(u, v):  # Python floats throughout: the result is a float, not a tensor
         total = 0.0
-        for i in range(len(a)):
-            cos = [float(a[i] @ b[j]) for j in range(len(b))]
+        for i in range(len(u)):
+            cos = [float(u[i] @ v[j]) for j in range(len(v))]
             logits = [(1 + c) / 2 / (1 + kappa * (1 - c)) / tau for c in cos]
             total += -(logits[i] - math.log(sum(math.exp(x) for x in logits)))
-        return total / len(a)
-    return 0.5 * (direction(m, n) + direction(n, m))
+        return total / len(u)
+    return 0.5 * (direction(a, b) + direction(b, a))
 
 
 def test_loss_matches_slow_formula():
     g = torch.Generator().manual_seed(0)
-    m = torch.nn.functional.normalize(torch.randn(7, 16, generator=g), dim=-1)
-    n = torch.nn.functional.normalize(m + 0.5 * torch.randn(7, 16, generator=g), dim=-1)
+    a = torch.nn.functional.normalize(torch.randn(7, 16, generator=g), dim=-1)
+    b = torch.nn.functional.normalize(a + 0.5 * torch.randn(7, 16, generator=g), dim=-1)
     for kappa, tau in [(1 / 64, 0.07), (0.0, 0.2), (1.0, 0.5)]:
-        assert micl.contrastive_loss(m, n, kappa, tau).item() == pytest.approx(slow_loss(m, n, kappa, tau), rel=1e-5)
+        assert micl.contrastive_loss(a, b, kappa, tau).item() == pytest.approx(slow_loss(a, b, kappa, tau), rel=1e-5)
 
 
 def test_forward_is_two_views_through_the_encoder():
-    """The model's loss = the slow loss on CLS features of each view encoded alone, image by image."""
+    """The model's loss = the slow loss on CLS features of each view encoded alone, image by image, by a plain
+    vit.py encoder: the model is that encoder (its names, and its weights for the same seed)."""
     encoder = tiny_vit()
-    model = micl.MiCL(encoder, mask_ratio=0.9, kappa=1 / 64, tau=0.07)
+    model = tiny_micl(mask_ratio=0.9, kappa=1 / 64, tau=0.07)
+    assert set(model.state_dict()) == set(encoder.state_dict())  # plain encoder names, no "encoder." prefix
+    assert all(torch.equal(v, encoder.state_dict()[k]) for k, v in model.state_dict().items())  # same init
     imgs, noise = batch(5)
     ids_a, ids_b = model.split_views(noise)
     with torch.no_grad():
         loss = model(imgs, noise)
         feats = [torch.cat([encoder.forward_features(imgs[i:i + 1], ids[i:i + 1])[:, 0] for i in range(5)])
                  for ids in (ids_a, ids_b)]
-    m, n = (torch.nn.functional.normalize(f, dim=-1) for f in feats)
-    assert loss.item() == pytest.approx(slow_loss(m, n, 1 / 64, 0.07), rel=1e-4)
-    assert set(model.state_dict()) == set(encoder.state_dict())  # plain encoder names, no "encoder." prefix
+    a, b = (torch.nn.functional.normalize(f, dim=-1) for f in feats)
+    assert loss.item() == pytest.approx(slow_loss(a, b, 1 / 64, 0.07), rel=1e-4)
 
 
 @pytest.mark.parametrize("L,ratio,expected", [(64, 0.9, 6), (196, 0.9, 18), (196, 0.75, 48), (256, 0.9, 24), (16, 0.5, 8)])
 def test_views_are_disjoint_halves_of_the_kept_patches(L, ratio, expected):
-    model = micl.MiCL(vit.VisionTransformer(img_size=4 * int(math.sqrt(L)), patch_size=4, embed_dim=16, depth=1,
-                                            num_heads=2), mask_ratio=ratio)
+    model = micl.MiCL(mask_ratio=ratio, img_size=4 * int(math.sqrt(L)), patch_size=4, embed_dim=16, depth=1, num_heads=2)
     noise = torch.rand(9, L, generator=torch.Generator().manual_seed(L))
     K = model.len_keep(L)
     assert K == int(L * (1 - ratio)) // 2 * 2 == expected and K % 2 == 0
@@ -86,7 +95,7 @@ def _ddp_grads(rank, world_size, out_dir, image_root, port2):
     half = slice(4 * rank, 4 * rank + 4)  # this rank's local batch
     result = {}
     for gather in (True, False):
-        model = DDP(micl.MiCL(tiny_vit(), gather=gather))
+        model = DDP(tiny_micl(gather=gather))
         loss = model(imgs[half], noise[half])
         loss.backward()
         result[gather] = {"loss": loss.item(),
@@ -100,7 +109,7 @@ def _ddp_grads(rank, world_size, out_dir, image_root, port2):
 
 
 def single_process_grads(imgs, noise):
-    model = micl.MiCL(tiny_vit())
+    model = tiny_micl()
     loss = model(imgs, noise)
     loss.backward()
     return loss.item(), {k: p.grad for k, p in model.named_parameters() if p.grad is not None}
@@ -113,7 +122,7 @@ def test_ddp_gradients_with_and_without_gather(tmp_path, image_root):
     imgs, noise = batch(8)
     global_loss, global_grads = single_process_grads(imgs, noise)
     halves = [single_process_grads(imgs[s], noise[s]) for s in (slice(0, 4), slice(4, 8))]
-    every = {k for k, p in micl.MiCL(tiny_vit()).named_parameters() if p.requires_grad}
+    every = {k for k, p in tiny_micl().named_parameters() if p.requires_grad}
     assert set(global_grads) == set(ranks[0][True]["grads"]) == set(ranks[0][False]["grads"]) == every
 
     # --gather: rank r's loss is the mean over its 4 images of the global-negatives loss, so the mean over ranks is
@@ -181,3 +190,8 @@ def test_non_finite_loss_stops_the_run(image_root, tmp_path, monkeypatch):
 def test_too_few_kept_patches_is_a_one_line_error(image_root, tmp_path):
     with pytest.raises(micl.StopRun, match="--mask-ratio 0.99 keeps 0 of 64 patches"):
         run_main(image_root, tmp_path, "--mask-ratio", "0.99")
+
+
+def test_a_batch_without_negatives_is_a_one_line_error(image_root, tmp_path):
+    with pytest.raises(micl.StopRun, match="--batch-size 1 on 1 process\\(es\\) leaves each image no negative"):
+        run_main(image_root, tmp_path, "--batch-size", "1")

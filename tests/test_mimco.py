@@ -1,6 +1,7 @@
 """mimco.py: both losses against slow formulas, the forward's wiring, a frozen teacher, DDP gradients with gathered
 teacher features, a real-image run with an official-format MoCo v3 teacher that resumes exactly, one-line errors.
 CPU, tiny ViTs."""
+import argparse
 import functools
 import json
 import math
@@ -103,15 +104,23 @@ def test_forward_wiring(teacher_feature, negatives, weight):
         assert not torch.allclose(model(imgs2, noise)[1]["loss_patch"], stats["loss_patch"])
 
 
-def test_teacher_frozen_unregistered_and_in_eval_mode():
+def test_teacher_frozen_in_eval_mode_and_only_the_student_trained_and_saved():
+    """The teacher is a registered submodule (so .to() moves it) that is frozen, stays in eval mode through
+    model.train(), is left out of build_optimizer, and is left out of state_dict() / load_state_dict() (checkpoint.pt)."""
     model = tiny_mimco()
     teacher = model.teacher
+    assert dict(model.named_children())["teacher"] is teacher
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     student_before = model.encoder.blocks[0].attn.qkv.weight.clone()
-    assert not any(k.startswith("teacher") for k in model.state_dict())  # not in checkpoint.pt
-    assert {k.split(".")[0] for k in model.state_dict()} >= {"encoder", "decoder_pred", "image_head", "mask_token"}
-    assert not {id(p) for p in teacher.parameters()} & {id(p) for p in model.parameters()}  # not in the optimizer
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.05)
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    assert not any(k.startswith("teacher") for k in sd)  # not in checkpoint.pt
+    assert {k.split(".")[0] for k in sd} >= {"encoder", "decoder_pred", "image_head", "mask_token"}
+    assert all(not p.requires_grad for p in teacher.parameters())
+    optimizer = mimco.build_optimizer(model, argparse.Namespace(lr=1e-2, weight_decay=0.05), torch.device("cpu"))
+    in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    assert not {id(p) for p in teacher.parameters()} & in_optimizer  # not in the optimizer
+    assert in_optimizer == {id(p) for n, p in model.named_parameters() if p.requires_grad and n != "decoder_pos_embed"}
+    model.eval()
     model.train()
     for step in range(3):
         imgs, noise = batch(4, seed=step)
@@ -119,10 +128,16 @@ def test_teacher_frozen_unregistered_and_in_eval_mode():
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        assert model.training and model.encoder.training and model.decoder_blocks.training
         assert not teacher.training and all(not m.training for m in teacher.modules())
         assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
     assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())  # bitwise unchanged
     assert not torch.equal(student_before, model.encoder.blocks[0].attn.qkv.weight)  # the student did train
+    model.load_state_dict(sd)  # a student state dict loads strictly (as Run.resume does); the teacher keeps its weights
+    assert torch.equal(model.encoder.blocks[0].attn.qkv.weight, student_before)
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
+    with pytest.raises(RuntimeError, match="Missing key"):  # still strict about the student
+        model.load_state_dict({k: v for k, v in sd.items() if k != "mask_token"})
     model.to(torch.float64)  # moving the model moves the teacher it calls
     assert teacher.blocks[0].attn.qkv.weight.dtype == torch.float64
 

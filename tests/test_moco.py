@@ -17,10 +17,10 @@ from helpers import free_port, run_ddp
 FIX = os.path.join(os.path.dirname(__file__), "fixtures")
 
 
-def tiny_moco(T=0.2):
+def tiny_moco(tau=0.2):
     fn = functools.partial(moco.moco_vit, vit.VisionTransformer, True, img_size=32, patch_size=8, embed_dim=64, depth=2,
                            num_heads=4)
-    return moco.MoCo(fn, dim=16, mlp_dim=32, T=T)
+    return moco.MoCo(fn, dim=16, mlp_dim=32, tau=tau)
 
 
 def official_fixture():

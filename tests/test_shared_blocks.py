@@ -18,6 +18,7 @@ COPIES = [
     ("graft.build_mlp", "moco.build_mlp"),
     ("graft.all_gather_nograd", "moco.all_gather_nograd"),
     ("graft.contrastive_loss", "moco.contrastive_loss"),
+    ("graft.MoCo", "moco.MoCo"),
     ("graft.momentum_at", "moco.momentum_at"),
     ("graft.GaussianBlur", "moco.GaussianBlur"),
     ("graft.view_transform", "moco.view_transform"),
