@@ -4,7 +4,7 @@
     python benchmarks/bench_data.py --data /imagenet --workers 8,16 --seconds 30
 
 Pipelines (each timed for --seconds per worker count, after its first batch, which is reported apart: worker start-up):
-    mae          the scripts' loader (mae.build_dataset + mae.make_loader: ImageFolder, PIL decode, DistributedSampler,
+    mae          the scripts' loader (mae.build_dataset + mae.Run.loader: ImageFolder, PIL decode, DistributedSampler,
                  pinned memory on CUDA) with mae.train_transform (RandomResizedCrop 0.2-1 bicubic + flip); batches are
                  copied to the device as the training loop does. micl.py and mimco.py use the same transform.
     moco         the same loader with moco.TwoViews (BYOL's two asymmetric views: crop, colour jitter, grey, blur,

@@ -30,7 +30,8 @@ def synthetic(n_per_class, n_test_per_class, dim, num_classes, spread, seed=0):
 
 
 def sync(device):
-    torch.cuda.synchronize() if device.type == "cuda" else None
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def run_case(name, data, device, repeats, with_sklearn, lambd, max_iter):
@@ -73,7 +74,8 @@ def main():
     p.add_argument("--max-iter", type=int, default=1000, help="L-BFGS iterations at most")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = p.parse_args()
-    torch.set_num_threads(args.threads) if args.threads else None
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, device {device}"
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
