@@ -23,8 +23,8 @@ Deviations from the official code, on purpose:
     - A non-finite loss is checked every --log-every steps (the official code checks every step) to avoid a
       host sync per step.
 
-Read top to bottom: the model and its loss, the data, main() (build, then the training loop), and an appendix
-of plumbing that is the same text in every method script.
+Read top to bottom: the model and its loss, the data, main() (build, then the training loop), the checks of this
+script's own inputs, and an appendix of plumbing that is the same text in every method script.
 """
 import argparse
 import contextlib
@@ -229,7 +229,11 @@ def load_init(model, path, verbose):
         raise StopRun(f"--init {path}: {e}") from None
     decoder = {k: v for k, v in torch.load(path, map_location="cpu", weights_only=True).get("model", {}).items()
                if k.startswith(("decoder_", "mask_token"))}
-    model.load_state_dict({**encoder.state_dict(), **decoder}, strict=False)
+    try:
+        model.load_state_dict({**encoder.state_dict(), **decoder}, strict=False)
+    except RuntimeError as e:  # a decoder of another width or depth
+        raise StopRun(f"--init {path}: its decoder does not fit ({str(e).strip().splitlines()[-1].strip()}); pass "
+                      f"the --decoder-* flags of the run that wrote it, or an encoder-only file") from None
     print0(f"--init {path}: encoder loaded" + (", decoder loaded" if decoder else ", decoder random"))
 
 

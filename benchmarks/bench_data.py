@@ -87,7 +87,9 @@ def script_loader(mod, transform_fn, data, split, batch_size, workers, img_size,
     args = mod.get_args(["--data", data, "--img-size", str(img_size), "--batch-size", str(batch_size),
                          "--num-workers", str(workers), "--output-dir", tempfile.mkdtemp(prefix="bench_data_")])
     dataset = mod.build_dataset(args, transform_fn(args), split)
-    return mod.Run(args).loader(dataset)
+    loader = mod.Run(args).loader(dataset)
+    loader.pin_memory = device.type == "cuda"  # Run pins whenever CUDA exists; --device cpu measures an unpinned one
+    return loader
 
 
 class FileBytes(torch.utils.data.Dataset):

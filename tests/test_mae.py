@@ -211,3 +211,12 @@ def test_cli_error_is_one_line(tmp_path):
     assert r.returncode == 1
     assert r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error: --data"), r.stderr
 
+
+
+def test_init_with_a_decoder_of_another_size_is_one_line(tmp_path, image_root):
+    """--init with an MAE file whose decoder is wider than --decoder-embed-dim: one line naming the flags."""
+    wide = vit.MODELS["vit_mini"](cls=mae.MaskedAutoencoder, img_size=32, patch_size=8, decoder_embed_dim=48,
+                                  decoder_depth=1, decoder_num_heads=2)  # tiny_args: --decoder-embed-dim 32
+    torch.save({"model": wide.state_dict()}, tmp_path / "wide.pth")
+    with pytest.raises(mae.StopRun, match="its decoder does not fit .*--decoder-"):
+        mae.main(tiny_args(image_root, tmp_path / "o", "--init", str(tmp_path / "wide.pth")))
