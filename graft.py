@@ -328,7 +328,8 @@ def build_model(args, verbose=True):
     args.patch_size, args.graft_depth = model.base_encoder.patch_size, model.graft_depth
     if mim_path:  # on resume the checkpoint overwrites these weights; the L1 reference is taken before (main)
         load_mim_weights(model, mim_path, verbose)
-        print0(f"stage 1: {mim_path} -> base and momentum encoders; projector and predictor random")
+        if verbose:
+            print0(f"stage 1: {mim_path} -> base and momentum encoders; projector and predictor random")
     return model
 
 
