@@ -496,11 +496,8 @@ def load_checkpoint(model, path, verbose):
     """--checkpoint: any file vit.load_pretrained reads, else a one-line error."""
     try:
         vit.load_pretrained(model, path, verbose=verbose)
-    except ValueError as e:  # not found, or weights for another model
+    except ValueError as e:  # not found, unreadable, or weights for another model
         raise StopRun(f"--checkpoint {path}: {one_line(e)}") from None
-    except Exception as e:  # not a torch file, truncated, pickled objects that weights_only refuses, ...
-        why = (str(e).strip().splitlines() or [""])[0].split(". ")[0]  # torch's messages run for lines
-        raise StopRun(f"--checkpoint {path}: cannot read it as a file of weights ({type(e).__name__}: {why})") from None
 
 
 def eval_datasets(args):
@@ -557,7 +554,7 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 class StopRun(Exception):
-    """A problem the user can fix (bad input, a diverged run): printed as one line, without a traceback."""
+    """A problem the user can fix (bad input, a diverged run, a stop signal): printed as one line, no traceback."""
 
 
 def one_line(e):
@@ -570,7 +567,11 @@ def pil_loader(path):
     from PIL import Image
     try:
         with open(path, "rb") as f:
-            return Image.open(f).convert("RGB")
+            img = Image.open(f)
+            if img.mode.startswith("I"):  # 16-bit grey PNG/TIFF: convert("RGB") would clip it to almost white
+                import numpy as np
+                img = Image.fromarray((np.asarray(img, dtype=np.float64) / 257).clip(0, 255).astype(np.uint8))
+            return img.convert("RGB")
     except Exception as e:
         raise StopRun(f"cannot read image {path} ({type(e).__name__}: {e}); delete or replace that file") from None
 

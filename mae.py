@@ -31,6 +31,8 @@ import contextlib
 import json
 import math
 import os
+import shutil
+import signal
 import sys
 import time
 
@@ -166,16 +168,22 @@ def get_args(argv=None):
     p.add_argument("--decoder-depth", type=int, default=8, help="decoder blocks (paper: 8)")
     p.add_argument("--decoder-num-heads", type=int, default=16, help="decoder heads (paper: 16)")
     p.add_argument("--vis-every", type=int, default=20, help="epochs between reconstruction PNGs")
-    return p.parse_args(argv)
+    return check_args(p.parse_args(argv))
 
 
 def build_model(args, verbose=True):
     """The MAE of --model's size; the same seed on every rank (DDP also broadcasts rank 0's weights)."""
     torch.manual_seed(args.seed)
-    model = vit.MODELS[args.model](cls=MaskedAutoencoder, img_size=args.img_size, decoder_embed_dim=args.decoder_embed_dim,
-                                   decoder_depth=args.decoder_depth, decoder_num_heads=args.decoder_num_heads,
-                                   norm_pix_loss=args.norm_pix_loss, **({"patch_size": args.patch_size} if args.patch_size else {}))
-    args.patch_size = model.patch_size
+    try:
+        model = vit.MODELS[args.model](cls=MaskedAutoencoder, img_size=args.img_size, decoder_embed_dim=args.decoder_embed_dim,
+                                       decoder_depth=args.decoder_depth, decoder_num_heads=args.decoder_num_heads,
+                                       norm_pix_loss=args.norm_pix_loss, **({"patch_size": args.patch_size} if args.patch_size else {}))
+    except AssertionError as e:  # vit.py checks the sizes: e.g. img_size not a multiple of the patch
+        raise StopRun(f"--model {args.model}: {e}") from None
+    args.patch_size, L = model.patch_size, model.patch_embed.num_patches
+    if not 1 <= int(L * (1 - args.mask_ratio)) < L:
+        raise StopRun(f"--mask-ratio {args.mask_ratio} keeps {int(L * (1 - args.mask_ratio))} of {L} patches; the "
+                      f"encoder needs 1 or more and the decoder 1 or more to rebuild (paper: 0.75)")
     if args.init:
         load_init(model, args.init, verbose)
     return model
@@ -210,14 +218,22 @@ def main(argv=None):
             scaler.step(optimizer)
             scaler.update()
             run.end_step(loss, lr=lr)
-        if run.end_epoch(model, optimizer, scaler) and run.is_main and (
-                (epoch + 1) % args.vis_every == 0 or epoch + 1 == args.epochs):
+        if run.epoch_done and run.is_main and ((epoch + 1) % args.vis_every == 0 or epoch + 1 == args.epochs):
             reconstruction_grid(model, vis_imgs, os.path.join(args.output_dir, f"recon_{epoch + 1:04d}.png"), args.mask_ratio)
     run.finish(model.encoder_state_dict())
     return model
 
 
 # ------------------------------------------------------------------------------- inputs and their one-line errors
+
+def check_args(args):
+    """This script's flags (the shared ones: check_common_args), refused before anything is read or written."""
+    check_flags(args, [(0 < args.mask_ratio < 1, "--mask-ratio", "must lie in (0, 1): the fraction removed (paper: 0.75)"),
+                       (args.vis_every >= 1, "--vis-every", "must be >= 1 (epochs between PNGs)"),
+                       (min(args.decoder_embed_dim, args.decoder_depth, args.decoder_num_heads) >= 1, "--decoder-depth",
+                        "the --decoder-* sizes must be >= 1")])
+    return args
+
 
 def load_init(model, path, verbose):
     """--init: an encoder any vit.load_pretrained reads; an MAE file's decoder too, when it has one."""
@@ -247,13 +263,14 @@ def fixed_images(args):
 
 
 # ================================================================= appendix: the same text in every method script
-# Plumbing every training script shares (data, processes, schedule, checkpoints, logging, command line, one-line
-# errors); tests/test_shared_blocks.py keeps it identical everywhere: read it once, skip it in the other scripts.
+# Plumbing every training script shares (data, processes, schedule, checkpoints, signals, logging, command line,
+# one-line errors); tests/test_shared_blocks.py keeps it identical everywhere: read it once, skip it elsewhere.
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+METHOD = os.path.splitext(os.path.basename(__file__))[0]  # "mae", "moco", ...: recorded in every file a run writes
 
 
 class StopRun(Exception):
-    """A problem the user can fix (bad input, a diverged run): printed as one line, without a traceback."""
+    """A problem the user can fix (bad input, a diverged run, a stop signal): printed as one line, no traceback."""
 
 
 def one_line(e):
@@ -266,7 +283,11 @@ def pil_loader(path):
     from PIL import Image
     try:
         with open(path, "rb") as f:
-            return Image.open(f).convert("RGB")
+            img = Image.open(f)
+            if img.mode.startswith("I"):  # 16-bit grey PNG/TIFF: convert("RGB") would clip it to almost white
+                import numpy as np
+                img = Image.fromarray((np.asarray(img, dtype=np.float64) / 257).clip(0, 255).astype(np.uint8))
+            return img.convert("RGB")
     except Exception as e:
         raise StopRun(f"cannot read image {path} ({type(e).__name__}: {e}); delete or replace that file") from None
 
@@ -296,6 +317,43 @@ def build_dataset(args, transform, split="train"):
         raise StopRun(f"--data {args.data}: {folder} holds no class folders with images ({e}); expected {layout}") from None
 
 
+class Seeded(torch.utils.data.Dataset):
+    """dataset[(index, seed)]: the item, its random augmentation drawn from torch's RNG seeded with `seed` (the
+    CPU state is restored after): a view depends on the image's place in the epoch, not on workers or restarts."""
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index_seed):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(index_seed[1])
+            return self.dataset[index_seed[0]]
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """A seeded permutation per epoch, cut to whole global batches (drop_last); global batch k is its positions
+    [k*B, (k+1)*B), process r takes every W-th of them from r. Yields (index, seed of its augmentation) from batch
+    `start` on, so a run resumed mid-epoch sees the rest of the epoch exactly as it would have."""
+    def __init__(self, n, batch_size, world_size, rank, seed):
+        self.n, self.batch_size, self.world_size, self.rank, self.seed = n, batch_size, world_size, rank, seed
+        self.steps, self.epoch, self.start = n // batch_size, 0, 0
+
+    def set_epoch(self, epoch, start=0):
+        self.epoch, self.start = epoch, start
+
+    def __len__(self):
+        return (self.steps - self.start) * (self.batch_size // self.world_size)
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.n, generator=g)[:self.steps * self.batch_size].tolist()
+        seeds = torch.randint(-2**63, 2**63 - 1, (len(order),), generator=g).tolist()
+        for pos in range(self.start * self.batch_size + self.rank, len(order), self.world_size):
+            yield order[pos], seeds[pos]
+
+
 def print0(*a, **kw):
     if not dist.is_initialized() or dist.get_rank() == 0:
         tqdm.write(" ".join(str(x) for x in a), **kw)
@@ -323,80 +381,178 @@ def autocast(args, device):
     return torch.autocast("cuda", dtype=torch.bfloat16 if args.amp == "bf16" else torch.float16)
 
 
+def tensors(obj):
+    """Every tensor in a nest of dicts, lists and tuples (a checkpoint)."""
+    if torch.is_tensor(obj):
+        yield obj
+    elif isinstance(obj, (dict, list, tuple)):
+        for v in obj.values() if isinstance(obj, dict) else obj:
+            yield from tensors(v)
+
+
 def save_checkpoint(obj, path):
-    """Atomic: write a temporary file, then rename it over the old one; a crash never leaves a half-written file."""
-    torch.save(obj, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    """Atomic: write a temporary file, then rename it over the old one, so a crash, a kill or a full disk never
+    leaves a half-written checkpoint; refuses NaN weights; a failed write removes its temporary file."""
+    floats = [t for t in tensors(obj) if t.is_floating_point()]
+    if floats and not torch.stack([torch.isfinite(t).all() for t in floats]).all():
+        raise StopRun(f"the weights to be saved in {path} are not finite (NaN or inf); nothing was written")
+    need, free = sum(t.numel() * t.element_size() for t in tensors(obj)), shutil.disk_usage(os.path.dirname(path)).free
+    if free < need + 2**26:
+        raise StopRun(f"{os.path.dirname(path)}: {free / 1e9:.2f} GB free, {path} needs {need / 1e9:.2f} GB; free "
+                      f"some space or pass another --output-dir (the last checkpoint is kept)")
+    try:
+        torch.save(obj, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    except (OSError, RuntimeError) as e:  # e.g. the disk filled up during the write
+        with contextlib.suppress(OSError):
+            os.remove(path + ".tmp")
+        raise StopRun(f"could not write {path} ({type(e).__name__}: {str(e).strip().splitlines()[0]}); free some "
+                      f"space or pass another --output-dir (the last checkpoint is kept)") from None
 
 
-# The flags a resumed run may change (where things are, how fast, how long); any other would continue another run.
+def check_flags(args, rules):
+    """rules: (ok, flag, what it must be). The first broken rule stops the run before anything is read or written."""
+    for ok, flag, rule in rules:
+        if not ok:
+            raise StopRun(f"{flag} {getattr(args, flag[2:].replace('-', '_'))}: {rule}")
+
+
+def check_common_args(a):
+    check_flags(a, [(a.batch_size >= 1, "--batch-size", "must be >= 1"), (a.epochs >= 1, "--epochs", "must be >= 1"),
+                    (a.warmup_epochs == 0 or 0 < a.warmup_epochs < a.epochs, "--warmup-epochs", f"must be 0 or shorter "
+                     f"than --epochs {a.epochs} (the lr would never reach its peak)"),
+                    (math.isfinite(a.blr) and a.blr > 0, "--blr", "must be a positive number"),
+                    (math.isfinite(a.weight_decay) and a.weight_decay >= 0, "--weight-decay", "must be >= 0"),
+                    (a.img_size >= 1, "--img-size", "must be >= 1"),
+                    (a.patch_size is None or 1 <= a.patch_size and a.img_size % a.patch_size == 0, "--patch-size",
+                     f"must be >= 1 and divide --img-size {a.img_size}"),
+                    (a.num_workers >= 0, "--num-workers", "must be >= 0"), (a.log_every >= 1, "--log-every", "must be >= 1"),
+                    (a.max_steps is None or a.max_steps >= 1, "--max-steps", "must be >= 1"),
+                    (a.save_every_minutes >= 0, "--save-every-minutes", "must be >= 0 (0: off)"),
+                    (a.save_every_steps >= 0, "--save-every-steps", "must be >= 0 (0: off)"),
+                    (a.keep_every_epochs >= 0, "--keep-every-epochs", "must be >= 0 (0: off)")])
+
+
+# The flags a resumed run may change (where things are, how fast, how long, how often); any other would continue
+# another run. The data may move, but must hold as many images (the step count depends on it).
 RESUME_MAY_CHANGE = {"data", "data_root", "output_dir", "epochs", "num_workers", "amp", "compile", "log_every",
-                     "max_steps", "vis_every", "init", "mim_checkpoint", "teacher"}
+                     "max_steps", "vis_every", "init", "mim_checkpoint", "teacher", "save_every_minutes",
+                     "save_every_steps", "keep_every_epochs"}
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)  # schedulers send SIGTERM (or USR1) before a kill
 
 
 class Run:
-    """Everything around the training loop: processes and device, the step count, checkpoint.pt (resume, then a save
-    after every whole epoch), log.jsonl and encoder.pt. torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain `python`
+    """Everything around the training loop: processes and device, the output folder (a lock, args.json, log.jsonl),
+    checkpoint.pt (resume at any step; saves at epoch ends, --max-steps, every --save-every-minutes/-steps and on a
+    stop signal), the non-finite loss check and encoder.pt. torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain `python`
     runs one process on cuda:0 or the CPU (gloo for several CPU processes: tests and debugging)."""
     def __init__(self, args):
-        self.args, self.step, self.log_file = args, 0, None
+        check_common_args(args)
+        self.args, self.step, self.saved_step, self.log_file, self.signal = args, 0, None, None, 0
         self.rank, self.world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
         self.is_main, local_rank = self.rank == 0, int(os.environ.get("LOCAL_RANK", 0))
+        if args.batch_size % self.world_size:
+            raise StopRun(f"--batch-size {args.batch_size} is global and must be divisible by the {self.world_size} "
+                          f"processes; use e.g. {max(1, args.batch_size // self.world_size) * self.world_size}")
         self.device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
         if "RANK" in os.environ and self.device.type == "cuda":
             torch.cuda.set_device(self.device)
             dist.init_process_group("nccl", device_id=self.device)
         elif "RANK" in os.environ:
             dist.init_process_group("gloo")  # CPU: tests and debugging
-        if args.batch_size % self.world_size:
-            raise StopRun(f"--batch-size {args.batch_size} is global and must be divisible by the {self.world_size} "
-                          f"processes; use e.g. {args.batch_size // self.world_size * self.world_size}")
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
         args.lr = args.blr * args.batch_size / 256
-        os.makedirs(args.output_dir, exist_ok=True)
-        self.ckpt_path = os.path.join(args.output_dir, "checkpoint.pt")
+        self.ckpt_path, self.lock_path = (os.path.join(args.output_dir, f) for f in ("checkpoint.pt", "run.lock"))
+        try:
+            os.makedirs(args.output_dir, exist_ok=True)
+            if self.is_main:
+                self.lock()
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(self.ckpt_path + ".tmp")  # left by a run killed while saving
+        except OSError as e:
+            raise StopRun(f"--output-dir {args.output_dir}: {e.strerror or e}; pass a folder you can write to") from None
+        self.old_handlers = {s: signal.signal(s, self.on_signal) for s in STOP_SIGNALS}
         print0(f"lr = blr {args.blr} x batch {args.batch_size} / 256 = {args.lr:.3g}; {self.world_size} process(es) x "
                f"{args.batch_size // self.world_size} images on {self.device}; torch {torch.__version__}")
 
+    def lock(self):
+        """run.lock names this run's host and pid; a second run in the same folder stops, a dead run's lock is reused."""
+        me = f"{os.uname().nodename} {os.getpid()}"
+        for _ in range(2):
+            try:
+                with open(self.lock_path, "x") as f:
+                    return f.write(me)
+            except FileExistsError:
+                with open(self.lock_path) as f:
+                    host, pid = (f.read().split() + ["?", "0"])[:2]
+            try:  # signal 0 only asks whether the process exists
+                gone = host == os.uname().nodename and (pid == str(os.getpid()) or os.kill(int(pid), 0))
+            except (ProcessLookupError, ValueError):
+                gone = True
+            except PermissionError:  # it exists, under another user
+                gone = False
+            if not gone:
+                raise StopRun(f"--output-dir {self.args.output_dir} is in use by another run (host {host}, pid {pid}); "
+                              f"wait for it or pass another --output-dir (delete {self.lock_path} if that run is gone)")
+            os.remove(self.lock_path)  # its run is gone (or was an earlier run in this very process)
+
+    def on_signal(self, signum, frame):
+        if self.signal:  # the second one: stop now, without saving
+            sys.exit(f"error: {signal.Signals(signum).name} again: stopped at once; {self.saved()}")
+        self.signal = signum  # end_step saves after the current step, then stops
+
+    def saved(self):
+        return f"{self.ckpt_path} (step {self.saved_step}) is intact" if self.saved_step is not None else "nothing saved yet"
+
     def loader(self, dataset):
-        """Each process its share of a seed + epoch shuffle; drop_last: every step has the same per-process batch."""
+        """Each process its share of each global batch; every step has the same per-process batch."""
         b = self.args.batch_size // self.world_size
         if len(dataset) < self.args.batch_size:
             raise StopRun(f"--data has {len(dataset)} training images, fewer than one --batch-size "
                           f"{self.args.batch_size}; lower --batch-size")
-        sampler = torch.utils.data.DistributedSampler(dataset, self.world_size, self.rank, seed=self.args.seed,
-                                                      drop_last=True)
-        loader = torch.utils.data.DataLoader(dataset, b, sampler=sampler, num_workers=self.args.num_workers,
-                                             pin_memory=self.device.type == "cuda", drop_last=True)
-        self.steps_per_epoch = len(loader)
-        return loader
+        self.images, self.steps_per_epoch = len(dataset), len(dataset) // self.args.batch_size
+        sampler = EpochSampler(len(dataset), self.args.batch_size, self.world_size, self.rank, self.args.seed)
+        return torch.utils.data.DataLoader(Seeded(dataset), b, sampler=sampler, num_workers=self.args.num_workers,
+                                           pin_memory=self.device.type == "cuda", drop_last=True)
 
     def resume(self, model, optimizer, scaler):
-        """Load checkpoint.pt if there is one (refusing one of another recipe); write args.json. Returns the epoch."""
-        epoch, args = 0, self.args
+        """Load checkpoint.pt if there is one (refusing one of another run); write args.json. Returns the epoch."""
+        self.model, self.optimizer, self.scaler, self.world_size_before, args = model, optimizer, scaler, None, self.args
         if os.path.isfile(self.ckpt_path):
-            ckpt = torch.load(self.ckpt_path, map_location="cpu", weights_only=True)
-            for k, v in ckpt["args"].items():
+            try:
+                ckpt = torch.load(self.ckpt_path, map_location="cpu", weights_only=True)
+                step, method, old_args, images = ckpt["step"], ckpt["method"], ckpt["args"], ckpt["images"]
+            except Exception as e:
+                raise StopRun(f"{self.ckpt_path} cannot be read ({type(e).__name__}), so it is damaged or not ours; "
+                              f"move it away to start from step 0, or pass another --output-dir") from None
+            if method != METHOD:
+                raise StopRun(f"{self.ckpt_path} was written by {method}.py, not {METHOD}.py; pass another --output-dir")
+            for k, v in old_args.items():
                 if k not in RESUME_MAY_CHANGE and getattr(args, k, v) != v:
                     raise StopRun(f"{self.ckpt_path} was written with --{k.replace('_', '-')} {v}, not "
                                   f"{getattr(args, k)}; pass the same value or another --output-dir")
+            if images != self.images:
+                raise StopRun(f"{self.ckpt_path} was trained on {images} images, --data {args.data} has {self.images}; "
+                              f"pass the same data or another --output-dir")
             try:
                 model.load_state_dict(ckpt["model"])
                 optimizer.load_state_dict(ckpt["optimizer"])
             except (RuntimeError, ValueError, KeyError) as e:
                 raise StopRun(f"{self.ckpt_path} does not fit this model ({str(e).strip().splitlines()[0]}); pass the "
                               f"flags of the run that wrote it, or another --output-dir") from None
-            if ckpt.get("scaler"):
+            if ckpt["scaler"]:
                 scaler.load_state_dict(ckpt["scaler"])
-            epoch = ckpt["epoch"]
-            print0(f"resumed from {self.ckpt_path} at epoch {epoch}")
+            self.step = self.saved_step = step
+            self.world_size_before = ckpt["world_size"]
+            print0(f"resumed from {self.ckpt_path} at step {step} (epoch {step // self.steps_per_epoch}, batch "
+                   f"{step % self.steps_per_epoch} of {self.steps_per_epoch})")
         if self.is_main:
             with open(os.path.join(args.output_dir, "args.json"), "w") as f:
                 json.dump(vars(args), f, indent=2)
             self.log_file = open(os.path.join(args.output_dir, "log.jsonl"), "a")
-        self.step = epoch * self.steps_per_epoch
-        return epoch
+        self.saved_at = time.monotonic()
+        return self.step // self.steps_per_epoch
 
     def wrap(self, model):
         """--compile and, with several processes, DDP around the model (the module itself stays as it is)."""
@@ -406,37 +562,59 @@ class Run:
         return model
 
     def batches(self, loader, epoch):
-        """The epoch's batches, until --max-steps. Data, masks and augmentations are a function of (seed, epoch,
-        rank): a resumed epoch sees what the interrupted one saw."""
+        """The epoch's batches from where the run stands, until --max-steps. Before each step torch's RNG is seeded
+        from (seed, step, rank): the masks and other draws of a step do not depend on where the run restarted."""
         self.epoch, self.epoch_done, self.sums, self.n, self.t0 = epoch, False, {}, 0, time.perf_counter()
         if self.args.max_steps is not None and self.step >= self.args.max_steps:
             return
-        torch.manual_seed(self.args.seed + 10_000 * epoch + self.rank)
-        loader.sampler.set_epoch(epoch)
-        for self.it, batch in enumerate(tqdm(loader, f"epoch {epoch}", disable=not self.is_main, leave=False,
-                                             dynamic_ncols=True)):
+        start = self.step - epoch * self.steps_per_epoch
+        loader.sampler.set_epoch(epoch, start)
+        for self.it, batch in enumerate(tqdm(loader, f"epoch {epoch}", initial=start, total=self.steps_per_epoch,
+                                             disable=not self.is_main, leave=False, dynamic_ncols=True), start):
+            torch.manual_seed(hash((self.args.seed, self.step, self.rank)))
             yield batch
             if self.args.max_steps is not None and self.step >= self.args.max_steps:
                 return
         self.epoch_done = True
 
     def end_step(self, loss, **logged):
-        """Count one optimizer step. Every --log-every steps and at the epoch's end, one log line (one host sync):
-        loss and the other tensors averaged over those steps and the processes; lr and other numbers as given."""
-        self.step, self.n = self.step + 1, self.n + 1
+        """Count one optimizer step; log every --log-every steps; save when due, then stop if a signal came. With
+        several processes they agree on both (one tiny all-reduce per step), so all stop at the same step."""
+        a, self.step, self.n = self.args, self.step + 1, self.n + 1
         for k, v in {"loss": loss, **logged}.items():
             if torch.is_tensor(v):
                 self.sums[k] = self.sums.get(k, 0) + v.detach().float()
-        if self.step % self.args.log_every and self.it != self.steps_per_epoch - 1:
-            return
+        timed = self.is_main and a.save_every_minutes > 0 and time.monotonic() - self.saved_at > 60 * a.save_every_minutes
+        if self.world_size > 1:
+            flags = torch.tensor([self.signal, timed], device=self.device)
+            dist.all_reduce(flags, dist.ReduceOp.MAX)
+            self.signal, timed = flags.tolist()
+        last = self.it == self.steps_per_epoch - 1
+        save = (last or timed or self.signal or self.step == a.max_steps
+                or (a.save_every_steps > 0 and self.step % a.save_every_steps == 0))
+        if save or last or self.step % a.log_every == 0:
+            self.log(logged)  # before a save: the loss of every step since the last check is finite
+        if save:
+            self.save(keep=last and a.keep_every_epochs > 0 and (self.epoch + 1) % a.keep_every_epochs == 0)
+        if self.signal:
+            raise StopRun(f"stopped by {signal.Signals(self.signal).name} after step {self.step}; {self.saved()}: the same "
+                          f"command resumes from it")
+
+    def log(self, logged):
+        """One log line: loss and the other tensors averaged over the steps since the last line and the processes
+        (one host sync); lr and other numbers as given. A non-finite loss stops the run before anything is saved."""
         means = torch.stack(list(self.sums.values())) / self.n
         if self.world_size > 1:
             dist.all_reduce(means)
             means /= self.world_size
         means = dict(zip(self.sums, means.tolist()))
         if not math.isfinite(means["loss"]):
+            causes = [f"the lr (--blr {self.args.blr})"] + [f"the temperature (--{k.replace('_', '-')} {v})" for k, v
+                      in vars(self.args).items() if k in ("moco_t", "tau", "patch_tau", "image_tau")]
+            causes += [f"the mask ratio (--mask-ratio {self.args.mask_ratio})"] if "mask_ratio" in vars(self.args) else []
+            causes += ["fp16 overflow (use --amp bf16)"] if self.args.amp == "fp16" and self.device.type == "cuda" else []
             raise StopRun(f"non-finite loss ({means['loss']}) within steps {self.step - self.n + 1}-{self.step}; "
-                          f"the last checkpoint ({self.ckpt_path}) is intact: lower --blr or use --amp bf16")
+                          f"likely causes, in order: {', '.join(causes)}; {self.saved()}")
         log = {"epoch": self.epoch, "step": self.step, **{k: round(v, 5) for k, v in means.items()},
                **{k: v for k, v in logged.items() if not torch.is_tensor(v)},
                "img_per_s": round(self.n * self.args.batch_size / (time.perf_counter() - self.t0), 1),
@@ -447,22 +625,39 @@ class Run:
             self.log_file.flush()
         self.sums, self.n, self.t0 = {}, 0, time.perf_counter()
 
-    def end_epoch(self, model, optimizer, scaler):
-        """checkpoint.pt after an epoch that ran to its end (rank 0 writes, all wait). Returns whether it wrote."""
-        if self.epoch_done and self.is_main:
-            save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                             "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                             "epoch": self.epoch + 1, "args": vars(self.args)}, self.ckpt_path)
-        if self.epoch_done and self.world_size > 1:
-            dist.barrier()
-        return self.epoch_done
+    def save(self, keep=False):
+        """checkpoint.pt: all a resumed run needs to go on as if never stopped (the RNGs are a function of the step).
+        Rank 0 writes; the others wait and stop with it if the save failed. keep: also a copy for this epoch."""
+        error = None
+        if self.is_main:
+            state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                     "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None, "step": self.step,
+                     "method": METHOD, "images": self.images, "world_size": self.world_size, "args": vars(self.args)}
+            try:
+                save_checkpoint(state, self.ckpt_path)
+                if keep:
+                    shutil.copyfile(self.ckpt_path, os.path.join(self.args.output_dir, f"checkpoint_epoch{self.epoch + 1:04d}.pt"))
+            except (StopRun, OSError) as e:
+                error = str(e)
+        if self.world_size > 1:
+            failed = torch.tensor([error is not None], device=self.device)
+            dist.broadcast(failed, 0)
+            error = error or ("rank 0 could not save the checkpoint" if failed.item() else None)
+        if error:
+            raise StopRun(f"{error}; {self.saved()}")
+        self.saved_step, self.saved_at = self.step, time.monotonic()
 
     def finish(self, encoder_state_dict):
-        """encoder.pt: the encoder alone, in vit.py / timm names."""
+        """encoder.pt: {"model": the encoder alone, in vit.py / timm names, "method", "step", "args"}."""
         if self.is_main:
-            save_checkpoint(encoder_state_dict, os.path.join(self.args.output_dir, "encoder.pt"))
+            save_checkpoint({"model": encoder_state_dict, "method": METHOD, "step": self.step, "args": vars(self.args)},
+                            os.path.join(self.args.output_dir, "encoder.pt"))
             print0(f"done: {self.args.output_dir}/encoder.pt after {self.step} steps")
             self.log_file.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.lock_path)
+        for s, handler in self.old_handlers.items():
+            signal.signal(s, handler)
         if self.world_size > 1:
             dist.destroy_process_group()
 
@@ -483,10 +678,13 @@ def add_common_args(p, **defaults):
     p.add_argument("--num-workers", type=int, default=min(10, os.cpu_count() or 1), help="data workers per process")
     p.add_argument("--amp", default="bf16", choices=["bf16", "fp16", "none"], help="autocast dtype on CUDA (CPU: fp32)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--seed", type=int, default=0, help="seed for init (same on all ranks) and data (seed+rank)")
+    p.add_argument("--seed", type=int, default=0, help="seed for init (same on all ranks), data order and draws")
     p.add_argument("--init", default=None, help="start from these weights (any file vit.load_pretrained reads)")
     p.add_argument("--log-every", type=int, default=20, help="steps between log lines (and non-finite loss checks)")
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps in total")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps in total (saved)")
+    p.add_argument("--save-every-minutes", type=float, default=30, help="also save checkpoint.pt this often (0: off)")
+    p.add_argument("--save-every-steps", type=int, default=0, help="also save checkpoint.pt every N steps (0: off)")
+    p.add_argument("--keep-every-epochs", type=int, default=0, help="keep checkpoint_epochNNNN.pt every K epochs (0: off)")
     return p
 # ====================================================================================================== end appendix
 

@@ -200,7 +200,12 @@ def load_pretrained(model, path_or_state_dict, verbose=True):
     if isinstance(sd, (str, os.PathLike)):
         if not os.path.isfile(sd):
             raise ValueError(f"checkpoint {sd} not found; pass the path of a .pt/.pth file")
-        sd = torch.load(sd, map_location="cpu", weights_only=True)  # weights_only: a checkpoint never runs code
+        try:
+            sd = torch.load(sd, map_location="cpu", weights_only=True)  # weights_only: a checkpoint never runs code
+        except Exception as e:  # not a PyTorch file, cut short, or a pickled object (never unpickled here)
+            raise ValueError(f"cannot read {sd} as a file of weights ({type(e).__name__}); pass a .pt/.pth of tensors") from None
+    if not isinstance(sd, dict):
+        raise ValueError(f"the checkpoint holds a {type(sd).__name__}, not a dict of weights")
     for key in ("model", "state_dict", "encoder"):  # ours / MAE, MoCo v3, some third-party files
         if isinstance(sd.get(key), dict):
             sd = sd[key]

@@ -86,7 +86,7 @@ def relative_change(names, before, after):
 def test_stage1_weights_in_both_encoders_then_lower_moves_less(image_root, mim_file, tmp_path):
     torch.set_num_threads(1)
     path, mim = mim_file
-    init = graft.main(tiny_args(image_root, tmp_path / "a", path, "--max-steps", "0"))  # the model right after init
+    init = graft.build_model(graft.get_args(tiny_args(image_root, tmp_path / "a", path)))  # the model main() trains
     for enc in (init.base_encoder, init.momentum_encoder):
         sd = enc.state_dict()
         for k, v in mim.items():  # every encoder weight, MAE's pos_embed included, in both encoders
@@ -95,7 +95,7 @@ def test_stage1_weights_in_both_encoders_then_lower_moves_less(image_root, mim_f
     assert all(torch.equal(v, mom_head[k]) for k, v in base_head.items())  # the momentum projector: a copy
     w = init.base_encoder.head[0].weight  # PyTorch's default Linear init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
     assert w.abs().max() <= 64 ** -0.5 and math.isclose(w.std().item(), (3 * 64) ** -0.5, rel_tol=0.1)
-    other_seed = graft.main(tiny_args(image_root, tmp_path / "s", path, "--max-steps", "0", "--seed", "1"))
+    other_seed = graft.build_model(graft.get_args(tiny_args(image_root, tmp_path / "s", path, "--seed", "1")))
     assert not torch.equal(other_seed.predictor[0].weight, init.predictor[0].weight)  # random heads ...
     assert torch.equal(other_seed.base_encoder.blocks[1].mlp.fc1.weight, init.base_encoder.blocks[1].mlp.fc1.weight)
 
@@ -227,15 +227,15 @@ def test_mae_then_graft_on_real_images_and_exact_resume(image_root, tmp_path):
     log = [json.loads(line) for line in open(tmp_path / "a" / "log.jsonl")]
     assert log[-1]["step"] == 20 and all(math.isfinite(x["loss"]) and x["l1_dist"] > 0 for x in log)
     assert all(x["lr_upper"] > 0 and math.isclose(x["lr_lower"], 0.1 * x["lr_upper"]) for x in log)
-    mae_enc = torch.load(tmp_path / "mae" / "encoder.pt", weights_only=True)
+    mae_enc = torch.load(tmp_path / "mae" / "encoder.pt", weights_only=True)["model"]
     assert torch.equal(full.base_encoder.patch_embed.proj.weight, mae_enc["patch_embed.proj.weight"])  # frozen MIM
     assert not torch.equal(full.base_encoder.blocks[0].attn.qkv.weight, mae_enc["blocks.0.attn.qkv.weight"])
     enc = vit.MODELS["vit_mini"](img_size=32, patch_size=8)
     assert vit.load_pretrained(enc, str(tmp_path / "a" / "encoder.pt"), verbose=False) == []  # no head in encoder.pt
     assert torch.equal(enc.blocks[2].mlp.fc2.weight, full.base_encoder.blocks[2].mlp.fc2.weight)
-    # killed in the middle of epoch 2 (after its epoch-1 checkpoint), then restarted with the same command
+    # stopped in the middle of epoch 2 by --max-steps (which saves), then continued with the same command
     graft.main(tiny_args(image_root, tmp_path / "b", mim, "--l1-weight", "1e-3", "--max-steps", "15"))
-    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["step"] == 15
     resumed = graft.main(tiny_args(image_root, tmp_path / "b", mim, "--l1-weight", "1e-3"))
     for (n, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), n  # weights, momentum weights and BN statistics

@@ -137,7 +137,7 @@ def test_ddp_gradients_equal_single_process(tmp_path, image_root):
 
 def tiny_args(data, out, *extra):
     return ["--data", data, "--output-dir", str(out), "--model", "vit_mini", "--img-size", "32", "--patch-size", "8",
-            "--batch-size", "16", "--epochs", "2", "--warmup-epochs", "1", "--blr", "1e-3", "--decoder-embed-dim", "32",
+            "--batch-size", "16", "--epochs", "2", "--warmup-epochs", "0", "--blr", "1e-3", "--decoder-embed-dim", "32",
             "--decoder-depth", "1", "--decoder-num-heads", "2", "--num-workers", "0", "--log-every", "3", *extra]
 
 
@@ -147,12 +147,12 @@ def test_real_images_run_and_exact_resume(image_root, tmp_path):
     for f in ("checkpoint.pt", "encoder.pt", "args.json", "log.jsonl", "recon_0002.png"):
         assert os.path.isfile(tmp_path / "a" / f), f
     ckpt = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)
-    assert ckpt["epoch"] == 2 and set(ckpt) >= {"model", "optimizer", "epoch", "args"}
+    assert ckpt["step"] == 20 and ckpt["method"] == "mae" and set(ckpt) >= {"model", "optimizer", "scaler", "args"}
     enc = vit.MODELS["vit_mini"](img_size=32, patch_size=8)
     vit.load_pretrained(enc, str(tmp_path / "a" / "encoder.pt"), verbose=False)  # vit.py reads what mae.py writes
-    # killed in the middle of epoch 2 (after its epoch-1 checkpoint), then restarted with the same command
+    # stopped in the middle of epoch 2 by --max-steps (which saves), then continued with the same command
     mae.main(tiny_args(image_root, tmp_path / "b", "--max-steps", "14"))
-    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["step"] == 14
     resumed = mae.main(tiny_args(image_root, tmp_path / "b"))
     for (n, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), n

@@ -164,13 +164,13 @@ def test_main_runs_and_resumes_exactly(image_root, tmp_path):
     log = [json.loads(line) for line in open(tmp_path / "full" / "log.jsonl")]
     assert log[-1]["step"] == 20 and all(math.isfinite(e["loss"]) for e in log)
     assert json.load(open(tmp_path / "full" / "args.json"))["mask_ratio"] == 0.9
-    enc = torch.load(tmp_path / "full" / "encoder.pt", weights_only=True)
+    enc = torch.load(tmp_path / "full" / "encoder.pt", weights_only=True)["model"]
     assert set(enc) == set(vit.MODELS["vit_mini"](img_size=32, patch_size=4).state_dict())
     vit.load_pretrained(vit.MODELS["vit_mini"](img_size=32, patch_size=4), str(tmp_path / "full" / "checkpoint.pt"))
 
-    run_main(image_root, tmp_path / "cut", "--max-steps", "15")  # killed in the middle of epoch 2 ...
-    assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["epoch"] == 1
-    resumed = run_main(image_root, tmp_path / "cut")  # ... restarted: epoch 2 again from its start
+    run_main(image_root, tmp_path / "cut", "--max-steps", "15")  # stopped (and saved) in the middle of epoch 2 ...
+    assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["step"] == 15
+    resumed = run_main(image_root, tmp_path / "cut")  # ... continued from step 16
     for (k, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), k
     assert not torch.equal(full.state_dict()["norm.weight"], torch.ones(64))  # it trained
@@ -193,5 +193,5 @@ def test_too_few_kept_patches_is_a_one_line_error(image_root, tmp_path):
 
 
 def test_a_batch_without_negatives_is_a_one_line_error(image_root, tmp_path):
-    with pytest.raises(micl.StopRun, match="--batch-size 1 on 1 process\\(es\\) leaves each image no negative"):
+    with pytest.raises(micl.StopRun, match="--batch-size 1: on 1 process\\(es\\) leaves each image no negative"):
         run_main(image_root, tmp_path, "--batch-size", "1")

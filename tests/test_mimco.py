@@ -214,7 +214,7 @@ def test_real_images_run_and_exact_resume(image_root, tmp_path):
     assert all(torch.equal(teacher_sd[k], v) for k, v in full.teacher.state_dict().items())  # loaded, never changed
     assert not full.teacher.training
     ckpt = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)
-    assert ckpt["epoch"] == 2 and ckpt["args"]["teacher"] == str(tmp_path / "moco_v3.pth.tar")
+    assert ckpt["step"] == 20 and ckpt["args"]["teacher"] == str(tmp_path / "moco_v3.pth.tar")
     assert not any("teacher" in k for k in ckpt["model"]) and any(k.startswith("encoder.") for k in ckpt["model"])
     logs = [json.loads(line) for line in open(tmp_path / "a" / "log.jsonl")]
     assert len(logs) == 8 and all(math.isfinite(x["loss_patch"]) and math.isfinite(x["loss_image"]) for x in logs)
@@ -226,9 +226,9 @@ def test_real_images_run_and_exact_resume(image_root, tmp_path):
     for (n, a), b in zip(enc.state_dict().items(), from_ckpt.state_dict().values()):
         assert torch.equal(a, b) and torch.equal(a, full.encoder.state_dict()[n]), n
     assert not torch.equal(enc.blocks[0].attn.qkv.weight, mimco.MimCo(mini(), mini()).encoder.blocks[0].attn.qkv.weight)  # it trained
-    # killed in the middle of epoch 2 (after its epoch-1 checkpoint), then restarted with the same command
+    # stopped in the middle of epoch 2 by --max-steps (which saves), then continued with the same command
     mimco.main(tiny_args(image_root, tmp_path / "b", tmp_path / "moco_v3.pth.tar", "--max-steps", "14"))
-    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["step"] == 14
     resumed = mimco.main(tiny_args(image_root, tmp_path / "b", tmp_path / "moco_v3.pth.tar"))
     for (n, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), n

@@ -248,11 +248,11 @@ def test_real_images_run_and_exact_resume(image_root, tmp_path):
     for f in ("checkpoint.pt", "encoder.pt", "args.json", "log.jsonl"):
         assert os.path.isfile(tmp_path / "a" / f), f
     ckpt = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)
-    assert ckpt["epoch"] == 2 and set(ckpt) >= {"model", "optimizer", "epoch", "args"}
+    assert ckpt["step"] == 20 and ckpt["method"] == "moco" and set(ckpt) >= {"model", "optimizer", "scaler", "args"}
     log = [json.loads(line) for line in open(tmp_path / "a" / "log.jsonl")]
     assert log[-1]["step"] == 20 and all(math.isfinite(x["loss"]) for x in log)
     assert 0.99 < log[0]["m"] < log[-1]["m"] < 1.0  # m at steps 2 and 19 of 20
-    enc_sd = torch.load(tmp_path / "a" / "encoder.pt", weights_only=True)
+    enc_sd = torch.load(tmp_path / "a" / "encoder.pt", weights_only=True)["model"]
     assert not any(k.startswith("head.") for k in enc_sd)  # the base encoder without its projector
     enc = vit.MODELS["vit_mini"](img_size=32, patch_size=8)
     vit.load_pretrained(enc, str(tmp_path / "a" / "encoder.pt"), verbose=False)  # vit.py reads what moco.py writes
@@ -261,9 +261,9 @@ def test_real_images_run_and_exact_resume(image_root, tmp_path):
     fresh = moco.MoCo(functools.partial(moco.moco_vit, vit.MODELS["vit_mini"], True, img_size=32, patch_size=8), 16, 32, 0.2)
     assert torch.equal(fresh.base_encoder.patch_embed.proj.weight, full.base_encoder.patch_embed.proj.weight)
     assert not torch.equal(fresh.base_encoder.blocks[0].attn.qkv.weight, full.base_encoder.blocks[0].attn.qkv.weight)
-    # killed in the middle of epoch 2 (after its epoch-1 checkpoint), then restarted with the same command
+    # stopped in the middle of epoch 2 by --max-steps (which saves), then continued with the same command
     moco.main(tiny_args(image_root, tmp_path / "b", "--max-steps", "15"))
-    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["step"] == 15
     resumed = moco.main(tiny_args(image_root, tmp_path / "b"))
     for (n, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), n  # weights, momentum weights and BN statistics
@@ -285,7 +285,7 @@ def test_init_from_official_checkpoint_and_encoder(tmp_path):
 
 
 def test_bad_input_one_line_errors(image_root, tmp_path):
-    with pytest.raises(moco.StopRun, match="BatchNorm .* at least 2"):  # one image per process breaks BN
+    with pytest.raises(moco.StopRun, match="BatchNorm .* needs 2 or more"):  # one image per process breaks BN
         moco.main(tiny_args(image_root, tmp_path / "o", "--batch-size", "1"))
     with pytest.raises(moco.StopRun, match="not divisible by num_heads 5"):
         moco.main(tiny_args(image_root, tmp_path / "o", "--num-heads", "5"))
