@@ -258,8 +258,11 @@ def cached_features(model, dataset, indices, split, args, device):
         path = os.path.join(args.cache, f"{split}_{args.model}_{args.feature}_"
                                         f"{hashlib.sha1(json.dumps(key).encode()).hexdigest()[:16]}.pt")
     if path and os.path.isfile(path):
-        c = torch.load(path, map_location="cpu", weights_only=True)
-        have_idx, have_x = c["indices"], c["features"]
+        try:
+            c = torch.load(path, map_location="cpu", weights_only=True)
+            have_idx, have_x = c["indices"], c["features"]
+        except Exception as e:  # cut short or not ours: the cache is only derived data, so extract again
+            print0(f"note: --cache file {path} is unreadable ({type(e).__name__}); extracting its features again")
     row = torch.full((len(dataset),), -1, dtype=torch.long)  # image index -> row of have_x
     row[have_idx] = torch.arange(len(have_idx))
     missing = indices[row[indices] < 0]

@@ -227,7 +227,8 @@ def main(argv=None):
 # ------------------------------------------------------------------------------- inputs and their one-line errors
 
 def check_args(args):
-    """This script's flags (the shared ones: check_common_args), refused before anything is read or written."""
+    """The flags, the shared ones first, refused before anything is read or written."""
+    check_common_args(args)
     check_flags(args, [(0 < args.mask_ratio < 1, "--mask-ratio", "must lie in (0, 1): the fraction removed (paper: 0.75)"),
                        (args.vis_every >= 1, "--vis-every", "must be >= 1 (epochs between PNGs)"),
                        (min(args.decoder_embed_dim, args.decoder_depth, args.decoder_num_heads) >= 1, "--decoder-depth",
@@ -597,8 +598,8 @@ class Run:
         if save:
             self.save(keep=last and a.keep_every_epochs > 0 and (self.epoch + 1) % a.keep_every_epochs == 0)
         if self.signal:
-            raise StopRun(f"stopped by {signal.Signals(self.signal).name} after step {self.step}; {self.saved()}: the same "
-                          f"command resumes from it")
+            raise self.stop(f"stopped by {signal.Signals(self.signal).name} after step {self.step}; {self.saved()}: the "
+                            f"same command resumes from it")
 
     def log(self, logged):
         """One log line: loss and the other tensors averaged over the steps since the last line and the processes
@@ -613,8 +614,8 @@ class Run:
                       in vars(self.args).items() if k in ("moco_t", "tau", "patch_tau", "image_tau")]
             causes += [f"the mask ratio (--mask-ratio {self.args.mask_ratio})"] if "mask_ratio" in vars(self.args) else []
             causes += ["fp16 overflow (use --amp bf16)"] if self.args.amp == "fp16" and self.device.type == "cuda" else []
-            raise StopRun(f"non-finite loss ({means['loss']}) within steps {self.step - self.n + 1}-{self.step}; "
-                          f"likely causes, in order: {', '.join(causes)}; {self.saved()}")
+            raise self.stop(f"non-finite loss ({means['loss']}) within steps {self.step - self.n + 1}-{self.step}; "
+                            f"likely causes, in order: {', '.join(causes)}; {self.saved()}")
         log = {"epoch": self.epoch, "step": self.step, **{k: round(v, 5) for k, v in means.items()},
                **{k: v for k, v in logged.items() if not torch.is_tensor(v)},
                "img_per_s": round(self.n * self.args.batch_size / (time.perf_counter() - self.t0), 1),
@@ -644,7 +645,7 @@ class Run:
             dist.broadcast(failed, 0)
             error = error or ("rank 0 could not save the checkpoint" if failed.item() else None)
         if error:
-            raise StopRun(f"{error}; {self.saved()}")
+            raise self.stop(f"{error}; {self.saved()}")
         self.saved_step, self.saved_at = self.step, time.monotonic()
 
     def finish(self, encoder_state_dict):
@@ -653,13 +654,20 @@ class Run:
             save_checkpoint({"model": encoder_state_dict, "method": METHOD, "step": self.step, "args": vars(self.args)},
                             os.path.join(self.args.output_dir, "encoder.pt"))
             print0(f"done: {self.args.output_dir}/encoder.pt after {self.step} steps")
+        self.stop("done")
+        if self.world_size > 1:
+            dist.destroy_process_group()
+
+    def stop(self, message):
+        """Leave the output folder to the next run (log file, lock) and restore the signal handlers; the message as
+        a StopRun to raise."""
+        if self.is_main:
             self.log_file.close()
             with contextlib.suppress(FileNotFoundError):
                 os.remove(self.lock_path)
         for s, handler in self.old_handlers.items():
             signal.signal(s, handler)
-        if self.world_size > 1:
-            dist.destroy_process_group()
+        return StopRun(message)
 
 
 def add_common_args(p, **defaults):

@@ -294,7 +294,8 @@ def main(argv=None):
 # ------------------------------------------------------------------------------- inputs and their one-line errors
 
 def check_args(args):
-    """This script's flags (the shared ones: check_common_args), refused before anything is read or written."""
+    """The flags, the shared ones first, refused before anything is read or written."""
+    check_common_args(args)
     check_flags(args, [(0 < args.mask_ratio < 1, "--mask-ratio", "must lie in (0, 1) (ours: MAE's 0.75)"),
                        (args.patch_tau > 0, "--patch-tau", "must be > 0 (ours: 0.2)"),
                        (args.image_tau > 0, "--image-tau", "must be > 0 (ours: 0.2)"),
@@ -331,6 +332,10 @@ def load_teacher(args, verbose=True):
         raise StopRun(f"--teacher {args.teacher}: cannot read it as a PyTorch checkpoint ({type(e).__name__})") from None
     if not isinstance(sd, dict):
         raise StopRun(f"--teacher {args.teacher}: holds a {type(sd).__name__}, not a state dict")
+    method = sd.get("method") or ("mae" if any(k.startswith("decoder_") for k in sd.get("model", sd)) else "moco")
+    if method in ("mae", "mimco"):  # our files record the script that wrote them; MAE's own files may hold a decoder
+        raise StopRun(f"--teacher {args.teacher} holds {method}.py weights, not a contrastive encoder; pass the "
+                      f"encoder.pt of a moco.py (or graft.py) run, or an official MoCo v3 checkpoint")
     heads = args.teacher_num_heads or (12 if args.teacher_model == "vit_small" else None)  # MoCo v3's ViT-S: 12
     try:
         teacher = vit.MODELS[args.teacher_model](img_size=args.img_size, patch_size=args.patch_size,
@@ -711,8 +716,8 @@ class Run:
         if save:
             self.save(keep=last and a.keep_every_epochs > 0 and (self.epoch + 1) % a.keep_every_epochs == 0)
         if self.signal:
-            raise StopRun(f"stopped by {signal.Signals(self.signal).name} after step {self.step}; {self.saved()}: the same "
-                          f"command resumes from it")
+            raise self.stop(f"stopped by {signal.Signals(self.signal).name} after step {self.step}; {self.saved()}: the "
+                            f"same command resumes from it")
 
     def log(self, logged):
         """One log line: loss and the other tensors averaged over the steps since the last line and the processes
@@ -727,8 +732,8 @@ class Run:
                       in vars(self.args).items() if k in ("moco_t", "tau", "patch_tau", "image_tau")]
             causes += [f"the mask ratio (--mask-ratio {self.args.mask_ratio})"] if "mask_ratio" in vars(self.args) else []
             causes += ["fp16 overflow (use --amp bf16)"] if self.args.amp == "fp16" and self.device.type == "cuda" else []
-            raise StopRun(f"non-finite loss ({means['loss']}) within steps {self.step - self.n + 1}-{self.step}; "
-                          f"likely causes, in order: {', '.join(causes)}; {self.saved()}")
+            raise self.stop(f"non-finite loss ({means['loss']}) within steps {self.step - self.n + 1}-{self.step}; "
+                            f"likely causes, in order: {', '.join(causes)}; {self.saved()}")
         log = {"epoch": self.epoch, "step": self.step, **{k: round(v, 5) for k, v in means.items()},
                **{k: v for k, v in logged.items() if not torch.is_tensor(v)},
                "img_per_s": round(self.n * self.args.batch_size / (time.perf_counter() - self.t0), 1),
@@ -758,7 +763,7 @@ class Run:
             dist.broadcast(failed, 0)
             error = error or ("rank 0 could not save the checkpoint" if failed.item() else None)
         if error:
-            raise StopRun(f"{error}; {self.saved()}")
+            raise self.stop(f"{error}; {self.saved()}")
         self.saved_step, self.saved_at = self.step, time.monotonic()
 
     def finish(self, encoder_state_dict):
@@ -767,13 +772,20 @@ class Run:
             save_checkpoint({"model": encoder_state_dict, "method": METHOD, "step": self.step, "args": vars(self.args)},
                             os.path.join(self.args.output_dir, "encoder.pt"))
             print0(f"done: {self.args.output_dir}/encoder.pt after {self.step} steps")
+        self.stop("done")
+        if self.world_size > 1:
+            dist.destroy_process_group()
+
+    def stop(self, message):
+        """Leave the output folder to the next run (log file, lock) and restore the signal handlers; the message as
+        a StopRun to raise."""
+        if self.is_main:
             self.log_file.close()
             with contextlib.suppress(FileNotFoundError):
                 os.remove(self.lock_path)
         for s, handler in self.old_handlers.items():
             signal.signal(s, handler)
-        if self.world_size > 1:
-            dist.destroy_process_group()
+        return StopRun(message)
 
 
 def add_common_args(p, **defaults):

@@ -61,3 +61,10 @@ def run_as_main(script, argv):
     finally:
         sys.argv = old
     return None
+
+
+if __name__ == "__main__":  # python tests/helpers.py SCRIPT ARGS...: a script as its own process, vit_mini registered
+    import runpy
+    sys.argv = sys.argv[1:]
+    runpy.run_path(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), sys.argv[0]),
+                   run_name="__main__")
