@@ -41,7 +41,7 @@ Deviations from the official code, on purpose:
     - The momentum update skips what the base encoder never trains (patch projection, pos_embed, a frozen lower
       part): equal in both encoders, it stays bit-identical (official: m t + (1 - m) t, equal up to rounding).
     - As moco.py: bf16 autocast (--amp fp16: the official fp16); PIL blur with torch RNG; crop --img-size; SyncBN
-      under CUDA DDP only; one process works; no gradient accumulation; a non-finite loss is checked per --log-every.
+      under CUDA DDP only; one process works; no gradient accumulation; saves and the non-finite check as every script (README).
 
 Read top to bottom: the model (MoCo v3, then the graft), the data, main(), the stage-1 weights and the other inputs,
 and an appendix of plumbing that is the same text in every method script.

@@ -7,7 +7,7 @@ by its own mean and variance (norm-pix loss). Facts from the official code: face
 Run (defaults = the paper's ViT-B/16 recipe: 800 epochs, global batch 4096, blr 1.5e-4, mask 0.75, norm-pix):
     torchrun --nproc_per_node 8 mae.py --data /imagenet --output-dir runs/mae_vitb
     python mae.py --data cifar10 --model vit_tiny --img-size 32 --patch-size 4 --batch-size 256 --epochs 100
-A run auto-resumes from OUTPUT_DIR/checkpoint.pt. The encoder ends up in OUTPUT_DIR/encoder.pt (vit.py / timm names).
+A run auto-resumes from OUTPUT_DIR/checkpoint.pt at the step it stopped (README: When things go wrong). The encoder ends up in OUTPUT_DIR/encoder.pt (vit.py / timm names).
 
 Recipe (paper / official code -> this file's default):
     mask ratio 0.75, norm_pix_loss on, decoder 512-d x 8 blocks x 16 heads, AdamW(0.9, 0.95), wd 0.05,
@@ -20,8 +20,10 @@ Deviations from the official code, on purpose:
     - DDP without find_unused_parameters (every parameter gets a gradient; the official flag only costs time).
     - No gradient accumulation: --batch-size is the global batch, spread over the GPUs you have. MAE is not
       batch-sensitive (maintainer, mae#32: 1024 works for ViT-L); lr follows the batch through blr.
-    - A non-finite loss is checked every --log-every steps (the official code checks every step) to avoid a
-      host sync per step.
+    - A non-finite loss is checked at every log line and before every save (the official code: every step), so
+      there is no host sync per step and never a NaN checkpoint.
+    - Saves mid-epoch too (--save-every-minutes 30, SIGTERM, --max-steps) and resumes at any step exactly
+      (official: per epoch, and a resumed epoch starts over).
 
 Read top to bottom: the model and its loss, the data, main() (build, then the training loop), the checks of this
 script's own inputs, and an appendix of plumbing that is the same text in every method script.

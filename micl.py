@@ -23,7 +23,7 @@ script of this project), so the release's 1799 negatives need --batch-size 7200 
 command gives 899 negatives and another method. --gather contrasts against the global batch instead (a deviation
 from the release, then only the global batch matters).
 Deviations from the release, on purpose:
-    - A non-finite loss stops the run (checked every --log-every steps). The release prints it and carries on
+    - A non-finite loss stops the run (checked at every log line and before every save). The release prints it and carries on
       (engine_pretrain.py: the sys.exit is commented out), so a diverged run keeps training silently.
     - bf16 autocast by default (release: fp16 + GradScaler, still available as --amp fp16); the loss runs in fp32.
     - DDP without find_unused_parameters; seed 0 (release: 42); checkpoint every epoch (release: every 40).

@@ -43,7 +43,8 @@ Deviations from the official code, on purpose:
     - No gradient accumulation, on purpose: for a contrastive loss k accumulated micro-batches are not one k-times
       larger batch (each micro-batch sees only its own negatives and its own BN statistics). Lower --batch-size
       instead (the README of moco-v3: smaller batches are more stable, only slower; lr follows through blr).
-    - Checkpoints go to --output-dir every epoch; a non-finite loss is checked every --log-every steps. --init
+    - checkpoint.pt at epoch ends, every 30 minutes and on SIGTERM, resumable at any step; a non-finite loss is
+      checked at every log line and before every save (official: per epoch, no check). --init
       takes a full MoCo state (ours, or official) or any encoder file vit.load_pretrained reads (into both encoders).
 
 Read top to bottom: the model and its loss, the data, main() (build, then the training loop), the checks of the
