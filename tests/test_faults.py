@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import graft
+import hybrid
 import mae
 import micl
 import mimco
@@ -23,7 +24,7 @@ import vit
 from helpers import run_as_main, run_ddp
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODULES = {"mae": mae, "moco": moco, "graft": graft, "mimco": mimco, "micl": micl}
+MODULES = {"mae": mae, "moco": moco, "graft": graft, "mimco": mimco, "micl": micl, "hybrid": hybrid}
 # 160 images / batch 32 = 5 steps per epoch, 10 in all; a log line and a checkpoint after every step.
 COMMON = ["--model", "vit_mini", "--img-size", "32", "--patch-size", "8", "--batch-size", "32", "--epochs", "2",
           "--warmup-epochs", "1", "--blr", "1e-3", "--num-workers", "0", "--log-every", "1", "--save-every-steps", "1"]
@@ -44,7 +45,7 @@ def stage1(tmp_path_factory):
 
 
 def argv(script, data, out, stage1, *extra):
-    own = {"mae": DECODER, "moco": HEADS, "micl": ["--patch-size", "4"],
+    own = {"mae": DECODER, "moco": HEADS, "micl": ["--patch-size", "4"], "hybrid": DECODER + HEADS,
            "graft": HEADS + ["--mim-checkpoint", str(stage1 / "mae_encoder.pt")],
            "mimco": DECODER + ["--teacher", str(stage1 / "moco_encoder.pt"), "--teacher-model", "vit_mini",
                                "--head-hidden-dim", "64"]}[script]
@@ -221,6 +222,8 @@ OWN_BAD_FLAGS = {
     "moco": [(["--moco-t", "0"], "--moco-t 0.0: must be > 0"), (["--batch-size", "1"], "BatchNorm .* needs 2 or more")],
     "graft": [(["--lower-lr-ratio", "-1"], "--lower-lr-ratio -1.0"), (["--moco-m", "2"], "--moco-m 2.0: must lie in")],
     "mimco": [(["--batch-size", "1"], "--batch-size 1: must be >= 2"), (["--image-tau", "0"], "--image-tau 0.0")],
+    "hybrid": [(["--lam", "1.5"], "--lam 1.5: must lie in \\[0, 1\\]"), (["--mask-ratio", "1"], "--mask-ratio 1.0"),
+               (["--batch-size", "1"], "BatchNorm .* needs 2 or more")],
     "micl": [(["--batch-size", "1"], "--batch-size 1: on 1 process\\(es\\) leaves each image no negative"),
              (["--mask-ratio", "1"], "--mask-ratio 1.0: must lie in \\[0, 1\\)"), (["--tau", "-0.1"], "--tau -0.1")],
 }

@@ -10,7 +10,7 @@ import os
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = ["mae.py", "moco.py", "graft.py", "mimco.py", "micl.py"]
+SCRIPTS = ["mae.py", "moco.py", "graft.py", "mimco.py", "micl.py", "hybrid.py"]
 BEGIN, END = "appendix: the same text in every method script", "end appendix"
 
 # (the copy, its source): "module.qualified_name". Each copy carries a comment that names its source.
@@ -26,6 +26,11 @@ COPIES = [
     ("mimco.all_gather_nograd", "moco.all_gather_nograd"),
     ("mimco.MimCo.random_masking", "mae.MaskedAutoencoder.random_masking"),
     ("mimco.MimCo.forward_decoder", "mae.MaskedAutoencoder.forward_decoder"),
+    *[(f"hybrid.{name}", f"moco.{name}") for name in ("build_mlp", "all_gather_nograd", "contrastive_loss", "MoCo",
+                                                      "momentum_at", "GaussianBlur", "view_transform", "TwoViews")],
+    *[(f"hybrid.Hybrid.{name}", f"mae.MaskedAutoencoder.{name}") for name in ("patchify", "random_masking",
+                                                                               "forward_decoder", "forward_loss")],
+    ("hybrid.train_transform", "mae.train_transform"),
     ("eval_fewshot.StopRun", "mae.StopRun"),
     ("eval_fewshot.one_line", "mae.one_line"),
     ("eval_fewshot.pil_loader", "mae.pil_loader"),

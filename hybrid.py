@@ -1,0 +1,826 @@
+"""Hybrid: the naive joint objective of CL and MIM on one shared ViT, L = (1 - lam) L_MIM + lam L_CL, end to end in
+one file. The multi-task baseline of Layer Grafted Pre-training (Jiang et al., ICLR 2023), whose "naive joint
+optimization" leads to "conflicting gradient directions - more severe as the layers go deeper", and the "simplest
+harmonization" of "What Do Self-Supervised Vision Transformers Learn?" (Park et al., ICLR 2023).
+
+MIM is mae.py's: the shared encoder sees the visible 25% of a minimally augmented view (crop + flip, as MAE) and MAE's
+light decoder regresses the normalized pixels of the removed patches. CL is moco.py's: two BYOL views through the
+same encoder with MoCo v3's projector and predictor, keys from a momentum copy of encoder + projector, symmetric
+InfoNCE over the global batch. lam = 0 is MAE, lam = 1 is MoCo v3 (a test checks both ends against mae.py's and
+moco.py's losses on the same weights and images). Both losses are computed at every step (and logged), so the
+gradients of each can be compared per block (analyze.py --conflict, on this script's checkpoint.pt: it keeps both
+heads).
+
+Run (defaults: the recipe the two share, see below):
+    torchrun --nproc_per_node 8 hybrid.py --data /imagenet --output-dir runs/hybrid_vitb
+    python hybrid.py --data cifar10 --model vit_tiny --img-size 32 --patch-size 4 --batch-size 256 --epochs 100 \
+        --warmup-epochs 10 --blr 1e-3
+A run auto-resumes from OUTPUT_DIR/checkpoint.pt at the step it stopped (README: When things go wrong). The shared
+encoder, without the projector, ends up in OUTPUT_DIR/encoder.pt (vit.py / timm names).
+
+Recipe (sources -> this file's default):
+    --lam 0.2: Park et al.'s sweep of (1 - lam) SimMIM + lam MoCo (their Fig. 12, values read off the figure, in a
+    reduced setting) has lam 0.2 best for fine-tuning (about 82.3 vs 81.9 for MIM alone and 81.35 for CL alone) with
+    most of CL's linear-probe gain (about 61.5 vs 18.5 MIM and 58 CL). Layer Grafted does not publish the weights of
+    its multi-task baseline's two losses.
+    MIM part = mae.py: mask ratio 0.75, norm-pix loss, decoder 512-d x 8 blocks x 16 heads, RandomResizedCrop(scale
+    0.2-1, bicubic) + flip. CL part = moco.py: projector D->4096->4096->256, predictor 256->4096->256, tau 0.2,
+    momentum 0.99 -> 1 (cosine), BYOL's two views (crop scale 0.08-1).
+    What the two recipes share: blr 1.5e-4, global batch 4096, 40 warm-up epochs then a per-iteration cosine.
+Our choices where they differ (no published recipe of this hybrid says otherwise):
+    - 300 epochs (MoCo v3's ViT-B; MAE's 800 cost more than twice as much here, where every step runs both parts).
+    - The encoder starts with vit.py's (MAE's) init, and its patch projection trains (MoCo v3 freezes a random one,
+      --stop-grad-conv1, against loss spikes; a frozen projection would also limit what MIM can learn).
+    - AdamW(0.9, 0.95), weight decay 0.05, none on 1-D parameters: MAE's optimizer (MoCo v3: default betas, 0.1 on
+      every parameter).
+    - As every script: bf16 autocast (--amp fp16: GradScaler), losses in fp32, SyncBN in the projector and predictor
+      under CUDA DDP only, no gradient accumulation; saves and the non-finite check as in the README.
+
+Read top to bottom: the model and its loss, the data, main() (build, then the training loop), the checks of this
+script's own inputs, and an appendix of plumbing that is the same text in every method script.
+"""
+import argparse
+import contextlib
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+
+import torch
+from PIL import ImageFilter
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+import torchvision.transforms as T
+from tqdm import tqdm
+
+import vit
+
+# ------------------------------------------------------------------------------------------- model and loss
+
+# checked copy of moco.py (tests/test_shared_blocks.py): build_mlp, all_gather_nograd, contrastive_loss, MoCo
+def build_mlp(num_layers, in_dim, mlp_dim, out_dim):
+    """builder.py _build_mlp with last_bn=True: [Linear(no bias), BN, ReLU] per hidden layer, then Linear(no bias),
+    BN(affine=False) ("SimCLR's design, gamma removed"). Sequential indices as official, so checkpoints load."""
+    layers = []
+    for i in range(num_layers):
+        d_in, d_out = in_dim if i == 0 else mlp_dim, out_dim if i == num_layers - 1 else mlp_dim
+        layers.append(nn.Linear(d_in, d_out, bias=False))
+        layers += [nn.BatchNorm1d(d_out), nn.ReLU(inplace=True)] if i < num_layers - 1 else [nn.BatchNorm1d(d_out, affine=False)]
+    return nn.Sequential(*layers)
+
+
+@torch.no_grad()
+def all_gather_nograd(x):
+    """Concatenate x from every rank along dim 0: (n, C) -> (world_size * n, C), rank order.
+    *** NO GRADIENT ***: dist.all_gather is not differentiable. Right for the momentum keys only, which carry no
+    gradient anyway. Without a process group it returns x (detached)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return x.detach()
+    out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out)
+
+
+def contrastive_loss(q, k, tau=0.2):
+    """InfoNCE (paper Eq. 1; builder.py contrastive_loss). q (n, C) this rank's queries, k (n, C) this rank's keys.
+    Logits (n, N) against the keys of the whole global batch; the positive of query i of rank r is key n*r + i.
+    The 2*tau factor follows the official code (moco-v3#31: it only rescales the gradient)."""
+    with torch.autocast(q.device.type, enabled=False):  # fp32 logits: .float() alone does not stop autocast's bf16 matmul
+        q = F.normalize(q.float(), dim=1)  # fp32: normalization and the softmax are precision-sensitive
+        k = F.normalize(k.float(), dim=1)
+        k = all_gather_nograd(k)  # (N, C), N = n * world_size
+        logits = q @ k.t() / tau  # (n, N)
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        labels = torch.arange(q.shape[0], device=q.device) + q.shape[0] * rank  # equal n on every rank: drop_last
+        return F.cross_entropy(logits, labels) * (2 * tau)
+
+
+class MoCo(nn.Module):
+    """builder.py MoCo_ViT. encoder_fn() builds one vit.py encoder; it is called once per encoder, as officially."""
+    def __init__(self, encoder_fn, dim=256, mlp_dim=4096, tau=0.2):
+        super().__init__()
+        self.tau = tau
+        self.base_encoder, self.momentum_encoder = encoder_fn(), encoder_fn()
+        D = self.base_encoder.embed_dim
+        self.base_encoder.head = build_mlp(3, D, mlp_dim, dim)  # projector: the ViT's CLS token -> (B, dim)
+        self.momentum_encoder.head = build_mlp(3, D, mlp_dim, dim)
+        self.predictor = build_mlp(2, dim, mlp_dim, dim)  # ViT: last BN kept (the ResNet predictor drops it)
+        for pb, pm in zip(self.base_encoder.parameters(), self.momentum_encoder.parameters()):
+            pm.data.copy_(pb.data)  # the momentum encoder starts as a copy ...
+            pm.requires_grad = False  # ... and is never trained by gradients
+
+    @torch.no_grad()
+    def update_momentum_encoder(self, m):
+        """theta_m <- m * theta_m + (1 - m) * theta_b over the ViT + projector parameters. Buffers (BN running
+        statistics) are not averaged: each encoder keeps its own, as officially."""
+        for pb, pm in zip(self.base_encoder.parameters(), self.momentum_encoder.parameters()):
+            pm.copy_(pm * m + pb.detach() * (1.0 - m))  # the official arithmetic: bit-identical momentum weights
+
+    def forward(self, x1, x2, m):
+        """x1, x2 (B, 3, H, W): the two views of the same B images; m: momentum for this step. Returns the loss.
+        One view per encoder call, as officially: the BN statistics are per view."""
+        q1 = self.predictor(self.base_encoder(x1))  # (B, dim)
+        q2 = self.predictor(self.base_encoder(x2))
+        with torch.no_grad():  # keys: no gradient
+            self.update_momentum_encoder(m)  # first update, then compute the keys with the new weights
+            k1 = self.momentum_encoder(x1)  # (B, dim)
+            k2 = self.momentum_encoder(x2)
+        return contrastive_loss(q1, k2, self.tau) + contrastive_loss(q2, k1, self.tau)  # symmetrized
+
+
+class Hybrid(nn.Module):
+    """One shared vit.py encoder with both heads: MoCo v3's (self.moco: the encoder as moco.base_encoder with its
+    projector, the momentum copy, the predictor) and MAE's decoder (built here as MaskedAutoencoder.__init__ builds
+    it; its methods below are checked copies of mae.py's)."""
+    def __init__(self, encoder_fn, decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16, norm_pix_loss=True,
+                 mask_ratio=0.75, dim=256, mlp_dim=4096, tau=0.2, lam=0.2):
+        super().__init__()
+        self.moco = MoCo(encoder_fn, dim, mlp_dim, tau)
+        self.encoder = self.moco.base_encoder  # the shared encoder (its head is MoCo's projector)
+        self.patch_size, self.patch_embed = self.encoder.patch_size, self.encoder.patch_embed
+        self.norm_pix_loss, self.mask_ratio, self.lam = norm_pix_loss, mask_ratio, lam
+        # MAE's decoder, as in mae.py: linear map to the decoder width, mask token, fixed sin-cos positions, blocks, pixels
+        self.decoder_embed = nn.Linear(self.encoder.embed_dim, decoder_embed_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
+        self.decoder_pos_embed = nn.Parameter(vit.sincos_pos_embed(decoder_embed_dim, self.patch_embed.grid_size)[None],
+                                              requires_grad=False)  # (1, 1+L, Dd)
+        self.decoder_blocks = nn.ModuleList([vit.Block(decoder_embed_dim, decoder_num_heads) for _ in range(decoder_depth)])
+        self.decoder_norm = nn.LayerNorm(decoder_embed_dim, eps=1e-6)
+        self.decoder_pred = nn.Linear(decoder_embed_dim, self.patch_size ** 2 * 3)
+        for m in [self.decoder_embed, self.decoder_pred, *self.decoder_blocks.modules()]:  # MAE init, as in vit.py
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.normal_(self.mask_token, std=0.02)
+
+    # checked copy of mae.py (tests/test_shared_blocks.py): MaskedAutoencoder.patchify, random_masking, forward_decoder, forward_loss
+    def patchify(self, imgs):
+        """(B, 3, H, W) -> (B, L, p*p*3), channels fastest (the official 'nchpwq->nhwpqc' order)."""
+        p, B = self.patch_size, imgs.shape[0]
+        h, w = imgs.shape[2] // p, imgs.shape[3] // p
+        x = imgs.reshape(B, 3, h, p, w, p).permute(0, 2, 4, 3, 5, 1)  # (B, h, w, p, p, 3)
+        return x.reshape(B, h * w, p * p * 3)
+
+    @staticmethod
+    def random_masking(noise, mask_ratio):
+        """Per-sample random masking (MAE Sec. 3): keep the len_keep patches with the lowest noise."""
+        B, L = noise.shape
+        len_keep = int(L * (1 - mask_ratio))  # 196 * 0.25 = 49
+        ids_shuffle = torch.argsort(noise, dim=1)  # ascending: small noise is kept
+        ids_restore = torch.argsort(ids_shuffle, dim=1)  # inverse permutation
+        ids_keep = ids_shuffle[:, :len_keep]  # (B, K)
+        mask = torch.ones(B, L, device=noise.device)
+        mask[:, :len_keep] = 0
+        mask = torch.gather(mask, 1, ids_restore)  # (B, L), 1 = removed, in the original patch order
+        return ids_keep, ids_restore, mask
+
+    def forward_decoder(self, latent, ids_restore):
+        x = self.decoder_embed(latent)  # (B, 1+K, Dd)
+        B, L = ids_restore.shape
+        mask_tokens = self.mask_token.expand(B, L + 1 - x.shape[1], -1)  # one per removed patch
+        x_ = torch.cat([x[:, 1:], mask_tokens], dim=1)  # (B, L, Dd) in shuffled order
+        x_ = torch.gather(x_, 1, ids_restore[:, :, None].expand(-1, -1, x.shape[2]))  # unshuffle
+        x = torch.cat([x[:, :1], x_], dim=1) + self.decoder_pos_embed  # CLS back in front
+        for blk in self.decoder_blocks:
+            x = blk(x)
+        return self.decoder_pred(self.decoder_norm(x))[:, 1:]  # (B, L, p*p*3), CLS dropped
+
+    def forward_loss(self, imgs, pred, mask):
+        """Mean squared error on the removed patches only; targets normalized per patch if norm_pix_loss."""
+        target = self.patchify(imgs).float()  # fp32: pixel statistics and the MSE are precision-sensitive
+        if self.norm_pix_loss:
+            mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)  # var is unbiased, as official
+            target = (target - mean) / (var + 1e-6) ** 0.5
+        loss = ((pred.float() - target) ** 2).mean(dim=-1)  # (B, L) per-patch MSE
+        return (loss * mask).sum() / mask.sum()
+
+    def forward(self, x_mim, x1, x2, m, noise=None):
+        """x_mim: the MIM view; x1, x2: the two CL views of the same B images; m: the momentum of this step; noise
+        (B, L) decides the mask (random when None). Returns (loss, loss_mim, loss_cl)."""
+        if noise is None:
+            noise = torch.rand(x_mim.shape[0], self.patch_embed.num_patches, device=x_mim.device)
+        ids_keep, ids_restore, mask = self.random_masking(noise, self.mask_ratio)
+        latent = self.encoder.forward_features(x_mim, ids_keep)  # (B, 1+K, D): visible patches only
+        loss_mim = self.forward_loss(x_mim, self.forward_decoder(latent, ids_restore), mask)
+        loss_cl = self.moco(x1, x2, m)  # the same encoder, full views, then the projector and predictor
+        return (1 - self.lam) * loss_mim + self.lam * loss_cl, loss_mim, loss_cl
+
+
+# checked copy of moco.py (tests/test_shared_blocks.py)
+def momentum_at(step, steps_per_epoch, args):
+    """main_moco.py adjust_moco_momentum: m = 1 - (1 - m0) * (1 + cos(pi * t / E)) / 2, t the fractional epoch,
+    so m goes from m0 (0.99) at the first step to 1 at the end. A pure function of the step, like lr_at."""
+    t = step / steps_per_epoch
+    return 1.0 - 0.5 * (1.0 + math.cos(math.pi * t / args.epochs)) * (1.0 - args.moco_m)
+
+
+# ------------------------------------------------------------------------------------------------------- data
+
+# checked copy of mae.py (tests/test_shared_blocks.py)
+def train_transform(args):
+    # MAE main_pretrain.py: RandomResizedCrop(scale 0.2-1, bicubic) + flip, nothing else.
+    return T.Compose([T.RandomResizedCrop(args.img_size, scale=(0.2, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+                      T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+# checked copy of moco.py (tests/test_shared_blocks.py): GaussianBlur, view_transform, TwoViews
+class GaussianBlur:
+    """PIL's Gaussian blur with sigma ~ U[0.1, 2] (moco/loader.py GaussianBlur), drawn from torch's RNG so that
+    seeding reproduces the views. PIL's filter is ~3-4x cheaper than a 23-tap tensor blur, which matters: the two
+    views are the loader's bottleneck."""
+    def __call__(self, img):
+        return img.filter(ImageFilter.GaussianBlur(radius=torch.empty(()).uniform_(0.1, 2.0).item()))
+
+
+def view_transform(args, blur_p, solarize_p):
+    """One of BYOL's two asymmetric pipelines (main_moco.py augmentation1 / augmentation2)."""
+    return T.Compose([
+        T.RandomResizedCrop(args.img_size, scale=(args.crop_min, 1.0)),  # bilinear, as officially
+        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),  # "not strengthened" (official comment)
+        T.RandomGrayscale(p=0.2),
+        T.RandomApply([GaussianBlur()], p=blur_p),
+        *([T.RandomSolarize(128, p=solarize_p)] if solarize_p > 0 else []),  # PIL ImageOps.solarize's threshold
+        T.RandomHorizontalFlip(),
+        T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+class TwoViews:
+    """One image -> [view1, view2] (moco/loader.py TwoCropsTransform): view 1 always blurred, view 2 rarely blurred
+    and sometimes solarized."""
+    def __init__(self, args):
+        self.view1 = view_transform(args, blur_p=1.0, solarize_p=0.0)
+        self.view2 = view_transform(args, blur_p=0.1, solarize_p=0.2)
+
+    def __call__(self, img):
+        return [self.view1(img), self.view2(img)]
+
+
+class ThreeViews:
+    """One image -> [MAE's view, BYOL's view 1, BYOL's view 2]: each part of the loss sees its own augmentation."""
+    def __init__(self, args):
+        self.mim, self.cl = train_transform(args), TwoViews(args)
+
+    def __call__(self, img):
+        return [self.mim(img), *self.cl(img)]
+
+
+# ------------------------------------------------------------------------------------------------------- main
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description="CL + MIM on one ViT: (1 - lam) MAE + lam MoCo v3",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_common_args(p, output_dir="runs/hybrid", model="vit_base", epochs=300, warmup_epochs=40, batch_size=4096,
+                    blr=1.5e-4, weight_decay=0.05)  # the shared MAE / MoCo v3 values; 300 epochs and wd: ours
+    p.add_argument("--lam", type=float, default=0.2, help="weight of the CL loss: (1 - lam) L_MIM + lam L_CL "
+                   "(Park et al. Fig. 12: 0.2)")
+    p.add_argument("--mask-ratio", type=float, default=0.75, help="fraction of patches removed (MAE: 0.75)")
+    p.add_argument("--norm-pix-loss", action=argparse.BooleanOptionalAction, default=True,
+                   help="per-patch normalized pixel targets (MAE: on)")
+    p.add_argument("--decoder-embed-dim", type=int, default=512, help="decoder width (MAE: 512)")
+    p.add_argument("--decoder-depth", type=int, default=8, help="decoder blocks (MAE: 8)")
+    p.add_argument("--decoder-num-heads", type=int, default=16, help="decoder heads (MAE: 16)")
+    p.add_argument("--moco-dim", type=int, default=256, help="output dim of projector and predictor (MoCo v3: 256)")
+    p.add_argument("--moco-mlp-dim", type=int, default=4096, help="hidden dim of projector and predictor (MoCo v3: 4096)")
+    p.add_argument("--moco-t", type=float, default=0.2, help="softmax temperature tau (MoCo v3: 0.2)")
+    p.add_argument("--moco-m", type=float, default=0.99, help="momentum at step 0; cosine to 1 at the end (MoCo v3: 0.99)")
+    p.add_argument("--crop-min", type=float, default=0.08, help="RandomResizedCrop min scale of the CL views (MoCo v3: 0.08)")
+    return check_args(p.parse_args(argv))
+
+
+def build_model(args, verbose=True):
+    """The Hybrid of --model's size; the same seed on every rank (DDP also broadcasts rank 0's weights)."""
+    torch.manual_seed(args.seed)
+    encoder_fn = lambda: vit.MODELS[args.model](img_size=args.img_size, **({"patch_size": args.patch_size} if args.patch_size else {}))  # noqa: E731
+    try:
+        model = Hybrid(encoder_fn, args.decoder_embed_dim, args.decoder_depth, args.decoder_num_heads,
+                       args.norm_pix_loss, args.mask_ratio, args.moco_dim, args.moco_mlp_dim, args.moco_t, args.lam)
+    except AssertionError as e:  # vit.py checks the sizes: e.g. img_size not a multiple of the patch
+        raise StopRun(f"--model {args.model}: {e}") from None
+    args.patch_size, L = model.patch_size, model.patch_embed.num_patches
+    if not 1 <= int(L * (1 - args.mask_ratio)) < L:
+        raise StopRun(f"--mask-ratio {args.mask_ratio} keeps {int(L * (1 - args.mask_ratio))} of {L} patches; the "
+                      f"encoder needs 1 or more and the decoder 1 or more to rebuild (MAE: 0.75)")
+    if verbose:
+        print0(f"L = {1 - args.lam:g} x MAE ({int(L * (1 - args.mask_ratio))} of {L} patches seen) + {args.lam:g} x "
+               f"MoCo v3 (two full views), one shared {args.model}")
+    if args.init:
+        load_init(model, args.init, verbose)
+    return model
+
+
+def build_optimizer(model, args, device):
+    """AdamW(0.9, 0.95), no weight decay on 1-D parameters (norms, biases); the momentum encoder and the fixed
+    pos-embeds have no gradient and are left out."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": args.weight_decay},
+              {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+
+
+def main(argv=None):
+    args = get_args(argv)
+    run = Run(args)
+    loader = run.loader(build_dataset(args, ThreeViews(args)))
+    model = build_model(args, verbose=run.is_main).to(run.device)
+    if run.world_size > 1 and run.device.type == "cuda":  # as moco.py: BN statistics over the global batch
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    optimizer = build_optimizer(model, args, run.device)
+    scaler = torch.amp.GradScaler("cuda", enabled=args.amp == "fp16" and run.device.type == "cuda")
+    start_epoch = run.resume(model, optimizer, scaler)
+    ddp_model = run.wrap(model)  # one forward of one module per step: both parts of the loss
+    m_t = torch.zeros((), dtype=torch.float64, device=run.device)  # a 0-d tensor, as in moco.py
+
+    for epoch in range(start_epoch, args.epochs):
+        for (x_mim, x1, x2), _ in run.batches(loader, epoch):
+            lr = set_lr(optimizer, lr_at(run.step, run.steps_per_epoch, args))
+            m = momentum_at(run.step, run.steps_per_epoch, args)
+            x_mim, x1, x2 = (x.to(run.device, non_blocking=True) for x in (x_mim, x1, x2))
+            with autocast(args, run.device):
+                m_t.fill_(m)
+                loss, loss_mim, loss_cl = ddp_model(x_mim, x1, x2, m_t)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            run.end_step(loss, lr=lr, m=m, loss_mim=loss_mim, loss_cl=loss_cl)
+    run.finish({k: v for k, v in model.encoder.state_dict().items() if not k.startswith("head.")})  # no projector
+    return model
+
+
+# ------------------------------------------------------------------------------- inputs and their one-line errors
+
+def check_args(args):
+    """The flags, the shared ones first, refused before anything is read or written."""
+    check_common_args(args)
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    check_flags(args, [(0 <= args.lam <= 1, "--lam", "must lie in [0, 1] (0: MAE, 1: MoCo v3; Park et al.: 0.2)"),
+                       (0 < args.mask_ratio < 1, "--mask-ratio", "must lie in (0, 1) (MAE: 0.75)"),
+                       (args.moco_t > 0, "--moco-t", "must be > 0 (MoCo v3: 0.2)"),
+                       (0.0 <= args.moco_m <= 1.0, "--moco-m", "must lie in [0, 1] (MoCo v3: 0.99)"),
+                       (0 < args.crop_min <= 1, "--crop-min", "must lie in (0, 1] (MoCo v3: 0.08)"),
+                       (min(args.decoder_embed_dim, args.decoder_depth, args.decoder_num_heads, args.moco_dim,
+                            args.moco_mlp_dim) >= 1, "--decoder-depth", "the --decoder-* and --moco-*-dim sizes must be >= 1"),
+                       (args.batch_size // world_size >= 2, "--batch-size", f"gives {args.batch_size // world_size} "
+                        f"image(s) per process; the BatchNorm in the projector and predictor needs 2 or more")])
+    return args
+
+
+def load_init(model, path, verbose):
+    """--init: the shared encoder (into both MoCo encoders) from any file vit.load_pretrained reads; a hybrid.py
+    checkpoint.pt restores everything. The heads start as initialized otherwise."""
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True) if os.path.isfile(path) else None
+        if isinstance(sd, dict) and sd.get("method") == METHOD and "optimizer" in sd:
+            model.load_state_dict(sd["model"])
+            return print0(f"--init {path}: every weight (a hybrid.py checkpoint)")
+        for enc in (model.moco.base_encoder, model.moco.momentum_encoder):
+            vit.load_pretrained(enc, path, verbose=verbose and enc is model.encoder)
+    except ValueError as e:  # missing, unreadable, another model size
+        raise StopRun(f"--init {path}: {e}") from None
+    except Exception as e:
+        raise StopRun(f"--init {path}: cannot read it as a PyTorch checkpoint ({type(e).__name__})") from None
+
+
+# ================================================================= appendix: the same text in every method script
+# Plumbing every training script shares (data, processes, schedule, checkpoints, signals, logging, command line,
+# one-line errors); tests/test_shared_blocks.py keeps it identical everywhere: read it once, skip it elsewhere.
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+METHOD = os.path.splitext(os.path.basename(__file__))[0]  # "mae", "moco", ...: recorded in every file a run writes
+
+
+class StopRun(Exception):
+    """A problem the user can fix (bad input, a diverged run, a stop signal): printed as one line, no traceback."""
+
+
+def one_line(e):
+    """The message of a StopRun, also when it was raised inside a DataLoader worker and wrapped there."""
+    lines = str(e).strip().splitlines()
+    return lines[-1].split("StopRun: ", 1)[-1] if len(lines) > 1 else str(e)
+
+
+def pil_loader(path):
+    from PIL import Image
+    try:
+        with open(path, "rb") as f:
+            img = Image.open(f)
+            if img.mode.startswith("I"):  # 16-bit grey PNG/TIFF: convert("RGB") would clip it to almost white
+                import numpy as np
+                img = Image.fromarray((np.asarray(img, dtype=np.float64) / 257).clip(0, 255).astype(np.uint8))
+            return img.convert("RGB")
+    except Exception as e:
+        raise StopRun(f"cannot read image {path} ({type(e).__name__}: {e}); delete or replace that file") from None
+
+
+def build_dataset(args, transform, split="train"):
+    """--data ROOT: ROOT/<split> as an ImageFolder (ImageNet layout). --data cifar10|cifar100|stl10: torchvision
+    downloads into --data-root on first use ('val' is the test split)."""
+    import torchvision.datasets as datasets
+    train, named = split == "train", {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}
+    try:
+        if args.data in named:
+            return named[args.data](args.data_root, train=train, transform=transform, download=True)
+        if args.data == "stl10":
+            return datasets.STL10(args.data_root, "train+unlabeled" if train else "test", transform=transform, download=True)
+    except (OSError, RuntimeError) as e:  # no network, a partial download, a full disk
+        raise StopRun(f"--data {args.data}: could not download into --data-root {args.data_root} ({e}); "
+                      f"download it by hand into that folder, or pass an ImageFolder root") from None
+    layout, folder = f"ROOT/{split}/<class>/<image>", os.path.join(args.data, split)
+    if not os.path.isdir(args.data):
+        raise StopRun(f"--data {args.data}: no such folder; pass an ImageNet-layout root ({layout}) or one of "
+                      f"cifar10, cifar100, stl10")
+    if not os.path.isdir(folder):
+        raise StopRun(f"--data {args.data}: no '{split}' folder inside; expected the ImageNet layout {layout}")
+    try:
+        return datasets.ImageFolder(folder, transform=transform, loader=pil_loader)
+    except FileNotFoundError as e:
+        raise StopRun(f"--data {args.data}: {folder} holds no class folders with images ({e}); expected {layout}") from None
+
+
+class Seeded(torch.utils.data.Dataset):
+    """dataset[(index, seed)]: the item, its random augmentation drawn from torch's RNG seeded with `seed` (the
+    CPU state is restored after): a view depends on the image's place in the epoch, not on workers or restarts."""
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index_seed):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(index_seed[1])
+            return self.dataset[index_seed[0]]
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """A seeded permutation per epoch, cut to whole global batches (drop_last); global batch k is its positions
+    [k*B, (k+1)*B), process r takes every W-th of them from r. Yields (index, seed of its augmentation) from batch
+    `start` on, so a run resumed mid-epoch sees the rest of the epoch exactly as it would have."""
+    def __init__(self, n, batch_size, world_size, rank, seed):
+        self.n, self.batch_size, self.world_size, self.rank, self.seed = n, batch_size, world_size, rank, seed
+        self.steps, self.epoch, self.start = n // batch_size, 0, 0
+
+    def set_epoch(self, epoch, start=0):
+        self.epoch, self.start = epoch, start
+
+    def __len__(self):
+        return (self.steps - self.start) * (self.batch_size // self.world_size)
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.n, generator=g)[:self.steps * self.batch_size].tolist()
+        seeds = torch.randint(-2**63, 2**63 - 1, (len(order),), generator=g).tolist()
+        for pos in range(self.start * self.batch_size + self.rank, len(order), self.world_size):
+            yield order[pos], seeds[pos]
+
+
+def print0(*a, **kw):
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        tqdm.write(" ".join(str(x) for x in a), **kw)
+
+
+def lr_at(step, steps_per_epoch, args):
+    """Per-iteration schedule (MAE util/lr_sched.py): 1) linear warm-up from 0 over warmup_epochs,
+    2) half-cosine from lr to 0 over the remaining epochs. A pure function of the step, so resuming needs no state."""
+    epoch = step / steps_per_epoch
+    if epoch < args.warmup_epochs:
+        return args.lr * epoch / args.warmup_epochs
+    return args.lr * 0.5 * (1.0 + math.cos(math.pi * (epoch - args.warmup_epochs) / (args.epochs - args.warmup_epochs)))
+
+
+def set_lr(optimizer, lr):
+    """Every parameter group gets lr x its "lr_scale" (1 unless a script sets one, e.g. graft.py's lower layers)."""
+    for g in optimizer.param_groups:
+        g["lr"] = lr * g.get("lr_scale", 1.0)
+    return lr
+
+
+def autocast(args, device):
+    if args.amp == "none" or device.type != "cuda":
+        return contextlib.nullcontext()  # CPU runs in fp32
+    return torch.autocast("cuda", dtype=torch.bfloat16 if args.amp == "bf16" else torch.float16)
+
+
+def tensors(obj):
+    """Every tensor in a nest of dicts, lists and tuples (a checkpoint)."""
+    if torch.is_tensor(obj):
+        yield obj
+    elif isinstance(obj, (dict, list, tuple)):
+        for v in obj.values() if isinstance(obj, dict) else obj:
+            yield from tensors(v)
+
+
+def save_checkpoint(obj, path):
+    """Atomic: write a temporary file, then rename it over the old one, so a crash, a kill or a full disk never
+    leaves a half-written checkpoint; refuses NaN weights; a failed write removes its temporary file."""
+    floats = [t for t in tensors(obj) if t.is_floating_point()]
+    if floats and not torch.stack([torch.isfinite(t).all() for t in floats]).all():
+        raise StopRun(f"the weights to be saved in {path} are not finite (NaN or inf); nothing was written")
+    need, free = sum(t.numel() * t.element_size() for t in tensors(obj)), shutil.disk_usage(os.path.dirname(path)).free
+    if free < need + 2**26:
+        raise StopRun(f"{os.path.dirname(path)}: {free / 1e9:.2f} GB free, {path} needs {need / 1e9:.2f} GB; free "
+                      f"some space or pass another --output-dir (the last checkpoint is kept)")
+    try:
+        torch.save(obj, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    except (OSError, RuntimeError) as e:  # e.g. the disk filled up during the write
+        with contextlib.suppress(OSError):
+            os.remove(path + ".tmp")
+        raise StopRun(f"could not write {path} ({type(e).__name__}: {str(e).strip().splitlines()[0]}); free some "
+                      f"space or pass another --output-dir (the last checkpoint is kept)") from None
+
+
+def check_flags(args, rules):
+    """rules: (ok, flag, what it must be). The first broken rule stops the run before anything is read or written."""
+    for ok, flag, rule in rules:
+        if not ok:
+            raise StopRun(f"{flag} {getattr(args, flag[2:].replace('-', '_'))}: {rule}")
+
+
+def check_common_args(a):
+    check_flags(a, [(a.batch_size >= 1, "--batch-size", "must be >= 1"), (a.epochs >= 1, "--epochs", "must be >= 1"),
+                    (a.warmup_epochs == 0 or 0 < a.warmup_epochs < a.epochs, "--warmup-epochs", f"must be 0 or shorter "
+                     f"than --epochs {a.epochs} (the lr would never reach its peak)"),
+                    (math.isfinite(a.blr) and a.blr > 0, "--blr", "must be a positive number"),
+                    (math.isfinite(a.weight_decay) and a.weight_decay >= 0, "--weight-decay", "must be >= 0"),
+                    (a.img_size >= 1, "--img-size", "must be >= 1"),
+                    (a.patch_size is None or 1 <= a.patch_size and a.img_size % a.patch_size == 0, "--patch-size",
+                     f"must be >= 1 and divide --img-size {a.img_size}"),
+                    (a.num_workers >= 0, "--num-workers", "must be >= 0"), (a.log_every >= 1, "--log-every", "must be >= 1"),
+                    (a.max_steps is None or a.max_steps >= 1, "--max-steps", "must be >= 1"),
+                    (a.save_every_minutes >= 0, "--save-every-minutes", "must be >= 0 (0: off)"),
+                    (a.save_every_steps >= 0, "--save-every-steps", "must be >= 0 (0: off)"),
+                    (a.keep_every_epochs >= 0, "--keep-every-epochs", "must be >= 0 (0: off)")])
+
+
+# The flags a resumed run may change (where things are, how fast, how long, how often); any other would continue
+# another run. The data may move, but must hold as many images (the step count depends on it).
+RESUME_MAY_CHANGE = {"data", "data_root", "output_dir", "epochs", "num_workers", "amp", "compile", "log_every",
+                     "max_steps", "vis_every", "init", "mim_checkpoint", "teacher", "save_every_minutes",
+                     "save_every_steps", "keep_every_epochs"}
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)  # schedulers send SIGTERM (or USR1) before a kill
+
+
+class Run:
+    """Everything around the training loop: processes and device, the output folder (a lock, args.json, log.jsonl),
+    checkpoint.pt (resume at any step; saves at epoch ends, --max-steps, every --save-every-minutes/-steps and on a
+    stop signal), the non-finite loss check and encoder.pt. torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain `python`
+    runs one process on cuda:0 or the CPU (gloo for several CPU processes: tests and debugging)."""
+    def __init__(self, args):
+        check_common_args(args)
+        self.args, self.step, self.saved_step, self.log_file, self.signal = args, 0, None, None, 0
+        self.rank, self.world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        self.is_main, local_rank = self.rank == 0, int(os.environ.get("LOCAL_RANK", 0))
+        if args.batch_size % self.world_size:
+            raise StopRun(f"--batch-size {args.batch_size} is global and must be divisible by the {self.world_size} "
+                          f"processes; use e.g. {max(1, args.batch_size // self.world_size) * self.world_size}")
+        self.device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        if "RANK" in os.environ and self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+            dist.init_process_group("nccl", device_id=self.device)
+        elif "RANK" in os.environ:
+            dist.init_process_group("gloo")  # CPU: tests and debugging
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+        args.lr = args.blr * args.batch_size / 256
+        self.ckpt_path, self.lock_path = (os.path.join(args.output_dir, f) for f in ("checkpoint.pt", "run.lock"))
+        try:
+            os.makedirs(args.output_dir, exist_ok=True)
+            if self.is_main:
+                self.lock()
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(self.ckpt_path + ".tmp")  # left by a run killed while saving
+        except OSError as e:
+            raise StopRun(f"--output-dir {args.output_dir}: {e.strerror or e}; pass a folder you can write to") from None
+        self.old_handlers = {s: signal.signal(s, self.on_signal) for s in STOP_SIGNALS}
+        print0(f"lr = blr {args.blr} x batch {args.batch_size} / 256 = {args.lr:.3g}; {self.world_size} process(es) x "
+               f"{args.batch_size // self.world_size} images on {self.device}; torch {torch.__version__}")
+
+    def lock(self):
+        """run.lock names this run's host and pid; a second run in the same folder stops, a dead run's lock is reused."""
+        me = f"{os.uname().nodename} {os.getpid()}"
+        for _ in range(2):
+            try:
+                with open(self.lock_path, "x") as f:
+                    return f.write(me)
+            except FileExistsError:
+                with open(self.lock_path) as f:
+                    host, pid = (f.read().split() + ["?", "0"])[:2]
+            try:  # signal 0 only asks whether the process exists
+                gone = host == os.uname().nodename and (pid == str(os.getpid()) or os.kill(int(pid), 0))
+            except (ProcessLookupError, ValueError):
+                gone = True
+            except PermissionError:  # it exists, under another user
+                gone = False
+            if not gone:
+                raise StopRun(f"--output-dir {self.args.output_dir} is in use by another run (host {host}, pid {pid}); "
+                              f"wait for it or pass another --output-dir (delete {self.lock_path} if that run is gone)")
+            os.remove(self.lock_path)  # its run is gone (or was an earlier run in this very process)
+
+    def on_signal(self, signum, frame):
+        if self.signal:  # the second one: stop now, without saving
+            sys.exit(f"error: {signal.Signals(signum).name} again: stopped at once; {self.saved()}")
+        self.signal = signum  # end_step saves after the current step, then stops
+
+    def saved(self):
+        return f"{self.ckpt_path} (step {self.saved_step}) is intact" if self.saved_step is not None else "nothing saved yet"
+
+    def loader(self, dataset):
+        """Each process its share of each global batch; every step has the same per-process batch."""
+        b = self.args.batch_size // self.world_size
+        if len(dataset) < self.args.batch_size:
+            raise StopRun(f"--data has {len(dataset)} training images, fewer than one --batch-size "
+                          f"{self.args.batch_size}; lower --batch-size")
+        self.images, self.steps_per_epoch = len(dataset), len(dataset) // self.args.batch_size
+        sampler = EpochSampler(len(dataset), self.args.batch_size, self.world_size, self.rank, self.args.seed)
+        return torch.utils.data.DataLoader(Seeded(dataset), b, sampler=sampler, num_workers=self.args.num_workers,
+                                           pin_memory=self.device.type == "cuda", drop_last=True)
+
+    def resume(self, model, optimizer, scaler):
+        """Load checkpoint.pt if there is one (refusing one of another run); write args.json. Returns the epoch."""
+        self.model, self.optimizer, self.scaler, self.world_size_before, args = model, optimizer, scaler, None, self.args
+        if os.path.isfile(self.ckpt_path):
+            try:
+                ckpt = torch.load(self.ckpt_path, map_location="cpu", weights_only=True)
+                step, method, old_args, images = ckpt["step"], ckpt["method"], ckpt["args"], ckpt["images"]
+            except Exception as e:
+                raise StopRun(f"{self.ckpt_path} cannot be read ({type(e).__name__}), so it is damaged or not ours; "
+                              f"move it away to start from step 0, or pass another --output-dir") from None
+            if method != METHOD:
+                raise StopRun(f"{self.ckpt_path} was written by {method}.py, not {METHOD}.py; pass another --output-dir")
+            for k, v in old_args.items():
+                if k not in RESUME_MAY_CHANGE and getattr(args, k, v) != v:
+                    raise StopRun(f"{self.ckpt_path} was written with --{k.replace('_', '-')} {v}, not "
+                                  f"{getattr(args, k)}; pass the same value or another --output-dir")
+            if images != self.images:
+                raise StopRun(f"{self.ckpt_path} was trained on {images} images, --data {args.data} has {self.images}; "
+                              f"pass the same data or another --output-dir")
+            try:
+                model.load_state_dict(ckpt["model"])
+                optimizer.load_state_dict(ckpt["optimizer"])
+            except (RuntimeError, ValueError, KeyError) as e:
+                raise StopRun(f"{self.ckpt_path} does not fit this model ({str(e).strip().splitlines()[0]}); pass the "
+                              f"flags of the run that wrote it, or another --output-dir") from None
+            if ckpt["scaler"]:
+                scaler.load_state_dict(ckpt["scaler"])
+            self.step = self.saved_step = step
+            self.world_size_before = ckpt["world_size"]
+            print0(f"resumed from {self.ckpt_path} at step {step} (epoch {step // self.steps_per_epoch}, batch "
+                   f"{step % self.steps_per_epoch} of {self.steps_per_epoch})")
+        if self.is_main:
+            with open(os.path.join(args.output_dir, "args.json"), "w") as f:
+                json.dump(vars(args), f, indent=2)
+            self.log_file = open(os.path.join(args.output_dir, "log.jsonl"), "a")
+        self.saved_at = time.monotonic()
+        return self.step // self.steps_per_epoch
+
+    def wrap(self, model):
+        """--compile and, with several processes, DDP around the model (the module itself stays as it is)."""
+        model = torch.compile(model) if self.args.compile else model
+        if self.world_size > 1:
+            model = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        return model
+
+    def batches(self, loader, epoch):
+        """The epoch's batches from where the run stands, until --max-steps. Before each step torch's RNG is seeded
+        from (seed, step, rank): the masks and other draws of a step do not depend on where the run restarted."""
+        self.epoch, self.epoch_done, self.sums, self.n, self.t0 = epoch, False, {}, 0, time.perf_counter()
+        if self.args.max_steps is not None and self.step >= self.args.max_steps:
+            return
+        start = self.step - epoch * self.steps_per_epoch
+        loader.sampler.set_epoch(epoch, start)
+        for self.it, batch in enumerate(tqdm(loader, f"epoch {epoch}", initial=start, total=self.steps_per_epoch,
+                                             disable=not self.is_main, leave=False, dynamic_ncols=True), start):
+            torch.manual_seed(hash((self.args.seed, self.step, self.rank)))
+            yield batch
+            if self.args.max_steps is not None and self.step >= self.args.max_steps:
+                return
+        self.epoch_done = True
+
+    def end_step(self, loss, **logged):
+        """Count one optimizer step; log every --log-every steps; save when due, then stop if a signal came. With
+        several processes they agree on both (one tiny all-reduce per step), so all stop at the same step."""
+        a, self.step, self.n = self.args, self.step + 1, self.n + 1
+        for k, v in {"loss": loss, **logged}.items():
+            if torch.is_tensor(v):
+                self.sums[k] = self.sums.get(k, 0) + v.detach().float()
+        timed = self.is_main and a.save_every_minutes > 0 and time.monotonic() - self.saved_at > 60 * a.save_every_minutes
+        if self.world_size > 1:
+            flags = torch.tensor([self.signal, timed], device=self.device)
+            dist.all_reduce(flags, dist.ReduceOp.MAX)
+            self.signal, timed = flags.tolist()
+        last = self.it == self.steps_per_epoch - 1
+        save = (last or timed or self.signal or self.step == a.max_steps
+                or (a.save_every_steps > 0 and self.step % a.save_every_steps == 0))
+        if save or last or self.step % a.log_every == 0:
+            self.log(logged)  # before a save: the loss of every step since the last check is finite
+        if save:
+            self.save(keep=last and a.keep_every_epochs > 0 and (self.epoch + 1) % a.keep_every_epochs == 0)
+        if self.signal:
+            raise self.stop(f"stopped by {signal.Signals(self.signal).name} after step {self.step}; {self.saved()}: the "
+                            f"same command resumes from it")
+
+    def log(self, logged):
+        """One log line: loss and the other tensors averaged over the steps since the last line and the processes
+        (one host sync); lr and other numbers as given. A non-finite loss stops the run before anything is saved."""
+        means = torch.stack(list(self.sums.values())) / self.n
+        if self.world_size > 1:
+            dist.all_reduce(means)
+            means /= self.world_size
+        means = dict(zip(self.sums, means.tolist()))
+        if not math.isfinite(means["loss"]):
+            causes = [f"the lr (--blr {self.args.blr})"] + [f"the temperature (--{k.replace('_', '-')} {v})" for k, v
+                      in vars(self.args).items() if k in ("moco_t", "tau", "patch_tau", "image_tau")]
+            causes += [f"the mask ratio (--mask-ratio {self.args.mask_ratio})"] if "mask_ratio" in vars(self.args) else []
+            causes += ["fp16 overflow (use --amp bf16)"] if self.args.amp == "fp16" and self.device.type == "cuda" else []
+            raise self.stop(f"non-finite loss ({means['loss']}) within steps {self.step - self.n + 1}-{self.step}; "
+                            f"likely causes, in order: {', '.join(causes)}; {self.saved()}")
+        log = {"epoch": self.epoch, "step": self.step, **{k: round(v, 5) for k, v in means.items()},
+               **{k: v for k, v in logged.items() if not torch.is_tensor(v)},
+               "img_per_s": round(self.n * self.args.batch_size / (time.perf_counter() - self.t0), 1),
+               "mem_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if self.device.type == "cuda" else 0.0}
+        print0(json.dumps(log))
+        if self.is_main:
+            self.log_file.write(json.dumps(log) + "\n")
+            self.log_file.flush()
+        self.sums, self.n, self.t0 = {}, 0, time.perf_counter()
+
+    def save(self, keep=False):
+        """checkpoint.pt: all a resumed run needs to go on as if never stopped (the RNGs are a function of the step).
+        Rank 0 writes; the others wait and stop with it if the save failed. keep: also a copy for this epoch."""
+        error = None
+        if self.is_main:
+            state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                     "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None, "step": self.step,
+                     "method": METHOD, "images": self.images, "world_size": self.world_size, "args": vars(self.args)}
+            try:
+                save_checkpoint(state, self.ckpt_path)
+                if keep:
+                    shutil.copyfile(self.ckpt_path, os.path.join(self.args.output_dir, f"checkpoint_epoch{self.epoch + 1:04d}.pt"))
+            except (StopRun, OSError) as e:
+                error = str(e)
+        if self.world_size > 1:
+            failed = torch.tensor([error is not None], device=self.device)
+            dist.broadcast(failed, 0)
+            error = error or ("rank 0 could not save the checkpoint" if failed.item() else None)
+        if error:
+            raise self.stop(f"{error}; {self.saved()}")
+        self.saved_step, self.saved_at = self.step, time.monotonic()
+
+    def finish(self, encoder_state_dict):
+        """encoder.pt: {"model": the encoder alone, in vit.py / timm names, "method", "step", "args"}."""
+        if self.is_main:
+            save_checkpoint({"model": encoder_state_dict, "method": METHOD, "step": self.step, "args": vars(self.args)},
+                            os.path.join(self.args.output_dir, "encoder.pt"))
+            print0(f"done: {self.args.output_dir}/encoder.pt after {self.step} steps")
+        self.stop("done")
+        if self.world_size > 1:
+            dist.destroy_process_group()
+
+    def stop(self, message):
+        """Leave the output folder to the next run (log file, lock) and restore the signal handlers; the message as
+        a StopRun to raise."""
+        if self.is_main:
+            self.log_file.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.lock_path)
+        for s, handler in self.old_handlers.items():
+            signal.signal(s, handler)
+        return StopRun(message)
+
+
+def add_common_args(p, **defaults):
+    """The command line every method script shares; each script passes its paper defaults."""
+    p.add_argument("--data", required=True, help="ImageNet-layout root (ROOT/train/<class>/*) or cifar10|cifar100|stl10")
+    p.add_argument("--data-root", default="./data", help="download folder for --data cifar10|cifar100|stl10")
+    p.add_argument("--output-dir", default=defaults["output_dir"], help="checkpoint.pt, encoder.pt, args.json, log.jsonl")
+    p.add_argument("--model", default=defaults["model"], choices=list(vit.MODELS), help="encoder size")
+    p.add_argument("--img-size", type=int, default=224, help="input resolution")
+    p.add_argument("--patch-size", type=int, default=None, help="patch size (default: the model's, 16 or 14)")
+    p.add_argument("--epochs", type=int, default=defaults["epochs"], help="training epochs")
+    p.add_argument("--warmup-epochs", type=int, default=defaults["warmup_epochs"], help="linear warm-up epochs")
+    p.add_argument("--batch-size", type=int, default=defaults["batch_size"], help="GLOBAL batch, over all processes")
+    p.add_argument("--blr", type=float, default=defaults["blr"], help="base lr; lr = blr * batch_size / 256")
+    p.add_argument("--weight-decay", type=float, default=defaults["weight_decay"], help="AdamW weight decay")
+    p.add_argument("--num-workers", type=int, default=min(10, os.cpu_count() or 1), help="data workers per process")
+    p.add_argument("--amp", default="bf16", choices=["bf16", "fp16", "none"], help="autocast dtype on CUDA (CPU: fp32)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--seed", type=int, default=0, help="seed for init (same on all ranks), data order and draws")
+    p.add_argument("--init", default=None, help="start from these weights (any file vit.load_pretrained reads)")
+    p.add_argument("--log-every", type=int, default=20, help="steps between log lines (and non-finite loss checks)")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps in total (saved)")
+    p.add_argument("--save-every-minutes", type=float, default=30, help="also save checkpoint.pt this often (0: off)")
+    p.add_argument("--save-every-steps", type=int, default=0, help="also save checkpoint.pt every N steps (0: off)")
+    p.add_argument("--keep-every-epochs", type=int, default=0, help="keep checkpoint_epochNNNN.pt every K epochs (0: off)")
+    return p
+# ====================================================================================================== end appendix
+
+if __name__ == "__main__":
+    try:
+        main()
+    except StopRun as e:
+        sys.exit(f"error: {one_line(e)}")
