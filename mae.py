@@ -22,6 +22,8 @@ Deviations from the official code, on purpose:
       batch-sensitive (maintainer, mae#32: 1024 works for ViT-L); lr follows the batch through blr.
     - A non-finite loss is checked at every log line and before every save (the official code: every step), so
       there is no host sync per step and never a NaN checkpoint.
+    - recon_EEEE.png un-normalizes the norm-pix prediction with the statistics of the visible patches (the
+      official demo uses each removed patch's own, which leaks the answer: mae#146) and labels its columns.
     - Saves mid-epoch too (--save-every-minutes 30, SIGTERM, --max-steps) and resumes at any step exactly
       (official: per epoch, and a resumed epoch starts over).
 
@@ -43,7 +45,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 import torchvision.transforms as T
-from torchvision.utils import save_image
+from torchvision.utils import make_grid
 from tqdm import tqdm
 
 import vit
@@ -131,22 +133,38 @@ class MaskedAutoencoder(vit.VisionTransformer):
         return self.forward_loss(imgs, pred, mask), pred, mask
 
 @torch.no_grad()
-def reconstruction_grid(model, imgs, path, mask_ratio, seed=0):
-    """Save a PNG: one row per image, original | masked | reconstruction (visible patches pasted back)."""
+def reconstruction_rows(model, imgs, mask_ratio, seed=0):
+    """(B, 3, 3, H, W) in pixel space: original | masked | reconstruction, the visible patches pasted back. With
+    norm-pix targets the prediction is un-normalized with statistics of the VISIBLE patches of its image (the mean
+    of their per-patch means and variances): the true statistics of each removed patch would leak the answer."""
     model.eval()
     noise = torch.rand(imgs.shape[0], model.patch_embed.num_patches, generator=torch.Generator().manual_seed(seed))
     _, pred, mask = model(imgs, mask_ratio, noise.to(imgs.device))
-    target = model.patchify(imgs)
-    if model.norm_pix_loss:  # undo the per-patch normalization with the true patch statistics
-        mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
+    target, m = model.patchify(imgs), mask[:, :, None]  # m: 1 = removed
+    if model.norm_pix_loss:
+        seen = (1 - m).sum(dim=1, keepdim=True)
+        mean = (target.mean(dim=-1, keepdim=True) * (1 - m)).sum(dim=1, keepdim=True) / seen  # (B, 1, 1)
+        var = (target.var(dim=-1, keepdim=True) * (1 - m)).sum(dim=1, keepdim=True) / seen
         pred = pred.float() * (var + 1e-6) ** 0.5 + mean
-    m = mask[:, :, None]
     masked = model.unpatchify(target * (1 - m))
     recon = model.unpatchify(pred * m + target * (1 - m))
     mean, std = torch.tensor(IMAGENET_MEAN, device=imgs.device), torch.tensor(IMAGENET_STD, device=imgs.device)
-    rows = torch.stack([imgs, masked, recon], dim=1).flatten(0, 1) * std[:, None, None] + mean[:, None, None]
-    save_image(rows.clamp(0, 1), path, nrow=3, padding=1)
     model.train()
+    return torch.stack([imgs, masked, recon], dim=1) * std[:, None, None] + mean[:, None, None]
+
+
+def reconstruction_grid(model, imgs, path, mask_ratio, seed=0):
+    """A PNG: one row per image, its three columns labelled."""
+    from PIL import Image, ImageDraw
+    grid = make_grid(reconstruction_rows(model, imgs, mask_ratio, seed).flatten(0, 1).clamp(0, 1), nrow=3, padding=1)
+    body = Image.fromarray(grid.mul(255).round().byte().permute(1, 2, 0).cpu().numpy())
+    scale = max(1, 96 // imgs.shape[-1])  # small images (CIFAR) enlarged, so that the labels fit
+    body = body.resize((body.width * scale, body.height * scale), Image.NEAREST)
+    page = Image.new("RGB", (body.width, body.height + 14), "white")
+    page.paste(body, (0, 14))
+    for col, label in enumerate(["original", "masked", "reconstruction"]):
+        ImageDraw.Draw(page).text((col * body.width // 3 + 2, 1), label, fill="black")
+    page.save(path)
 
 
 # ------------------------------------------------------------------------------------------------------- data

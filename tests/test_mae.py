@@ -220,3 +220,22 @@ def test_init_with_a_decoder_of_another_size_is_one_line(tmp_path, image_root):
     torch.save({"model": wide.state_dict()}, tmp_path / "wide.pth")
     with pytest.raises(mae.StopRun, match="its decoder does not fit .*--decoder-"):
         mae.main(tiny_args(image_root, tmp_path / "o", "--init", str(tmp_path / "wide.pth")))
+
+
+def test_reconstruction_uses_only_what_the_encoder_sees(tmp_path):
+    """Changing the pixels of the removed patches changes the original column only: the reconstruction is the
+    prediction (from visible patches) un-normalized with visible-patch statistics, plus the visible patches."""
+    torch.manual_seed(0)
+    model = vit.MODELS["vit_mini"](cls=mae.MaskedAutoencoder, img_size=32, patch_size=8, decoder_embed_dim=32,
+                                   decoder_depth=1, decoder_num_heads=2)
+    imgs = torch.randn(2, 3, 32, 32)
+    rows = mae.reconstruction_rows(model, imgs, 0.75)
+    noise = torch.rand(2, 16, generator=torch.Generator().manual_seed(0))
+    _, _, mask = mae.MaskedAutoencoder.random_masking(noise, 0.75)
+    removed = model.unpatchify(mask[:, :, None].expand(-1, -1, 8 * 8 * 3)).bool()
+    other = torch.where(removed, imgs * 5 + 3, imgs)  # the removed patches' pixels (and statistics) changed
+    rows2 = mae.reconstruction_rows(model, other, 0.75)
+    assert not torch.allclose(rows[:, 0], rows2[:, 0]) and torch.allclose(rows[:, 1:], rows2[:, 1:], atol=1e-5)
+    mae.reconstruction_grid(model, imgs, str(tmp_path / "r.png"), 0.75)
+    from PIL import Image
+    assert Image.open(tmp_path / "r.png").size == (3 * 33 * 3 + 3, 2 * 33 * 3 + 3 + 14)  # enlarged x3, labelled
