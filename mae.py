@@ -251,8 +251,8 @@ def check_args(args):
     check_common_args(args)
     check_flags(args, [(0 < args.mask_ratio < 1, "--mask-ratio", "must lie in (0, 1): the fraction removed (paper: 0.75)"),
                        (args.vis_every >= 1, "--vis-every", "must be >= 1 (epochs between PNGs)"),
-                       (min(args.decoder_embed_dim, args.decoder_depth, args.decoder_num_heads) >= 1, "--decoder-depth",
-                        "the --decoder-* sizes must be >= 1")])
+                       *[(getattr(args, f) >= 1, "--" + f.replace("_", "-"), "must be >= 1")
+                         for f in ("decoder_embed_dim", "decoder_depth", "decoder_num_heads")]])
     return args
 
 
@@ -462,6 +462,23 @@ RESUME_MAY_CHANGE = {"data", "data_root", "output_dir", "epochs", "num_workers",
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)  # schedulers send SIGTERM (or USR1) before a kill
 
 
+def ignore_stop_signals(worker_id):
+    """In DataLoader workers: a signal to the whole process group (SLURM, scancel, Ctrl-C) is the main process's to
+    handle; a worker killed by it would end the run before the save."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+
+
+def pid_alive(pid):
+    try:
+        os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
+        return True
+    except PermissionError:  # it exists, under another user
+        return True
+    except (ProcessLookupError, ValueError):
+        return False
+
+
 class Run:
     """Everything around the training loop: processes and device, the output folder (a lock, args.json, log.jsonl),
     checkpoint.pt (resume at any step; saves at epoch ends, --max-steps, every --save-every-minutes/-steps and on a
@@ -507,21 +524,21 @@ class Run:
             except FileExistsError:
                 with open(self.lock_path) as f:
                     host, pid = (f.read().split() + ["?", "0"])[:2]
-            try:  # signal 0 only asks whether the process exists
-                gone = host == os.uname().nodename and (pid == str(os.getpid()) or os.kill(int(pid), 0))
-            except (ProcessLookupError, ValueError):
-                gone = True
-            except PermissionError:  # it exists, under another user
-                gone = False
+            if host == os.uname().nodename:  # this machine: is that process still there?
+                gone = pid == str(os.getpid()) or not pid_alive(pid)
+            else:  # another machine (a requeued job): a live run touches its lock at every save
+                age = time.time() - os.path.getmtime(self.lock_path)
+                gone = self.args.save_every_minutes > 0 and age > 2 * 60 * self.args.save_every_minutes + 600
             if not gone:
                 raise StopRun(f"--output-dir {self.args.output_dir} is in use by another run (host {host}, pid {pid}); "
                               f"wait for it or pass another --output-dir (delete {self.lock_path} if that run is gone)")
             os.remove(self.lock_path)  # its run is gone (or was an earlier run in this very process)
 
     def on_signal(self, signum, frame):
-        if self.signal:  # the second one: stop now, without saving
+        if not self.signal:
+            self.signal, self.signal_at = signum, time.monotonic()  # end_step saves after this step, then stops
+        elif time.monotonic() - self.signal_at > 5:  # schedulers may send the same one twice at once: not a repeat
             sys.exit(f"error: {signal.Signals(signum).name} again: stopped at once; {self.saved()}")
-        self.signal = signum  # end_step saves after the current step, then stops
 
     def saved(self):
         return f"{self.ckpt_path} (step {self.saved_step}) is intact" if self.saved_step is not None else "nothing saved yet"
@@ -535,7 +552,8 @@ class Run:
         self.images, self.steps_per_epoch = len(dataset), len(dataset) // self.args.batch_size
         sampler = EpochSampler(len(dataset), self.args.batch_size, self.world_size, self.rank, self.args.seed)
         return torch.utils.data.DataLoader(Seeded(dataset), b, sampler=sampler, num_workers=self.args.num_workers,
-                                           pin_memory=self.device.type == "cuda", drop_last=True)
+                                           pin_memory=self.device.type == "cuda", drop_last=True,
+                                           worker_init_fn=ignore_stop_signals)
 
     def resume(self, model, optimizer, scaler):
         """Load checkpoint.pt if there is one (refusing one of another run); write args.json. Returns the epoch."""
@@ -605,20 +623,21 @@ class Run:
         for k, v in {"loss": loss, **logged}.items():
             if torch.is_tensor(v):
                 self.sums[k] = self.sums.get(k, 0) + v.detach().float()
+        stop = self.signal
         timed = self.is_main and a.save_every_minutes > 0 and time.monotonic() - self.saved_at > 60 * a.save_every_minutes
-        if self.world_size > 1:
-            flags = torch.tensor([self.signal, timed], device=self.device)
+        if self.world_size > 1:  # (a signal arriving during this sync counts at the next step, on every rank)
+            flags = torch.tensor([stop, timed], device=self.device)
             dist.all_reduce(flags, dist.ReduceOp.MAX)
-            self.signal, timed = flags.tolist()
+            stop, timed = flags.tolist()
         last = self.it == self.steps_per_epoch - 1
-        save = (last or timed or self.signal or self.step == a.max_steps
+        save = (last or timed or stop or self.step == a.max_steps
                 or (a.save_every_steps > 0 and self.step % a.save_every_steps == 0))
         if save or last or self.step % a.log_every == 0:
             self.log(logged)  # before a save: the loss of every step since the last check is finite
         if save:
             self.save(keep=last and a.keep_every_epochs > 0 and (self.epoch + 1) % a.keep_every_epochs == 0)
-        if self.signal:
-            raise self.stop(f"stopped by {signal.Signals(self.signal).name} after step {self.step}; {self.saved()}: the "
+        if stop:
+            raise self.stop(f"stopped by {signal.Signals(stop).name} after step {self.step}; {self.saved()}: the "
                             f"same command resumes from it")
 
     def log(self, logged):
@@ -657,7 +676,9 @@ class Run:
             try:
                 save_checkpoint(state, self.ckpt_path)
                 if keep:
-                    shutil.copyfile(self.ckpt_path, os.path.join(self.args.output_dir, f"checkpoint_epoch{self.epoch + 1:04d}.pt"))
+                    save_checkpoint(state, os.path.join(self.args.output_dir, f"checkpoint_epoch{self.epoch + 1:04d}.pt"))
+                with contextlib.suppress(OSError):
+                    os.utime(self.lock_path)  # a lock that stops being touched belongs to a dead run (see lock)
             except (StopRun, OSError) as e:
                 error = str(e)
         if self.world_size > 1:

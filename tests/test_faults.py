@@ -195,6 +195,25 @@ def test_processes_stop_together_and_torchrun_restarts_resume(image_root, stage1
     assert_same(weights(tmp_path / "ref"), weights(tmp_path / "cut"))
 
 
+def test_sigterm_to_the_whole_process_group_saves(image_root, stage1, tmp_path):
+    """A scheduler's SIGTERM reaches the DataLoader workers too, often twice in a row (slurmstepd, then torchrun):
+    the workers ignore it, the main process finishes its step, saves and stops with its one line."""
+    args = argv("mae", image_root, tmp_path, stage1, "--num-workers", "2", "--save-every-steps", "0")
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "helpers.py"), "mae.py", *args], cwd=ROOT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, text=True,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    for line in proc.stdout:
+        if line.startswith("{") and json.loads(line)["step"] >= 2:
+            os.killpg(proc.pid, signal.SIGTERM)
+            os.killpg(proc.pid, signal.SIGTERM)
+            break
+    proc.stdout.read()
+    err = proc.stderr.read().strip().splitlines()[-1]
+    step = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"]
+    assert proc.wait(timeout=120) == 1 and err.startswith(f"error: stopped by SIGTERM after step {step};"), err
+    assert 2 <= step < 10
+
+
 @pytest.mark.parametrize("script", ["mae", "moco"])
 def test_a_diverged_run_saves_nothing(script, image_root, stage1, tmp_path):
     """--blr 1e6: the loss or the weights turn non-finite; no checkpoint.pt or encoder.pt is written with them."""
@@ -269,6 +288,11 @@ def test_output_folder_faults(image_root, stage1, tmp_path):
     (out / "run.lock").write_text(f"{os.uname().nodename} {dead.stdout.strip()}")
     (out / "checkpoint.pt.tmp").write_bytes(b"left by a kill during a save")
     assert run("--max-steps", "3") is None and not os.path.exists(out / "checkpoint.pt.tmp")
+    # another host's lock (a requeued job on a new node): live while its run touches it, stale after 2 intervals
+    (out / "run.lock").write_text("some-other-node 1234")
+    assert "in use by another run (host some-other-node" in run("--max-steps", "4")
+    os.utime(out / "run.lock", (0, os.path.getmtime(out / "run.lock") - 2 * 30 * 60 - 601))
+    assert run("--max-steps", "4") is None
     # another method's checkpoint, a damaged one, another data set
     torch.save({**torch.load(out / "checkpoint.pt", weights_only=True), "method": "moco"}, out / "checkpoint.pt")
     assert "was written by moco.py, not mae.py" in run()
@@ -292,7 +316,7 @@ def test_output_folder_faults(image_root, stage1, tmp_path):
                       "0", "--keep-every-epochs", "1"))
     finally:
         mae.save_checkpoint = original
-    assert saves == [1, 2, 3, 3, 5, 10, 10]  # (t) every step, encoder.pt; (u) epoch ends, encoder.pt
+    assert saves == [1, 2, 3, 3, 5, 5, 10, 10, 10]  # (t) every step, encoder.pt; (u) epoch ends + kept copies, encoder.pt
     assert sorted(f for f in os.listdir(tmp_path / "u") if f.startswith("checkpoint_")) == \
         ["checkpoint_epoch0001.pt", "checkpoint_epoch0002.pt"]
 
