@@ -117,15 +117,20 @@ def linear_cka(x, y):
     return float((y.T @ x).norm() ** 2 / ((x.T @ x).norm() * (y.T @ y).norm()))
 
 
+# checked copy of eval_fewshot.py (tests/test_shared_blocks.py)
 @torch.no_grad()
-def knn_accuracy(train_x, train_y, test_x, test_y, k=20, t=0.07):
-    """Top-1 accuracy (fraction) of DINO's weighted k-NN, the same rule as eval_fewshot.knn_accuracy (a test checks):
-    cosine similarity of L2-normalized features, the k nearest train features vote for their class with exp(sim / t)."""
-    X, y = F.normalize(train_x.float(), dim=1), train_y.long()
+def knn_accuracy(train_x, train_y, test_x, test_y, k=20, t=0.07, device=None, chunk=4096):
+    """Top-1 accuracy (fraction) of DINO's weighted k-NN (eval_knn.py); k is capped at the number of train features."""
+    device = torch.device(device) if device is not None else train_x.device
+    X, y = F.normalize(train_x.to(device).float(), dim=1), train_y.to(device).long()
     num_classes, k = int(max(y.max(), test_y.max())) + 1, min(k, len(X))
-    sim, idx = (F.normalize(test_x.float(), dim=1) @ X.T).topk(k, dim=1)  # (n_test, k)
-    votes = torch.zeros(len(test_x), num_classes).scatter_add_(1, y[idx], (sim / t).exp())  # summed weight per class
-    return (votes.argmax(dim=1) == test_y).sum().item() / len(test_x)
+    correct = 0
+    for xt, yt in zip(test_x.split(chunk), test_y.split(chunk)):  # chunks: a (chunk, n_train) similarity at a time
+        sim, idx = (F.normalize(xt.to(device).float(), dim=1) @ X.T).topk(k, dim=1)  # (B, k)
+        votes = torch.zeros(len(xt), num_classes, device=device)
+        votes.scatter_add_(1, y[idx], (sim / t).exp())  # (B, C): summed weights per class
+        correct += (votes.argmax(dim=1).cpu() == yt.cpu()).sum().item()
+    return correct / len(test_x)
 
 
 @torch.no_grad()
@@ -178,13 +183,28 @@ def fail(message):
     sys.exit(f"error: {message}")
 
 
+# checked copy of mae.py (tests/test_shared_blocks.py): StopRun, one_line, pil_loader
+class StopRun(Exception):
+    """A problem the user can fix (bad input, a diverged run, a stop signal): printed as one line, no traceback."""
+
+
+def one_line(e):
+    """The message of a StopRun, also when it was raised inside a DataLoader worker and wrapped there."""
+    lines = str(e).strip().splitlines()
+    return lines[-1].split("StopRun: ", 1)[-1] if len(lines) > 1 else str(e)
+
+
 def pil_loader(path):
     from PIL import Image
     try:
         with open(path, "rb") as f:
-            return Image.open(f).convert("RGB")
+            img = Image.open(f)
+            if img.mode.startswith("I"):  # 16-bit grey PNG/TIFF: convert("RGB") would clip it to almost white
+                import numpy as np
+                img = Image.fromarray((np.asarray(img, dtype=np.float64) / 257).clip(0, 255).astype(np.uint8))
+            return img.convert("RGB")
     except Exception as e:
-        fail(f"cannot read image {path} ({type(e).__name__}: {e}); delete or replace that file")
+        raise StopRun(f"cannot read image {path} ({type(e).__name__}: {e}); delete or replace that file") from None
 
 
 def eval_transform(img_size):
@@ -548,6 +568,13 @@ def print_tables(report):
 
 
 def main(argv=None):
+    try:
+        return run(argv)
+    except StopRun as e:  # an unreadable image (pil_loader), also from inside a DataLoader worker
+        fail(one_line(e))
+
+
+def run(argv=None):
     args = get_parser().parse_args(argv)
     check_numbers(args)
     checkpoints = parse_checkpoints(args.checkpoint)

@@ -599,8 +599,7 @@ class Run:
     checkpoint.pt (resume at any step; saves at epoch ends, --max-steps, every --save-every-minutes/-steps and on a
     stop signal), the non-finite loss check and encoder.pt. torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain `python`
     runs one process on cuda:0 or the CPU (gloo for several CPU processes: tests and debugging)."""
-    def __init__(self, args):
-        check_common_args(args)
+    def __init__(self, args):  # args: from get_args, which has checked them
         self.args, self.step, self.saved_step, self.log_file, self.signal = args, 0, None, None, 0
         self.rank, self.world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
         self.is_main, local_rank = self.rank == 0, int(os.environ.get("LOCAL_RANK", 0))

@@ -62,12 +62,8 @@ def weights(out):
 def assert_same(a, b):
     assert a[0] == b[0]
     for x, y in zip(a[1:], b[1:]):
-        flat_x, flat_y = list(vit_tensors(x)), list(vit_tensors(y))
+        flat_x, flat_y = list(mae.tensors(x)), list(mae.tensors(y))
         assert len(flat_x) == len(flat_y) and all(torch.equal(p, q) for p, q in zip(flat_x, flat_y))
-
-
-def vit_tensors(obj):
-    return mae.tensors(obj)
 
 
 def children(pid):

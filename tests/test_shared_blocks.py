@@ -31,6 +31,8 @@ COPIES = [
     *[(f"hybrid.Hybrid.{name}", f"mae.MaskedAutoencoder.{name}") for name in ("patchify", "random_masking",
                                                                                "forward_decoder", "forward_loss")],
     ("hybrid.train_transform", "mae.train_transform"),
+    ("analyze.knn_accuracy", "eval_fewshot.knn_accuracy"),
+    *[(f"analyze.{name}", f"mae.{name}") for name in ("StopRun", "one_line", "pil_loader")],
     ("eval_fewshot.StopRun", "mae.StopRun"),
     ("eval_fewshot.one_line", "mae.one_line"),
     ("eval_fewshot.pil_loader", "mae.pil_loader"),
