@@ -48,6 +48,7 @@ and an appendix of plumbing that is the same text in every method script.
 """
 import argparse
 import contextlib
+import hashlib
 import functools
 import json
 import math
@@ -283,6 +284,23 @@ class TwoViews:
         return [self.view1(img), self.view2(img)]
 
 
+# checked copy of moco.py (tests/test_shared_blocks.py): view_transform_batch, two_views_batch
+def view_transform_batch(x, args, blur_p, solarize_p):
+    """view_transform on a batch of uint8 images on the device (--in-memory): the appendix's ops, a draw per image.
+    The blur is a true Gaussian (PIL's GaussianBlur approximates one with box filters)."""
+    x = resized_crop(x, args.img_size, (args.crop_min, 1.0), "bilinear")  # the flip included
+    x = color_jitter(x, 0.4, 0.4, 0.2, 0.1, p=0.8)
+    x = random_grayscale(x, p=0.2)
+    x = gaussian_blur(x, (0.1, 2.0), p=blur_p)
+    return normalize(random_solarize(x, p=solarize_p))
+
+
+def two_views_batch(x, args):
+    """TwoViews on a batch (--in-memory)."""
+    return [view_transform_batch(x, args, blur_p=1.0, solarize_p=0.0),
+            view_transform_batch(x, args, blur_p=0.1, solarize_p=0.2)]
+
+
 # ------------------------------------------------------------------------------------------------------- main
 
 def get_args(argv=None):
@@ -344,7 +362,7 @@ def build_optimizer(model, args, device):
 def main(argv=None):
     args = get_args(argv)
     run = Run(args)
-    loader = run.loader(build_dataset(args, TwoViews(args)))
+    loader = run.loader(build_dataset(args, TwoViews(args)), two_views_batch)
     model = build_model(args, verbose=run.is_main).to(run.device)
     if args.l1_weight > 0:  # the MIM weights that the L1 term pulls towards, on the device, before resuming
         model.set_l1_reference()
@@ -547,6 +565,156 @@ class EpochSampler(torch.utils.data.Sampler):
             yield order[pos], seeds[pos]
 
 
+def free_memory(device):
+    """Bytes free on a CUDA device, or in RAM (Linux MemAvailable)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    with contextlib.suppress(OSError, StopIteration, ValueError), open("/proc/meminfo") as f:
+        return int(next(line for line in f if line.startswith("MemAvailable")).split()[1]) * 1024
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+class IndexBatches:
+    """--in-memory's loader: the sampler's image indices in per-process batches (Run.batches augments them)."""
+    def __init__(self, sampler, batch_size):
+        self.sampler, self.batch_size = sampler, batch_size
+
+    def __len__(self):
+        return len(self.sampler) // self.batch_size
+
+    def __iter__(self):
+        indices = [i for i, _ in self.sampler]
+        for k in range(0, len(indices), self.batch_size):
+            yield torch.tensor(indices[k:k + self.batch_size])
+
+
+# --in-memory: the train split decoded once into a uint8 tensor on the training device and each batch augmented
+# there. The ops below are torchvision's transforms on a batch, one random draw per image, drawn from torch's CPU RNG
+# (Run.batches seeds it before every step: an in-memory run resumes exactly); each script composes its pipeline.
+
+def pil_filter(t, kernel):
+    """PIL's resampling filters: the triangle (bilinear) and the cubic with a = -0.5 (bicubic). Returns (value, support)."""
+    t = t.abs()
+    if kernel == "bilinear":
+        return (1 - t).clamp(min=0), 1.0
+    return torch.where(t < 1, (1.5 * t - 2.5) * t * t + 1, torch.where(t < 2, -0.5 * (((t - 5) * t + 8) * t - 4), 0.0)), 2.0
+
+
+def resize_matrix(start, length, in_size, out_size, kernel, device):
+    """(B, out_size, in_size): the weights of PIL's resize of pixels [start, start + length) of a line to out_size
+    pixels: PIL's filter, widened by the scale when shrinking (antialiasing), cut at the crop's edges, renormalized."""
+    start, length = start.to(device), length.to(device)
+    support = pil_filter(torch.zeros(()), kernel)[1]
+    scale = (length.double() / out_size)[:, None]
+    wide = scale.clamp(min=1)
+    center = (torch.arange(out_size, device=device, dtype=torch.float64) + 0.5) * scale  # (B, out), in the crop
+    first = (center - support * wide + 0.5).floor().clamp(min=0)
+    taps = first[..., None] + torch.arange(int(2 * support * wide.max()) + 3, device=device)  # (B, out, taps)
+    valid = (taps < (center + support * wide + 0.5).floor()[..., None]) & (taps < length[:, None, None])
+    w = pil_filter((taps - center[..., None] + 0.5) / wide[..., None], kernel)[0] * valid
+    cols = (start[:, None, None] + taps.long()).clamp(max=in_size - 1)
+    m = torch.zeros(len(start), out_size, in_size, device=device, dtype=torch.float64)
+    return m.scatter_add_(2, cols, w / w.sum(-1, keepdim=True)).float()
+
+
+def crop_params(B, H, W, scale, ratio=(3 / 4, 4 / 3)):
+    """RandomResizedCrop.get_params for B images of H x W at once: 10 tries of (area, log-ratio) each, the first
+    that fits, else the whole image cut to the nearest allowed ratio. Returns (i, j, h, w), each (B,)."""
+    area = H * W * torch.empty(B, 10).uniform_(*scale)
+    r = torch.exp(torch.empty(B, 10).uniform_(math.log(ratio[0]), math.log(ratio[1])))
+    w, h = (area * r).sqrt().round(), (area / r).sqrt().round()
+    fits = (w > 0) & (w <= W) & (h > 0) & (h <= H)
+    first, found = fits.int().argmax(1, keepdim=True), fits.any(1)
+    fw, fh = (W, round(W / ratio[0])) if W / H < ratio[0] else (round(H * ratio[1]), H) if W / H > ratio[1] else (W, H)
+    w = torch.where(found, w.gather(1, first)[:, 0], fw).long()
+    h = torch.where(found, h.gather(1, first)[:, 0], fh).long()
+    i = torch.where(found, (torch.rand(B) * (H - h + 1)).long(), (H - h) // 2)
+    j = torch.where(found, (torch.rand(B) * (W - w + 1)).long(), (W - w) // 2)
+    return i, j, h, w
+
+
+def resized_crop(x, size, scale, interpolation, flip_p=0.5):
+    """RandomResizedCrop(size, scale, interpolation) + RandomHorizontalFlip(flip_p) on uint8 images (B, 3, H, W);
+    float in [0, 1] out. Each image: rows @ image @ cols^T, PIL's two passes (horizontal first, clipped as PIL's uint8
+    is) as two batched matmuls; the flip reverses the order of the columns (it commutes with every later op)."""
+    B, _, H, W = x.shape
+    i, j, h, w = crop_params(B, H, W, scale)
+    flip = (torch.rand(B) < flip_p).to(x.device)[:, None, None]
+    rows = resize_matrix(i, h, H, size, interpolation, x.device)
+    cols = resize_matrix(j, w, W, size, interpolation, x.device)
+    x = (x.float() / 255 @ torch.where(flip, cols.flip(1), cols)[:, None].transpose(-1, -2)).clamp_(0, 1)
+    return (rows[:, None] @ x).clamp_(0, 1)
+
+
+def gray(x):
+    return 0.2989 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]  # torchvision's rgb_to_grayscale
+
+
+def blend(a, b, factor):
+    return (factor[:, None, None, None] * a + (1 - factor[:, None, None, None]) * b).clamp(0, 1)
+
+
+def adjust_hue(x, shift):
+    """torchvision's adjust_hue with a shift per image: RGB to HSV, hue + shift mod 1, back (a closed form)."""
+    maxc, minc = x.max(1).values, x.min(1).values
+    delta, (r, g, b) = maxc - minc, x.unbind(1)
+    d = torch.where(delta > 0, delta, 1.0)
+    h = torch.where(maxc == r, (g - b) / d, torch.where(maxc == g, 2 + (b - r) / d, 4 + (r - g) / d))
+    h = (h / 6 + shift[:, None, None]) % 1
+    s = delta / torch.where(delta > 0, maxc, 1.0)
+    k = (torch.tensor([5.0, 3.0, 1.0], device=x.device)[:, None, None] + 6 * h[:, None]) % 6
+    return maxc[:, None] * (1 - s[:, None] * torch.minimum(k, 4 - k).clamp(0, 1))
+
+
+def color_jitter(x, brightness, contrast, saturation, hue, p):
+    """RandomApply([ColorJitter(brightness, contrast, saturation, hue)], p): each image its own factors and its own
+    order of the four adjustments, drawn as ColorJitter.get_params draws them; each adjustment as torchvision's."""
+    B = len(x)
+    on = torch.rand(B) < p
+    factors = [torch.empty(B).uniform_(max(0, 1 - brightness), 1 + brightness),
+               torch.empty(B).uniform_(max(0, 1 - contrast), 1 + contrast),
+               torch.empty(B).uniform_(max(0, 1 - saturation), 1 + saturation), torch.empty(B).uniform_(-hue, hue)]
+    order = torch.rand(B, 4).argsort(1)  # a uniform random permutation per image, like torch.randperm(4)
+    adjust = [lambda y, f: blend(y, torch.zeros_like(y), f),  # brightness
+              lambda y, f: blend(y, gray(y).mean((1, 2, 3), keepdim=True), f),  # contrast
+              lambda y, f: blend(y, gray(y), f), adjust_hue]  # saturation, hue
+    for slot in range(4):
+        for a in range(4):
+            sel = (on & (order[:, slot] == a)).nonzero()[:, 0]
+            if len(sel):
+                x[sel.to(x.device)] = adjust[a](x[sel.to(x.device)], factors[a][sel].to(x.device))
+    return x
+
+
+def random_grayscale(x, p):
+    return torch.where((torch.rand(len(x)) < p).to(x.device)[:, None, None, None], gray(x).expand_as(x), x)
+
+
+def gaussian_blur(x, sigma, p):
+    """RandomApply([GaussianBlur(sigma ~ U(sigma))], p) as torchvision's tensor gaussian_blur with kernel size
+    2 * ceil(3 sigma) + 1 and reflect padding; one depthwise convolution per axis, a kernel per image."""
+    B, C, H, W = x.shape
+    s = torch.empty(B).uniform_(*sigma)
+    on = torch.rand(B) < p
+    r = min(math.ceil(3 * sigma[1]), H - 1, W - 1)  # the widest kernel's radius; narrower ones are zero-padded
+    t = torch.arange(-r, r + 1, dtype=torch.float64)
+    k = torch.exp(-0.5 * (t / s.double()[:, None]) ** 2) * (t.abs() <= (3 * s.double()).ceil()[:, None])
+    k = torch.where(on[:, None], k / k.sum(1, keepdim=True), (t == 0).double())  # off: the identity kernel
+    k = k.float().repeat_interleave(C, 0).to(x.device)  # (B*C, 2r+1): one kernel per image and channel
+    y = F.pad(x.reshape(1, B * C, H, W), (r, r, r, r), mode="reflect")
+    y = F.conv2d(F.conv2d(y, k[:, None, None, :], groups=B * C), k[:, None, :, None], groups=B * C)
+    return y.reshape(B, C, H, W)
+
+
+def random_solarize(x, p, threshold=128 / 255):
+    """RandomSolarize(128, p) on PIL images: the pixels >= 128 of 255 are inverted."""
+    on = (torch.rand(len(x)) < p).to(x.device)[:, None, None, None]
+    return torch.where(on & (x >= threshold), 1 - x, x)
+
+
+def normalize(x, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    return (x - x.new_tensor(mean)[:, None, None]) / x.new_tensor(std)[:, None, None]
+
 def print0(*a, **kw):
     if not dist.is_initialized() or dist.get_rank() == 0:
         tqdm.write(" ".join(str(x) for x in a), **kw)
@@ -623,14 +791,16 @@ def check_common_args(a):
                     (a.max_steps is None or a.max_steps >= 1, "--max-steps", "must be >= 1"),
                     (a.save_every_minutes >= 0, "--save-every-minutes", "must be >= 0 (0: off)"),
                     (a.save_every_steps >= 0, "--save-every-steps", "must be >= 0 (0: off)"),
-                    (a.keep_every_epochs >= 0, "--keep-every-epochs", "must be >= 0 (0: off)")])
+                    (a.keep_every_epochs >= 0, "--keep-every-epochs", "must be >= 0 (0: off)"),
+                    (a.in_memory_size is None or a.in_memory and a.in_memory_size >= 1, "--in-memory-size",
+                     "must be >= 1 and needs --in-memory")])
 
 
 # The flags a resumed run may change (where things are, how fast, how long, how often); any other would continue
 # another run. The data may move, but must hold as many images (the step count depends on it).
 RESUME_MAY_CHANGE = {"data", "data_root", "output_dir", "epochs", "num_workers", "amp", "compile", "log_every",
                      "max_steps", "vis_every", "init", "mim_checkpoint", "teacher", "save_every_minutes",
-                     "save_every_steps", "keep_every_epochs"}
+                     "save_every_steps", "keep_every_epochs", "in_memory", "in_memory_size"}
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)  # schedulers send SIGTERM (or USR1) before a kill
 
 
@@ -714,17 +884,74 @@ class Run:
     def saved(self):
         return f"{self.ckpt_path} (step {self.saved_step}) is intact" if self.saved_step is not None else "nothing saved yet"
 
-    def loader(self, dataset):
-        """Each process its share of each global batch; every step has the same per-process batch."""
+    def loader(self, dataset, batch_transform=None):
+        """Each process its share of each global batch; every step has the same per-process batch. --in-memory:
+        batches of indices into the decoded images, which Run.batches augments with batch_transform(images, args)."""
         b = self.args.batch_size // self.world_size
         if len(dataset) < self.args.batch_size:
             raise StopRun(f"--data has {len(dataset)} training images, fewer than one --batch-size "
                           f"{self.args.batch_size}; lower --batch-size")
         self.images, self.steps_per_epoch = len(dataset), len(dataset) // self.args.batch_size
         sampler = EpochSampler(len(dataset), self.args.batch_size, self.world_size, self.rank, self.args.seed)
+        if self.args.in_memory:
+            if batch_transform is None:
+                raise StopRun(f"--in-memory: {METHOD}.py has no batched augmentation; drop --in-memory")
+            self.memory = (*self.in_memory(dataset), batch_transform)
+            return IndexBatches(sampler, b)
         return torch.utils.data.DataLoader(Seeded(dataset), b, sampler=sampler, num_workers=self.args.num_workers,
                                            pin_memory=self.device.type == "cuda", drop_last=True,
                                            worker_init_fn=ignore_stop_signals)
+
+    def in_memory(self, dataset):
+        """--in-memory: every training image as uint8 (3, S, S) in one tensor on the device (S: --in-memory-size, or
+        the images' own size), with the labels. Decoded once by rank 0 and cached in --data-root/in_memory/ under a
+        key of the file list, sizes and times, so the next run (and the other ranks) only load it."""
+        import torchvision.transforms as T
+        a, S, files = self.args, self.args.in_memory_size, getattr(dataset, "samples", None)
+        stamp = [(p, os.path.getsize(p), os.path.getmtime(p)) for p, _ in files] if files else [type(dataset).__name__]
+        key = hashlib.sha1(json.dumps([S, os.path.abspath(a.data), len(dataset), stamp]).encode()).hexdigest()[:16]
+        path = os.path.join(a.data_root, "in_memory", f"train_{key}.pt")
+        dataset.transform = T.Compose([T.Resize(S, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(S),
+                                       T.PILToTensor()] if S else [T.PILToTensor()])
+        shape = torch.Size((3, S, S)) if S else dataset[0][0].shape  # (no 40000 px test image is ever made)
+        need = len(dataset) * shape.numel()
+        for where, free in [("RAM", free_memory(torch.device("cpu")) / int(os.environ.get("LOCAL_WORLD_SIZE", 1)))] + (
+                [(str(self.device), free_memory(self.device) / 2)] if self.device.type == "cuda" else []):
+            if need > 0.8 * free:
+                raise StopRun(f"--in-memory: {len(dataset)} images of {'x'.join(map(str, shape))} need {need / 1e9:.1f} "
+                              f"GB, more than the {where} can spare ({free / 1e9:.1f} GB); pass a smaller "
+                              f"--in-memory-size, or drop --in-memory (the PIL loader reads the files as it goes)")
+        for turn in ("main", "others"):
+            if (turn == "main") == self.is_main:
+                data = self.load_or_decode(dataset, shape, path)
+            if self.world_size > 1:
+                dist.barrier()  # rank 0 decodes and caches first; the others then load its file
+        return data["images"].to(self.device), data["labels"].to(self.device)
+
+    def load_or_decode(self, dataset, shape, path):
+        with contextlib.suppress(Exception):
+            data = torch.load(path, map_location="cpu", weights_only=True)
+            if data["images"].shape == (len(dataset), *shape) and data["images"].dtype == torch.uint8:
+                print0(f"--in-memory: {len(dataset)} images loaded from {path}")
+                return data
+        data = {"images": torch.empty((len(dataset), *shape), dtype=torch.uint8),
+                "labels": torch.empty(len(dataset), dtype=torch.long)}
+        loader = torch.utils.data.DataLoader(dataset, 256, num_workers=self.args.num_workers, collate_fn=list,
+                                             worker_init_fn=ignore_stop_signals)
+        k = 0
+        for batch in tqdm(loader, "--in-memory: decoding", disable=not self.is_main, leave=False, dynamic_ncols=True):
+            for image, label in batch:
+                if image.shape != shape:
+                    raise StopRun(f"--in-memory: image {k} of --data is {'x'.join(map(str, image.shape))}, image 0 is "
+                                  f"{'x'.join(map(str, shape))}; pass --in-memory-size S to store all at S x S")
+                data["images"][k], data["labels"][k], k = image, label, k + 1
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            save_checkpoint(data, path)
+            print0(f"--in-memory: {k} images decoded, cached in {path}")
+        except (OSError, StopRun) as e:
+            print0(f"--in-memory: {k} images decoded; not cached ({one_line(e)})")
+        return data
 
     def resume(self, model, optimizer, scaler):
         """Load checkpoint.pt if there is one (refusing one of another run); write args.json. Returns the epoch."""
@@ -782,6 +1009,9 @@ class Run:
         for self.it, batch in enumerate(tqdm(loader, f"epoch {epoch}", initial=start, total=self.steps_per_epoch,
                                              disable=not self.is_main, leave=False, dynamic_ncols=True), start):
             torch.manual_seed(hash((self.args.seed, self.step, self.rank)))
+            if self.args.in_memory:  # indices: their images augmented here, on the device, from the seeded RNG
+                images, labels, transform = self.memory
+                batch = transform(images[batch.to(self.device)], self.args), labels[batch.to(self.device)]
             yield batch
             if self.args.max_steps is not None and self.step >= self.args.max_steps:
                 return
@@ -905,6 +1135,10 @@ def add_common_args(p, **defaults):
     p.add_argument("--save-every-minutes", type=float, default=30, help="also save checkpoint.pt this often (0: off)")
     p.add_argument("--save-every-steps", type=int, default=0, help="also save checkpoint.pt every N steps (0: off)")
     p.add_argument("--keep-every-epochs", type=int, default=0, help="keep checkpoint_epochNNNN.pt every K epochs (0: off)")
+    p.add_argument("--in-memory", action="store_true", help="decode the train split once (cached in --data-root/"
+                   "in_memory/), keep it on the training device as uint8 and augment batches there: small datasets")
+    p.add_argument("--in-memory-size", type=int, default=None, help="with --in-memory: store images at S x S (shorter "
+                   "side resized to S, bicubic, centre crop); default: their own size, which must be the same for all")
     return p
 # ====================================================================================================== end appendix
 

@@ -1,0 +1,171 @@
+"""--in-memory: the batched augmentations draw their parameters as torchvision does and, with the parameters fixed,
+compute what torchvision computes; an in-memory run resumes exactly; the decoded set is cached and checked; a set
+that does not fit is one line."""
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torchvision.transforms as T
+import torchvision.transforms.functional as TF
+from PIL import Image
+
+import hybrid
+import mae
+import moco
+from helpers import run_as_main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def ks(a, b):
+    """The two-sample Kolmogorov-Smirnov statistic: the largest gap between the two empirical distributions."""
+    a, b = a.double().sort().values, b.double().sort().values
+    grid = torch.cat([a, b])
+    return (torch.searchsorted(a, grid, right=True) / len(a) - torch.searchsorted(b, grid, right=True) / len(b)).abs().max()
+
+
+@pytest.fixture(scope="module")
+def real(image_root):
+    """32 real 32 x 32 images from the test folder as uint8 (B, 3, H, W)."""
+    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(os.path.join(image_root, "train")) for f in fs)[::5][:32]
+    return torch.stack([TF.pil_to_tensor(Image.open(f).convert("RGB")) for f in files])
+
+
+@pytest.mark.parametrize("H, W, scale", [(32, 32, (0.08, 1.0)), (24, 40, (0.2, 1.0)), (40, 12, (0.5, 1.0))])
+def test_crop_params_have_torchvision_distribution(H, W, scale):
+    """Area fraction, log aspect ratio and position of the crops: the same distributions as get_params' (KS test;
+    at n = 6000 per side the 0.1% critical value is 0.036). The 40 x 12 case exercises the central-crop fallback."""
+    n, img = 6000, torch.zeros(3, H, W)
+    torch.manual_seed(0)
+    i, j, h, w = mae.crop_params(n, H, W, scale)
+    ref = torch.tensor([T.RandomResizedCrop.get_params(img, scale, (3 / 4, 4 / 3)) for _ in range(n)]).T
+    for mine, theirs in [(h * w, ref[2] * ref[3]), (torch.log(w / h), torch.log(ref[3] / ref[2])), (i, ref[0]), (j, ref[1])]:
+        assert ks(mine, theirs) < 0.036
+    assert (i >= 0).all() and (i + h <= H).all() and (j >= 0).all() and (j + w <= W).all() and (h >= 1).all()
+
+
+def test_flip_jitter_grey_blur_solarize_rates():
+    """Each random op fires at its probability (n = 4000: 4 standard errors are at most 0.032)."""
+    torch.manual_seed(0)
+    n, tol = 4000, 0.032
+    cols = torch.arange(8, dtype=torch.uint8).repeat(n, 3, 8, 1) * 30  # columns that tell a flip apart
+    out = mae.resized_crop(cols, 8, (1.0, 1.0), "bilinear")  # scale 1, square: the whole image, resized to itself
+    same, flipped = (out == cols / 255).flatten(1).all(1), (out == cols.flip(-1) / 255).flatten(1).all(1)
+    assert (same | flipped).all() and abs(flipped.float().mean() - 0.5) < tol
+    x = torch.rand(n, 3, 6, 6)
+    changed = lambda y: (y - x).flatten(1).abs().amax(1) > 1e-6  # noqa: E731
+    assert abs(changed(mae.color_jitter(x.clone(), 0.4, 0.4, 0.2, 0.1, p=0.8)).float().mean() - 0.8) < tol
+    grey = mae.random_grayscale(x, p=0.2)
+    assert abs((grey[:, 0] == grey[:, 1]).flatten(1).all(1).float().mean() - 0.2) < tol
+    assert abs(changed(mae.gaussian_blur(x, (0.1, 2.0), p=0.1)).float().mean() - 0.1) < tol
+    assert abs(changed(mae.random_solarize(x, p=0.2)).float().mean() - 0.2) < tol
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+@pytest.mark.parametrize("size", [16, 32, 56])  # shrinking (antialiased), about the same size, enlarging
+def test_resized_crop_equals_pil_path(real, interpolation, size):
+    """With the draws replayed, resized_crop equals torchvision's resized_crop + hflip on the PIL image within 1.1 of
+    255 levels (PIL rounds each of its two passes to uint8; we keep floats)."""
+    torch.manual_seed(1)
+    out = mae.resized_crop(real, size, (0.08, 1.0), interpolation)
+    torch.manual_seed(1)
+    i, j, h, w = mae.crop_params(len(real), 32, 32, (0.08, 1.0))
+    flip = torch.rand(len(real)) < 0.5
+    mode = T.InterpolationMode.BICUBIC if interpolation == "bicubic" else T.InterpolationMode.BILINEAR
+    for b in range(len(real)):
+        pil = TF.resized_crop(TF.to_pil_image(real[b]), int(i[b]), int(j[b]), int(h[b]), int(w[b]), [size, size], mode)
+        ref = TF.pil_to_tensor(TF.hflip(pil) if flip[b] else pil).float()
+        assert (out[b] * 255 - ref).abs().max() < 1.1
+
+
+def test_color_jitter_equals_torchvision_ops_in_drawn_order(real):
+    """With the draws replayed (on, factors, order), each image gets torchvision's tensor adjust_* in its order."""
+    x = real.float() / 255
+    torch.manual_seed(2)
+    out = mae.color_jitter(x.clone(), 0.4, 0.4, 0.2, 0.1, p=0.8)
+    torch.manual_seed(2)
+    B = len(x)
+    on = torch.rand(B) < 0.8
+    factors = [torch.empty(B).uniform_(0.6, 1.4), torch.empty(B).uniform_(0.6, 1.4), torch.empty(B).uniform_(0.8, 1.2),
+               torch.empty(B).uniform_(-0.1, 0.1)]
+    order = torch.rand(B, 4).argsort(1)
+    ops = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
+    assert on.any() and not on.all()
+    for b in range(B):
+        ref = x[b]
+        for a in order[b].tolist() if on[b] else []:
+            ref = ops[a](ref, float(factors[a][b]))
+        assert (out[b] - ref).abs().max() < 1e-5
+
+
+def test_blur_grey_solarize_normalize_equal_torchvision(real):
+    x = real.float() / 255
+    torch.manual_seed(3)
+    out = mae.gaussian_blur(x, (0.1, 2.0), p=0.5)
+    torch.manual_seed(3)
+    s, on = torch.empty(len(x)).uniform_(0.1, 2.0), torch.rand(len(x)) < 0.5
+    for b in range(len(x)):
+        ref = TF.gaussian_blur(x[b], 2 * math.ceil(3 * float(s[b])) + 1, float(s[b])) if on[b] else x[b]
+        assert (out[b] - ref).abs().max() < 1e-5
+    assert torch.equal(mae.random_grayscale(x, p=1.0), TF.rgb_to_grayscale(x, 3))
+    solar = torch.stack([TF.pil_to_tensor(TF.solarize(TF.to_pil_image(im), 128)) for im in real]) / 255
+    assert (mae.random_solarize(x, p=1.0) - solar).abs().max() < 1e-6
+    assert (mae.normalize(x) - TF.normalize(x, mae.IMAGENET_MEAN, mae.IMAGENET_STD)).abs().max() < 1e-6
+
+
+def small_run(data, out, cache, script, *extra):
+    heads = ["--moco-dim", "16", "--moco-mlp-dim", "32"]
+    decoder = ["--decoder-embed-dim", "32", "--decoder-depth", "1", "--decoder-num-heads", "2"]
+    own = {"moco": heads, "hybrid": heads + decoder, "mae": decoder}[script]
+    return ["--data", str(data), "--data-root", str(cache), "--output-dir", str(out), "--model", "vit_mini",
+            "--img-size", "32", "--patch-size", "8", "--batch-size", "32", "--epochs", "2", "--warmup-epochs", "1",
+            "--blr", "1e-3", "--num-workers", "0", "--log-every", "1", "--in-memory", *own, *map(str, extra)]
+
+
+@pytest.mark.parametrize("script", ["moco", "hybrid"])
+def test_in_memory_run_resumes_exactly(script, image_root, tmp_path):
+    """A run stopped mid-epoch (--max-steps 3 of 10) and resumed ends with the weights of one never stopped; the
+    second run loads the decoded images from the cache; those equal what the PIL loader decodes."""
+    torch.set_num_threads(1)
+    module = {"moco": moco, "hybrid": hybrid}[script]
+    run_as_main(f"{script}.py", small_run(image_root, tmp_path / "ref", tmp_path / "cache", script))
+    cut = small_run(image_root, tmp_path / "cut", tmp_path / "cache", script)
+    run_as_main(f"{script}.py", cut + ["--max-steps", "3"])
+    assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["step"] == 3
+    run_as_main(f"{script}.py", cut)
+    a, b = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=True) for d in ("ref", "cut"))
+    assert a["step"] == b["step"] == 10
+    for x, y in [(a["model"], b["model"]), (a["optimizer"]["state"], b["optimizer"]["state"])]:
+        assert all(torch.equal(p, q) for p, q in zip(module.tensors(x), module.tensors(y)))
+    [cached] = os.listdir(tmp_path / "cache" / "in_memory")
+    data = torch.load(tmp_path / "cache" / "in_memory" / cached, weights_only=True)
+    folder = mae.build_dataset(type("A", (), {"data": str(image_root)})(), T.PILToTensor())
+    assert data["images"].shape == (len(folder), 3, 32, 32)
+    assert all(torch.equal(data["images"][k], folder[k][0]) and data["labels"][k] == folder[k][1] for k in (0, 77, 159))
+
+
+def one_error(args, cwd=ROOT):
+    """The stderr of `python tests/helpers.py mae.py ARGS` (vit_mini registered): its one line."""
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "helpers.py"), "mae.py", *args], cwd=cwd,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1, p.stderr[-2000:]
+    return p.stderr.strip().splitlines()[-1]
+
+
+def test_in_memory_errors(image_root, tmp_path):
+    """Too large to fit: one line with its size and the fix (nothing is allocated); images of mixed sizes; the flag's
+    rule. The stale cache of another file list is not used (the key covers names, sizes and times)."""
+    base = small_run(image_root, tmp_path / "o1", tmp_path / "cache", "mae")
+    line = one_error(base + ["--in-memory-size", "40000"])
+    assert "--in-memory: 160 images of 3x40000x40000 need 768.0 GB" in line and "smaller --in-memory-size" in line
+    line = one_error([x for x in base if x != "--in-memory"] + ["--in-memory-size", "16"])
+    assert line == "error: --in-memory-size 16: must be >= 1 and needs --in-memory"
+    mixed = tmp_path / "mixed" / "train" / "a"
+    mixed.mkdir(parents=True)
+    for k, side in enumerate([32, 32, 24] * 11):
+        Image.new("RGB", (side, side), (k, 0, 0)).save(mixed / f"{k:02d}.png")
+    line = one_error(small_run(tmp_path / "mixed", tmp_path / "o2", tmp_path / "cache", "mae"))
+    assert "image 2 of --data is 3x24x24, image 0 is 3x32x32; pass --in-memory-size S" in line
