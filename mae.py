@@ -26,6 +26,8 @@ Deviations from the official code, on purpose:
       official demo uses each removed patch's own, which leaks the answer: mae#146) and labels its columns.
     - Saves mid-epoch too (--save-every-minutes 30, SIGTERM, --max-steps) and resumes at any step exactly
       (official: per epoch, and a resumed epoch starts over).
+    - --in-memory (opt-in): the images are stored once, at their size or --in-memory-size (the centre square), and
+      cropped, resized as PIL resizes (within 1.1 of 255 levels) and flipped in batches on the device (README).
 
 Read top to bottom: the model and its loss, the data, main() (build, then the training loop), the checks of this
 script's own inputs, and an appendix of plumbing that is the same text in every method script.

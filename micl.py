@@ -29,6 +29,8 @@ Deviations from the release, on purpose:
     - DDP without find_unused_parameters; seed 0 (release: 42); checkpoint every epoch (release: every 40).
     - The patch embedding of each image is computed twice, once per view (see MiCL.forward); the release embeds once.
     - The release's PRETRAIN.md is MAE's (mask 0.75, 800 epochs); the code defaults above are what it runs.
+    - --in-memory (opt-in): the images are stored once, at their size or --in-memory-size (the centre square), and
+      cropped, resized as PIL resizes (within 1.1 of 255 levels) and flipped in batches on the device (README).
 
 Read top to bottom: the model and its loss, the data, main() (build, then the training loop), the checks of this
 script's inputs, and an appendix of plumbing that is the same text in every method script.

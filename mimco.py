@@ -37,6 +37,8 @@ Where each choice comes from (paper = abstract; review = a third-party summary; 
             per-iteration cosine; 10 warm-up epochs (MoCo v3's main_moco.py default for 100 epochs; MAE's 40 are for
             800); MAE's augmentation RandomResizedCrop(scale 0.2-1, bicubic) + flip, one crop for both networks
     ours, as every script: bf16 autocast (--amp), losses in fp32, no find_unused_parameters, non-finite loss check.
+    ours    --in-memory (opt-in): the images are stored once, at their size or --in-memory-size (the centre square), and
+            cropped, resized as PIL resizes (within 1.1 of 255 levels) and flipped in batches on the device (README).
 
 Read top to bottom: the model and its losses, the data, main() (build, then the training loop), the inputs and their
 one-line errors (student, teacher, --init), and an appendix of plumbing that is the same text in every method script.

@@ -2,6 +2,7 @@
 
     python benchmarks/bench_data.py --json bench_data.json       # ../shared/data/imagenette.tar, unpacked to a temp dir
     python benchmarks/bench_data.py --data /imagenet --workers 8,16 --seconds 30
+    python benchmarks/bench_data.py --data cifar10_root --img-size 32 --workers 0,1,2 --json bench_data_c10.json
 
 Pipelines (each timed for --seconds per worker count, after its first batch, which is reported apart: worker start-up):
     mae          the scripts' loader (mae.build_dataset + mae.Run.loader: ImageFolder, PIL decode, DistributedSampler,
@@ -9,6 +10,14 @@ Pipelines (each timed for --seconds per worker count, after its first batch, whi
                  copied to the device as the training loop does. micl.py and mimco.py use the same transform.
     moco         the same loader with moco.TwoViews (BYOL's two asymmetric views: crop, colour jitter, grey, blur,
                  solarize, flip); img/s counts images, each delivered as two views. Skipped when moco.py is missing.
+    mae-in-memory, moco-in-memory
+                 --in-memory as the scripts run it: the split decoded once (its time reported as decode_s), held as
+                 uint8 on --device, each batch of indices augmented there by mae.train_transform_batch /
+                 moco.two_views_batch (one draw per image). No workers. "ratios" in the JSON: img/s over the PIL
+                 loader's at each worker count. For CIFAR-size images: --data CIFAR_ROOT --img-size 32.
+    moco-step, moco-step-in-memory
+                 end to end: moco.py's main() for 40 steps of ViT-T/4 with each loader, img/s of its log lines
+                 (default only on CUDA: on a CPU the model, not the loader, is the bottleneck).
     mae-decode-on-device
                  workers only read the JPEG files' bytes; the main process decodes the batch with
                  torchvision.io.decode_jpeg(list of byte tensors, device=--device) (nvJPEG on a GPU) and does the
@@ -39,7 +48,7 @@ if ROOT not in sys.path:
 import mae  # noqa: E402
 
 IMAGENETTE_TAR = os.path.join(ROOT, "..", "shared", "data", "imagenette.tar")
-PIPELINES = ["mae", "moco", "mae-decode-on-device"]
+PIPELINES = ["mae", "moco", "mae-in-memory", "moco-in-memory", "mae-decode-on-device", "moco-step", "moco-step-in-memory"]
 
 
 def provenance(device, argv):
@@ -87,9 +96,44 @@ def script_loader(mod, transform_fn, data, split, batch_size, workers, img_size,
     args = mod.get_args(["--data", data, "--img-size", str(img_size), "--batch-size", str(batch_size),
                          "--num-workers", str(workers), "--output-dir", tempfile.mkdtemp(prefix="bench_data_")])
     dataset = mod.build_dataset(args, transform_fn(args), split)
-    loader = mod.Run(args).loader(dataset)
+    loader = mod.Run(args).loader(dataset)  # the PIL path (without --in-memory the batched transform is unused)
     loader.pin_memory = device.type == "cuda"  # Run pins whenever CUDA exists; --device cpu measures an unpinned one
     return loader
+
+
+def in_memory_batches(mod, transform_fn, batch_fn, data, split, batch_size, img_size, device):
+    """--in-memory as the scripts run it: Run.loader decodes the split once (into a temporary --data-root, so the
+    decode is timed too), then each batch of indices is augmented on `device` by the script's batched transform,
+    from torch's RNG, as Run.batches does. Returns (batches, consume, seconds the decode took)."""
+    import tempfile
+    args = mod.get_args(["--data", data, "--img-size", str(img_size), "--batch-size", str(batch_size), "--in-memory",
+                         "--data-root", tempfile.mkdtemp(prefix="bench_cache_"),
+                         "--output-dir", tempfile.mkdtemp(prefix="bench_data_")])
+    run = mod.Run(args)
+    run.device = device
+    t = time.perf_counter()
+    batches = run.loader(mod.build_dataset(args, transform_fn(args), split), batch_fn)
+    images, _, transform = run.memory
+    return batches, lambda idx: transform(images[idx.to(device)], args), time.perf_counter() - t
+
+
+def moco_step(data, split, batch_size, img_size, in_memory, workers, steps=40):
+    """End to end: moco.py's own main() for `steps` steps of ViT-T/4 (tiny heads: the loader is the question), the
+    img/s of its log lines after the first (start-up, compilation of kernels)."""
+    import tempfile
+    import moco
+    out = tempfile.mkdtemp(prefix="bench_step_")
+    argv = ["--data", data, "--img-size", str(img_size), "--batch-size", str(batch_size), "--model", "vit_tiny",
+            "--patch-size", "4", "--moco-mlp-dim", "1024", "--num-workers", str(workers), "--output-dir", out,
+            "--max-steps", str(steps), "--log-every", "10", "--save-every-minutes", "0", "--epochs", "100",
+            "--warmup-epochs", "1", "--data-root", tempfile.mkdtemp(prefix="bench_cache_")] + (["--in-memory"] if in_memory else [])
+    t = time.perf_counter()
+    moco.main(argv)
+    with open(os.path.join(out, "log.jsonl")) as f:
+        rates = [json.loads(line)["img_per_s"] for line in f][1:]
+    shutil.rmtree(out, ignore_errors=True)
+    return {"img_per_s": sum(rates) / max(1, len(rates)), "images": batch_size * 10 * len(rates),
+            "batches": 10 * len(rates), "seconds": time.perf_counter() - t, "first_batch_s": float("nan"), "epochs_started": 0}
 
 
 class FileBytes(torch.utils.data.Dataset):
@@ -231,8 +275,10 @@ def main(argv=None):
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
+    report["ratios"] = ratios(report)
     write_json(report, args.json)
     print("\n" + markdown_table(report), flush=True)
+    print("\n".join(f"# {k}: {v}x" for k, v in report["ratios"].items()), flush=True)
     if args.json:
         print(f"\nwrote {args.json}")
     return report
@@ -257,16 +303,37 @@ def run(args, device, report):
         if bad:
             raise SystemExit(f"error: --pipelines {','.join(bad)}: unknown; choose from {','.join(PIPELINES)}")
     else:
-        pipelines = ["mae", "moco"] + (["mae-decode-on-device"] if device.type == "cuda" else [])
+        pipelines = ["mae", "moco", "mae-in-memory", "moco-in-memory"] + (
+            ["mae-decode-on-device", "moco-step", "moco-step-in-memory"] if device.type == "cuda" else [])
     workers = [int(w) for w in args.workers.split(",")]
     for pipe in pipelines:
         if pipe == "moco" and moco is None:
             report["skipped"].append({"pipeline": pipe, "why": moco_error})
             print(f"skip {pipe}: {moco_error}", flush=True)
             continue
-        for w in workers:
-            loader = None
+        for w in workers if not pipe.endswith("in-memory") else [0]:  # the in-memory path has no workers
+            loader, extra = None, {}
             try:
+                if pipe in ("moco-step", "moco-step-in-memory"):
+                    r = moco_step(args.data, args.split, args.batch_size, args.img_size, pipe.endswith("memory"), w)
+                    report["results"].append({"pipeline": pipe, "decode": "moco.py main(), ViT-T/4", "workers": w,
+                                              "batch": args.batch_size, "img_size": args.img_size, **r})
+                    print(f"{pipe} workers {w}: {r['img_per_s']:.1f} img/s (training steps)", flush=True)
+                    continue
+                if pipe.endswith("in-memory"):
+                    mod, tf, batch_fn = (mae, mae.train_transform, mae.train_transform_batch) if pipe.startswith("mae") \
+                        else (moco, moco.TwoViews, moco.two_views_batch)
+                    loader, consume, extra["decode_s"] = in_memory_batches(mod, tf, batch_fn, args.data, args.split,
+                                                                           args.batch_size, args.img_size, device)
+                    decode = f"decoded once, augmented in batches on {device.type}" + (", two views" if mod is moco else "")
+                    n_images = loader.sampler.n
+                    if len(loader) == 0:
+                        raise ValueError(f"{n_images} images in {args.split}, fewer than one --batch-size {args.batch_size}")
+                    r = measure(loader, consume, device, args.seconds, args.batch_size)
+                    report["results"].append({"pipeline": pipe, "decode": decode, "workers": 0, "batch": args.batch_size,
+                                              "img_size": args.img_size, "images_in_split": n_images, **r, **extra})
+                    print(f"{pipe}: {r['img_per_s']:.1f} img/s (decode once: {extra['decode_s']:.1f} s)", flush=True)
+                    continue
                 if pipe == "mae":
                     loader = script_loader(mae, mae.train_transform, args.data, args.split, args.batch_size, w,
                                            args.img_size, device)
@@ -300,6 +367,17 @@ def run(args, device, report):
             write_json(report, args.json)  # after every configuration: a run stopped by a time limit keeps its figures
             print(f"{pipe} workers {w}: {r['img_per_s']:.1f} img/s ({r['images']} images in {r['seconds']:.1f} s, "
                   f"first batch after {r['first_batch_s']:.2f} s)", flush=True)
+
+
+def ratios(report):
+    """In-memory img/s over the PIL loader's, per view kind and PIL worker count (the issue's target: >= 3x)."""
+    out = {}
+    for kind in ("mae", "moco", "moco-step"):
+        mem = [r["img_per_s"] for r in report["results"] if r["pipeline"] == f"{kind}-in-memory"]
+        for r in report["results"]:
+            if mem and r["pipeline"] == kind:
+                out[f"{kind}-in-memory / {kind} with {r['workers']} workers"] = round(mem[0] / r["img_per_s"], 2)
+    return out
 
 
 def markdown_table(report):

@@ -139,7 +139,7 @@ def test_ratio_table():
 def test_bench_data_cpu_smoke(image_root, tmp_path, capsys):
     out = tmp_path / "data.json"
     report = bench_data.main(["--data", image_root, "--workers", "0", "--seconds", "0.5", "--batch-size", "16",
-                              "--img-size", "32", "--device", "cpu", "--pipelines", "mae,moco,mae-decode-on-device",
+                              "--img-size", "32", "--device", "cpu", "--pipelines", "mae,moco,mae-decode-on-device,mae-in-memory,moco-in-memory",
                               "--json", str(out)])
     printed = capsys.readouterr().out
     data = json.loads(out.read_text())
@@ -149,10 +149,11 @@ def test_bench_data_cpu_smoke(image_root, tmp_path, capsys):
     for line in ("# date:", "# device:", "# torch:", "# command:", "| pipeline | decode | workers |"):
         assert line in printed
     rows = {r["pipeline"]: r for r in data["results"]}
-    expected = ["mae", "mae-decode-on-device"] + (["moco"] if importable("moco") else [])
+    expected = ["mae", "mae-decode-on-device", "mae-in-memory", "moco", "moco-in-memory"]
     for p in expected:
         r = rows[p]
         assert r["workers"] == 0 and r["batch"] == 16 and r["img_size"] == 32 and r["images_in_split"] == 160
         assert r["img_per_s"] > 0 and r["images"] >= 16 and r["images"] % 16 == 0 and r["first_batch_s"] >= 0
-    if not importable("moco"):
-        assert any(s["pipeline"] == "moco" for s in data["skipped"])
+    assert rows["moco-in-memory"]["decode_s"] > 0
+    assert data["ratios"]["moco-in-memory / moco with 0 workers"] == round(
+        rows["moco-in-memory"]["img_per_s"] / rows["moco"]["img_per_s"], 2)
