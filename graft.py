@@ -42,18 +42,15 @@ Deviations from the official code, on purpose:
       part): equal in both encoders, it stays bit-identical (official: m t + (1 - m) t, equal up to rounding).
     - As moco.py: bf16 autocast (--amp fp16: the official fp16); PIL blur with torch RNG; crop --img-size; SyncBN
       under CUDA DDP only; one process works; no gradient accumulation; saves and the non-finite check as every script (README).
-    - --in-memory (opt-in): the images are stored once, at their size or --in-memory-size (the centre square), and
-      each view is made in batches on the device (README): PIL's resize (within 1.1 of 255 levels), torchvision's
-      tensor colour ops (PIL's uint8 ones: 0.25-0.47 levels apart on average) and a true Gaussian blur (PIL's box
-      approximation: 0.82 levels apart on average; measured on CIFAR-10 images).
+    - --in-memory (opt-in): the views are made as moco.py's (README).
 
 Read top to bottom: the model (MoCo v3, then the graft), the data, main(), the stage-1 weights and the other inputs,
 and an appendix of plumbing that is the same text in every method script.
 """
 import argparse
 import contextlib
-import hashlib
 import functools
+import hashlib
 import json
 import math
 import os

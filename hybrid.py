@@ -35,10 +35,7 @@ Our choices where they differ (no published recipe of this hybrid says otherwise
       every parameter).
     - As every script: bf16 autocast (--amp fp16: GradScaler), losses in fp32, SyncBN in the projector and predictor
       under CUDA DDP only, no gradient accumulation; saves and the non-finite check as in the README.
-    - --in-memory (opt-in): the images are stored once, at their size or --in-memory-size (the centre square), and
-      each view is made in batches on the device (README): PIL's resize (within 1.1 of 255 levels), torchvision's
-      tensor colour ops (PIL's uint8 ones: 0.25-0.47 levels apart on average) and a true Gaussian blur (PIL's box
-      approximation: 0.82 levels apart on average; measured on CIFAR-10 images).
+    - --in-memory (opt-in): the views are made as moco.py's (README).
 
 Read top to bottom: the model and its loss, the data, main() (build, then the training loop), the checks of this
 script's own inputs, and an appendix of plumbing that is the same text in every method script.

@@ -56,8 +56,8 @@ inputs, and an appendix of plumbing that is the same text in every method script
 """
 import argparse
 import contextlib
-import hashlib
 import functools
+import hashlib
 import json
 import math
 import os
