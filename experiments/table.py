@@ -1,0 +1,731 @@
+"""The results table (issue #17): every method pre-trained the same way, every encoder evaluated the same way.
+
+One command per table. For each row it runs the method's training script(s) as subprocesses (the exact commands are
+recorded), then evaluates the encoder with eval_fewshot.py: DINO's weighted 20-NN with the FULL train set as the bank
+(`--percent 100 --protocol knn`), and MSN / Layer Grafted's logistic regression on 1% of the labels and on 10 images
+per class over 5 split seeds (mean +- 95% t-interval). Results go to a JSON in the repository and a markdown table
+between markers in experiments/README.md.
+
+    python experiments/table.py --preset cpu --data /path/to/cifar10          # CIFAR-10, ViT-T/8: every method learns?
+    python experiments/table.py --preset gpu-cifar10 --data /path/to/cifar10  # CIFAR-10, ViT-T/4, 200 epochs
+    python experiments/table.py --preset gpu-imagenette --data /path/to/imagenette   # ViT-S/16 at 128 px, 200 epochs
+    python experiments/table.py --preset cpu --data D --dry-run               # print the commands, run nothing
+    python experiments/table.py --preset cpu --data D --measure 30            # ~30 s of each script: img/s, estimate
+
+--data is an ImageNet-layout folder (ROOT/train/<class>/*, ROOT/val/<class>/*); CIFAR-10 and Imagenette in that
+layout are in ../shared/data (see its README). Checkpoints go to --runs-dir (default runs/table_<preset>, ignored by
+git); results to --json (default experiments/results_<preset>.json) and --markdown (default experiments/README.md).
+The cpu preset pre-trains on the first 3000 images of each class (30k of CIFAR-10's 50k, linked into RUNS/; the
+evaluation uses all of --data): on 2 cores one epoch of all 50k images would not fit the 60-90 minutes it aims at.
+On a CPU shared with other work, run with OMP_NUM_THREADS=1 (two 2-thread processes on 2 cores spin-wait).
+
+Rows (in this order; each is independent except where it starts from another row's encoder):
+    random  eval_fewshot.py --checkpoint random: the floor every pre-trained row must clear
+    mae     mae.py
+    moco    moco.py
+    graft   graft.py --mim-checkpoint RUNS/mae/encoder.pt (Layer Grafted: CL for the same epochs as the moco row)
+    mimco   mimco.py --teacher RUNS/moco/encoder.pt (MimCo's stage 2; its teacher is the moco row)
+    micl    micl.py
+    hybrid  hybrid.py (lam at its default, 0.2)
+Every row gets the same encoder, images, epochs and batch, each script's paper defaults otherwise, except what the
+scale forces, by one rule for every row (written into the JSON and the markdown, see `scale_rules`): lr = blr x batch /
+256 with each script's own blr; warm-up = round(epochs x paper warm-up / paper epochs); decoders (MAE, hybrid, MimCo)
+keep MAE ViT-B's proportions (width 2/3 of the encoder's, 32-d heads, the script's depth); MiCL keeps 2 patches (one
+per view) where its 10% would keep fewer. Nothing is tuned per row.
+
+Resuming: the JSON keeps what is done. A done row is skipped; an interrupted one runs its same command again and the
+training script resumes from RUNS/<row>/checkpoint.pt; a row whose recorded command differs from the preset's now is
+refused (--redo ROW starts it over). So a table can be filled over several short sessions: --rows picks rows,
+--max-minutes M stops the running training script cleanly (SIGTERM: it saves) after M minutes, --pretrain-only
+trains without evaluating. SIGTERM or Ctrl-C to this script is passed on to the training script once, which saves
+and stops; the time run so far is recorded. The pre-training wall-clock of a row is the sum over its launches
+(process start included); graft and mimco also report the total with the row they start from. Evaluation runs in
+this process (eval_fewshot.main with the recorded argv: one torch start for all rows).
+"""
+import argparse
+import json
+import math
+import os
+import platform
+import shlex
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: the scripts run from here
+HERE = os.path.dirname(os.path.abspath(__file__))
+EMBED_DIM = {"vit_tiny": 192, "vit_small": 384, "vit_base": 768, "vit_large": 1024, "vit_huge": 1280}
+HEADS = {"vit_tiny": 3, "vit_small": 6, "vit_base": 12, "vit_large": 16, "vit_huge": 16}  # vit.py's factories
+
+# ------------------------------------------------------------------------------------------------------ presets
+# Everything a table depends on. train_per_class: pre-train on the first N images of each class (sorted file names,
+# linked into RUNS/train_<N>_per_class/; evaluation always uses all of --data). `extra` adds flags to one script's
+# command and `eval_extra` to both evaluation commands (the toy's light heads, short solver, no loader workers).
+PRESETS = {
+    "toy": dict(
+        title="toy: the harness end to end in seconds (tests/test_experiments.py); the numbers mean nothing",
+        train_per_class=12, model="vit_tiny", img_size=32, patch_size=8, batch_size=16, epochs=1, max_steps=2,
+        num_workers=0, in_memory=False, save_every_minutes=0, log_every=1, seeds="0,1,2,3,4",
+        eval_extra=["--num-workers", "0", "--max-iter", "20"],
+        extra={"moco": ["--moco-mlp-dim", "64"], "graft": ["--moco-mlp-dim", "64"], "hybrid": ["--moco-mlp-dim", "64"],
+               "mimco": ["--head-hidden-dim", "64"]}),
+    "cpu": dict(
+        title="CPU: CIFAR-10, ViT-T/8 at 32 px, 1 epoch over 30k images, batch 256 (does every method learn?)",
+        train_per_class=3000, model="vit_tiny", img_size=32, patch_size=8, batch_size=256, epochs=1, max_steps=None,
+        num_workers=2, in_memory=True, save_every_minutes=10, log_every=20, seeds="0,1,2,3,4", eval_extra=[], extra={}),
+    "gpu-cifar10": dict(
+        title="GPU: CIFAR-10, ViT-T/4 at 32 px, 200 epochs, batch 256 (the papers' orderings)",
+        train_per_class=None, model="vit_tiny", img_size=32, patch_size=4, batch_size=256, epochs=200, max_steps=None,
+        num_workers=8, in_memory=True, save_every_minutes=10, log_every=50, seeds="0,1,2,3,4", eval_extra=[], extra={}),
+    "gpu-imagenette": dict(
+        title="GPU: Imagenette, ViT-S/16 at 128 px, 200 epochs, batch 256 (lightly's MAE ViT-S: 45.4% k-NN at 200)",
+        train_per_class=None, model="vit_small", img_size=128, patch_size=16, batch_size=256, epochs=200,
+        max_steps=None, num_workers=8, in_memory=True, save_every_minutes=10, log_every=20, seeds="0,1,2,3,4",
+        eval_extra=[], extra={}),
+}
+
+# (row, label, script, the row it starts from). The order is the run order: a row comes after the one it needs.
+ROWS = [("random", "random init", None, None), ("mae", "MAE", "mae.py", None), ("moco", "MoCo v3", "moco.py", None),
+        ("graft", "Layer Grafted", "graft.py", "mae"), ("mimco", "MimCo", "mimco.py", "moco"),
+        ("micl", "MiCL", "micl.py", None), ("hybrid", "hybrid (lam 0.2)", "hybrid.py", None)]
+LABEL = {r: label for r, label, _, _ in ROWS}
+SCRIPT = {r: s for r, _, s, _ in ROWS}
+NEEDS = {r: n for r, _, _, n in ROWS}
+
+# The paper (or release) epochs and warm-up epochs of each script's defaults: warm-up keeps its share of the run.
+PAPER_WARMUP = {"mae": (40, 800), "moco": (40, 300), "graft": (40, 300), "mimco": (10, 100), "micl": (10, 200),
+                "hybrid": (40, 300)}
+
+
+def warmup_epochs(row, epochs):
+    w, e = PAPER_WARMUP[row]
+    return min(round(epochs * w / e), epochs - 1)
+
+
+def decoder_flags(model, depth=None):
+    """MAE ViT-B's decoder proportions for any encoder: width 2/3 of the encoder's (512 for 768; MimCo's default 256
+    for ViT-S's 384 is the same rule) rounded to 32, 32-d heads (512 / 16), the script's own depth."""
+    width = max(32, round(2 / 3 * EMBED_DIM[model] / 32) * 32)
+    return ["--decoder-embed-dim", str(width), "--decoder-num-heads", str(width // 32)] + \
+        (["--decoder-depth", str(depth)] if depth else [])
+
+
+def micl_mask_ratio(p):
+    """The release's 0.9 where it keeps >= 2 patches (one per view), else the largest ratio that keeps 2."""
+    L = (p["img_size"] // p["patch_size"]) ** 2
+    return 0.9 if int(L * (1 - 0.9)) >= 2 else 1 - 2 / L
+
+
+def scale_rules(p):
+    """The settings the scale forces, one rule each, as written into the JSON and the markdown."""
+    L, dec = (p["img_size"] // p["patch_size"]) ** 2, decoder_flags(p["model"])
+    warm = ", ".join(f"{r} {warmup_epochs(r, p['epochs'])}" for r in PAPER_WARMUP)
+    rules = [f"same for every row: --model {p['model']} --img-size {p['img_size']} --patch-size {p['patch_size']} "
+             f"({L} patches), --batch-size {p['batch_size']}, --epochs {p['epochs']}"
+             + (f", --max-steps {p['max_steps']}" if p["max_steps"] else "") + ", seed 0, "
+             + (f"the first {p['train_per_class']} train images of each class (sorted file names; table.py links them "
+                f"into $RUNS/train_{p['train_per_class']}_per_class/, train/ and val/)" if p["train_per_class"] else
+                "all train images"),
+             f"lr = blr x {p['batch_size']} / 256 with each script's paper blr (MAE, MoCo v3, Layer Grafted, MimCo, "
+             f"hybrid 1.5e-4; MiCL 5e-5): no lr is tuned",
+             f"warm-up = round(epochs x paper warm-up / paper epochs): {warm} epochs",
+             f"MAE / hybrid decoder {dec[1]}-d x 8 blocks x {dec[3]} heads, MimCo decoder {dec[1]}-d x 4 blocks x "
+             f"{dec[3]} heads (MAE ViT-B's proportions: width 2/3 of the encoder's, 32-d heads; the paper's 512-d "
+             f"decoder is for ViT-B/L)",
+             f"MiCL --mask-ratio {micl_mask_ratio(p):g}"
+             + (" (the release's 0.9)" if micl_mask_ratio(p) == 0.9 else
+                f" (the release's 0.9 keeps int({L} x 0.1) = {int(L * 0.1)} patch(es), fewer than one per view; "
+                f"this keeps 2, one per view)"),
+             f"MimCo's teacher is the moco row's encoder (--teacher-model {p['model']} --teacher-num-heads "
+             f"{HEADS[p['model']]}); Layer Grafted starts from the mae row's encoder and trains for the moco row's "
+             "epochs",
+             *([f"ViT-S with vit.py's 6 heads in every row (MoCo v3's ViT-S has 12; one encoder shape for all rows, "
+                f"since Layer Grafted starts from MAE's and MimCo's teacher is MoCo's)"] if p["model"] == "vit_small"
+               else []),
+             "each script's other flags at their paper defaults (MoCo v3 heads 4096-d, tau 0.2; MiCL tau 0.07; hybrid "
+             "lam 0.2; graft: lower 2/3 of the blocks at 1/10 of the lr)"]
+    if p["extra"] or p["eval_extra"]:
+        rules.append("toy only, to stay fast: " + "; ".join(f"{r} {' '.join(f)}" for r, f in p["extra"].items())
+                     + (f"; eval_fewshot.py {' '.join(p['eval_extra'])}" if p["eval_extra"] else ""))
+    return rules
+
+
+# ------------------------------------------------------------------------------------------------------- commands
+
+def pretrain_data(p, data, runs):
+    """The folder the training scripts read: --data itself, or RUNS/train_<N>_per_class (see train_per_class)."""
+    return os.path.join(runs, f"train_{p['train_per_class']}_per_class") if p["train_per_class"] else data
+
+
+def link_subset(p, data, runs):
+    """RUNS/train_<N>_per_class/train/<class>/: links to the first N files (sorted) of each class of DATA/train;
+    val/ links to DATA/val. Made once; an existing folder must hold exactly these links."""
+    root = pretrain_data(p, data, runs)
+    if root == data:
+        return
+    n, want = p["train_per_class"], {}
+    for cls in sorted(os.listdir(os.path.join(data, "train"))):
+        files = sorted(os.listdir(os.path.join(data, "train", cls)))
+        if len(files) < n:
+            raise Stop(f"--data {data}: class {cls} has {len(files)} train images, the preset takes {n} per class")
+        want[cls] = files[:n]
+    if os.path.isdir(root):
+        have = {c: sorted(os.listdir(os.path.join(root, "train", c))) for c in os.listdir(os.path.join(root, "train"))}
+        if have != want or os.path.realpath(os.path.join(root, "val")) != os.path.realpath(os.path.join(data, "val")):
+            raise Stop(f"{root} holds other images than the first {n} per class of {data}/train; move it away")
+        return
+    tmp = root + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    for cls, files in want.items():
+        os.makedirs(os.path.join(tmp, "train", cls))
+        for f in files:
+            os.symlink(os.path.join(data, "train", cls, f), os.path.join(tmp, "train", cls, f))
+    os.symlink(os.path.join(data, "val"), os.path.join(tmp, "val"))
+    os.replace(tmp, root)
+    print(f"[table] linked the first {n} train images of each class of {data} into {root}", flush=True)
+
+
+def pretrain_argv(row, p, data, runs, in_memory):
+    """The training command of a row, as an argv list (without the interpreter)."""
+    out = os.path.join(runs, row)
+    argv = [SCRIPT[row], "--data", pretrain_data(p, data, runs), "--output-dir", out, "--model", p["model"],
+            "--img-size", str(p["img_size"]),
+            "--patch-size", str(p["patch_size"]), "--batch-size", str(p["batch_size"]), "--epochs", str(p["epochs"]),
+            "--warmup-epochs", str(warmup_epochs(row, p["epochs"])), "--num-workers", str(p["num_workers"]),
+            "--log-every", str(p["log_every"]), "--save-every-minutes", str(p["save_every_minutes"])]
+    if p["max_steps"]:
+        argv += ["--max-steps", str(p["max_steps"])]
+    if in_memory:  # issue #16; the decoded train split is cached under --data-root, shared by every row
+        argv += ["--in-memory", "--data-root", os.path.join(runs, "data")]
+    if row in ("mae", "hybrid"):
+        argv += decoder_flags(p["model"], depth=8)
+    if row == "mimco":
+        # the teacher's heads said explicitly: mimco.py's default for vit_small is MoCo v3's 12, our moco row has 6
+        argv += ["--teacher", os.path.join(runs, "moco", "encoder.pt"), "--teacher-model", p["model"],
+                 "--teacher-num-heads", str(HEADS[p["model"]])]
+        argv += decoder_flags(p["model"], depth=4)
+    if row == "graft":
+        argv += ["--mim-checkpoint", os.path.join(runs, "mae", "encoder.pt")]
+    if row == "micl" and micl_mask_ratio(p) != 0.9:
+        argv += ["--mask-ratio", f"{micl_mask_ratio(p):g}"]
+    return argv + p["extra"].get(row, [])
+
+
+def eval_argvs(row, p, data, runs):
+    """The two eval_fewshot.py commands of a row: k-NN on the full train bank, then logistic regression on 1% and
+    10 per class over the seeds. They share one feature cache, so the second extracts nothing."""
+    ckpt = "random" if row == "random" else os.path.join(runs, row, "encoder.pt")
+    base = ["eval_fewshot.py", "--checkpoint", ckpt, "--model", p["model"], "--img-size", str(p["img_size"]),
+            "--patch-size", str(p["patch_size"]), "--data", data, "--cache", os.path.join(runs, row, "features")]
+    base += p["eval_extra"]
+    return {"knn": base + ["--protocol", "knn", "--percent", "100", "--seeds", "0",
+                           "--json", os.path.join(runs, row, "eval_knn.json")],
+            "logreg": base + ["--protocol", "logreg", "--percent", "1", "--shots", "10", "--seeds", p["seeds"],
+                              "--json", os.path.join(runs, row, "eval_logreg.json")]}
+
+
+def shown(argv, data, runs):
+    """A command as a shell line, with the data and runs folders as $DATA and $RUNS (what the table compares)."""
+    def sub(a):
+        return a.replace(runs, "$RUNS").replace(data, "$DATA") if isinstance(a, str) else a
+    return "python " + " ".join(shlex.quote(sub(a)) if not sub(a).startswith(("$RUNS", "$DATA")) else sub(a)
+                                for a in argv)
+
+
+# ------------------------------------------------------------------------------------------------ machine facts
+
+def device_name():
+    import torch  # late: a run that skips every row never imports torch
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)} (1 GPU)"
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"cpu: {model}, {os.cpu_count()} cores, torch {torch.get_num_threads()} threads"
+
+
+def loadavg():
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
+def read_log(out_dir):
+    """(last step, last loss, median img/s) from a training script's log.jsonl, None where it has no lines."""
+    lines = []
+    try:
+        with open(os.path.join(out_dir, "log.jsonl")) as f:
+            lines = [json.loads(line) for line in f if line.strip()]
+    except (OSError, ValueError):
+        pass
+    rates = [x["img_per_s"] for x in lines[1:] if "img_per_s" in x] or [x["img_per_s"] for x in lines if "img_per_s" in x]
+    return (lines[-1].get("step") if lines else None, lines[-1].get("loss") if lines else None,
+            statistics.median(rates) if rates else None)
+
+
+# ------------------------------------------------------------------------------------------------------ the table
+
+class Stop(Exception):
+    """Stops the table with one line (status 1): what is done stays in the JSON."""
+
+
+class Table:
+    def __init__(self, args):
+        self.args, self.p = args, PRESETS[args.preset]
+        self.data, self.runs = os.path.abspath(args.data), os.path.abspath(args.runs_dir)
+        self.children, self.signal, self.deadline = {}, None, None
+        if args.max_minutes:
+            self.deadline = time.monotonic() + 60 * args.max_minutes
+        self.state = self.load()
+
+    # ----------------------------------------------------------------------------------------- JSON
+    def load(self):
+        if os.path.isfile(self.args.json):
+            try:
+                with open(self.args.json) as f:
+                    state = json.load(f)
+            except ValueError as e:
+                raise Stop(f"--json {self.args.json} is not readable JSON ({e}); move it away to start a new table")
+            if state.get("preset") != self.args.preset:
+                raise Stop(f"--json {self.args.json} holds the {state.get('preset')} table, not {self.args.preset}; "
+                           f"pass another --json")
+            return state
+        return {"preset": self.args.preset, "rows": {}}
+
+    def save(self):
+        p = self.p
+        self.state.update(title=p["title"], settings={k: v for k, v in p.items() if k != "title"},
+                          in_memory=self.args.in_memory, scale_rules=scale_rules(p),
+                          evaluation="eval_fewshot.py on the frozen encoder (CLS after the final norm, Resize + "
+                          "CenterCrop, no augmentation): weighted 20-NN (DINO) with all train images as the bank; "
+                          f"logistic regression (MSN / Layer Grafted) on 1% and 10 per class, split seeds {p['seeds']}, "
+                          "mean +- 95% t-interval; every accuracy on all of val/",
+                          harness=shown(["experiments/table.py", "--preset", self.args.preset, "--data", self.data],
+                                        self.data, self.runs),
+                          updated=time.strftime("%Y-%m-%d %H:%M:%S"))
+        os.makedirs(os.path.dirname(os.path.abspath(self.args.json)), exist_ok=True)
+        tmp = self.args.json + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.state, f, indent=1)
+        os.replace(tmp, self.args.json)
+
+    # -------------------------------------------------------------------------------------- commands
+    def commands(self, row):
+        cmds = {} if row == "random" else {"pretrain": pretrain_argv(row, self.p, self.data, self.runs,
+                                                                       self.args.in_memory)}
+        cmds.update({f"eval_{k}": v for k, v in eval_argvs(row, self.p, self.data, self.runs).items()})
+        return cmds
+
+    def shown_commands(self, row):
+        return {k: shown(v, self.data, self.runs) for k, v in self.commands(row).items()}
+
+    # --------------------------------------------------------------------------------------- signals
+    def on_signal(self, signum, frame):
+        if self.signal is None:
+            if self.children:
+                self.stop_children(signal.Signals(signum).name)  # they save and stop; pretrain() then stops the table
+            else:
+                self.signal = signal.Signals(signum).name
+                raise Stop(f"stopped by {self.signal}; the same command resumes")
+
+    def past_deadline(self):
+        return self.deadline is not None and time.monotonic() > self.deadline
+
+    # ------------------------------------------------------------------------------------ pretraining
+    def pretrain(self, rows):
+        """Pre-train those of `rows` that are not yet: up to --jobs at once (default 1), each once the row it starts
+        from is trained. A training script that fails or is stopped stops the others (they save), then the table."""
+        todo = [r for r in rows if r != "random" and not self.state["rows"][r].get("pretrain", {}).get("done")]
+        running, failed = {}, None  # row -> (process, its launch record, start time)
+        try:
+            while todo or running:
+                for row in list(todo):
+                    need = NEEDS[row]
+                    if len(running) >= self.args.jobs or failed or self.signal or need in todo or need in running:
+                        continue
+                    todo.remove(row)
+                    running[row] = self.launch(row)
+                if not running:
+                    break  # nothing could start: a row failed or a stop came
+                ended = self.reap(running)
+                failed = failed or ended  # the first failure is the one to report
+        finally:
+            if running:  # a Stop while others run, or an error of ours: never leave a training run behind
+                self.stop_children("the table stopped")
+            while running:
+                self.reap(running)
+        if failed:
+            raise Stop(failed)
+        if todo:
+            raise Stop(f"stopped ({self.signal}) before rows {', '.join(todo)}; the same command resumes")
+
+    def reap(self, running):
+        """Wait a second for the running training scripts; record those that ended. Also the --max-minutes stop."""
+        failed = None
+        for row, (child, launch, t0) in list(running.items()):
+            try:
+                rc = child.wait(timeout=1 / len(running))
+            except subprocess.TimeoutExpired:
+                continue
+            del running[row]
+            ended = self.finish(row, rc, launch, t0)
+            failed = failed or ended
+        if self.past_deadline() and self.signal is None and running:
+            print(f"[table] --max-minutes {self.args.max_minutes} reached: stopping {', '.join(running)} (a training "
+                  f"script saves before it stops)", flush=True)
+            self.stop_children("deadline")
+        return failed
+
+    def launch(self, row):
+        """Start one row's training script (checked first: the row it starts from, flags, time left)."""
+        argv, need = self.commands(row)["pretrain"], NEEDS[row]
+        if need:
+            if not self.state["rows"].get(need, {}).get("pretrain", {}).get("done"):
+                raise Stop(f"row {row} starts from the {need} row's encoder, which is not trained yet: run --rows "
+                           f"{need},{row} (or every row)")
+            if not os.path.isfile(os.path.join(self.runs, need, "encoder.pt")):
+                raise Stop(f"row {row} starts from {self.runs}/{need}/encoder.pt, which is gone; --redo {need} "
+                           f"retrains it (and {row})")
+        if "--in-memory" in argv and '"--in-memory"' not in open(os.path.join(ROOT, SCRIPT[row])).read():
+            raise Stop(f"{SCRIPT[row]} has no --in-memory flag yet (issue #16); pass --no-in-memory to run the table "
+                       f"without it (recorded in the commands)")
+        if self.past_deadline():
+            raise Stop(f"--max-minutes {self.args.max_minutes} reached before row {row}; the same command resumes")
+        link_subset(self.p, self.data, self.runs)
+        print(f"[table] {row}: {shown(argv, self.data, self.runs)}", flush=True)
+        launch = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "device": device_name(), "host": platform.node(),
+                  "loadavg_start": loadavg(), "concurrent_rows": sorted(self.children)}
+        child = subprocess.Popen([sys.executable, *argv], cwd=ROOT, start_new_session=True)  # signals come from us
+        self.children[row] = child
+        return child, launch, time.monotonic()
+
+    def finish(self, row, rc, launch, t0):
+        """Record one launch; returns the one-line reason when the row is not pre-trained."""
+        self.children.pop(row, None)
+        rec, out = self.state["rows"][row], os.path.join(self.runs, row)
+        pre = rec.setdefault("pretrain", {"launches": []})
+        launch.update(seconds=round(time.monotonic() - t0, 1), rc=rc, loadavg_end=loadavg())
+        pre["launches"].append(launch)
+        pre["seconds"] = round(sum(x["seconds"] for x in pre["launches"]), 1)
+        pre["device"] = launch["device"]
+        pre["steps"], pre["final_loss"], pre["img_per_s_median"] = read_log(out)
+        pre["done"] = rc == 0 and os.path.isfile(os.path.join(out, "encoder.pt"))
+        if pre["done"] and NEEDS[row]:  # graft and mimco: also with the row they start from
+            pre["seconds_with_start_row"] = round(pre["seconds"] + self.state["rows"][NEEDS[row]]["pretrain"]["seconds"], 1)
+        rec["status"] = "pre-trained" if pre["done"] else ("interrupted" if self.signal else "failed")
+        self.save()
+        if pre["done"]:
+            return None
+        why = f"stopped ({self.signal})" if self.signal else f"failed (status {rc}; its last lines above say why)"
+        if not self.signal:
+            self.stop_children("another row failed")  # the others save and stop; their progress is kept
+        return (f"row {row}: {SCRIPT[row]} {why} after {launch['seconds']:.0f} s; {out}/checkpoint.pt keeps its "
+                f"progress and the same command resumes it")
+
+    def stop_children(self, why):
+        self.signal = self.signal or why
+        for child in self.children.values():
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)  # once: the script saves after its current step and stops
+
+    # -------------------------------------------------------------------------------------- evaluation
+    def evaluate(self, row, rec):
+        if self.past_deadline():
+            raise Stop(f"--max-minutes {self.args.max_minutes} reached before evaluating {row}; the same command "
+                       f"resumes")
+        if ROOT not in sys.path:
+            sys.path.insert(0, ROOT)
+        import eval_fewshot  # in this process: one torch start for all rows (the command recorded is the same)
+        t0, results = time.monotonic(), {}
+        for name, argv in eval_argvs(row, self.p, self.data, self.runs).items():
+            print(f"[table] {row}: {shown(argv, self.data, self.runs)}", flush=True)
+            try:
+                results[name] = eval_fewshot.main(argv[1:])
+            except eval_fewshot.StopRun as e:
+                raise Stop(f"row {row}: eval_fewshot.py: {eval_fewshot.one_line(e)}") from None
+        by = {(r["protocol"], r["split"]): r for res in results.values() for r in res["rows"]}
+
+        def metric(protocol, split):
+            r = by[(protocol, split)]
+            return {"top1": r["top1_mean"], "ci95": r["top1_ci95"], "per_seed": r["top1_per_seed"],
+                    "n_train": r["n_train"], "n_val": r["n_val"]}
+        rec["metrics"] = {"knn_full": metric("knn", "100%"), "logreg_1pct": metric("logreg", "1%"),
+                          "logreg_10shot": metric("logreg", "10-shot")}
+        rec["eval"] = {"seconds": round(time.monotonic() - t0, 1), "device": results["knn"]["device"],
+                       "done": True, "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+                       "git": results["knn"]["versions"]["git"]}
+        rec["status"] = "done"
+        self.save()
+        print(f"[table] {row}: k-NN {rec['metrics']['knn_full']['top1']:.2f}, logreg 1% "
+              f"{rec['metrics']['logreg_1pct']['top1']:.2f}, 10-shot {rec['metrics']['logreg_10shot']['top1']:.2f}",
+              flush=True)
+
+    # ---------------------------------------------------------------------------------------------- run
+    def redo(self, rows):
+        """Forget these rows (and rows that start from them); move their run folders aside."""
+        rows = set(rows) | {r for r in NEEDS if NEEDS[r] in rows}
+        for row in sorted(rows):
+            self.state["rows"].pop(row, None)
+            out = os.path.join(self.runs, row)
+            if os.path.isdir(out):
+                aside = f"{out}.old-{time.strftime('%Y%m%d-%H%M%S')}"
+                os.replace(out, aside)
+                print(f"[table] --redo {row}: moved {out} to {aside}", flush=True)
+        return rows
+
+    def run(self):
+        rows = self.args.rows
+        if self.args.redo:
+            self.redo(self.args.redo)
+            self.save()
+        for row in rows:  # refuse any stale row before running anything
+            rec = self.state["rows"].get(row)
+            if rec and rec.get("commands") and rec["commands"] != self.shown_commands(row):
+                old, new = rec["commands"], self.shown_commands(row)
+                k = next(k for k in new if old.get(k) != new[k])
+                raise Stop(f"row {row} was run with another {k} command than the preset's now (recorded: {old.get(k)}; "
+                           f"now: {new[k]}); pass --redo {row} to start it over, or another --json and --runs-dir")
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self.on_signal)
+        try:
+            for row in rows:
+                if self.state["rows"].get(row, {}).get("status") == "done":
+                    print(f"[table] {row}: done, skipped", flush=True)
+                    continue
+                self.state["rows"].setdefault(row, {}).update(label=LABEL[row], commands=self.shown_commands(row),
+                                                              argv=self.commands(row))
+            todo = [r for r in rows if self.state["rows"][r].get("status") != "done"]
+            if self.args.jobs > 1:  # every training first, several at once; then the evaluations
+                self.pretrain(todo)
+            for row in todo:
+                self.pretrain([row])
+                if self.args.pretrain_only:
+                    print(f"[table] {row}: " + ("nothing to pre-train" if row == "random" else "pre-trained") +
+                          "; --pretrain-only: not evaluated", flush=True)
+                    continue
+                self.evaluate(row, self.state["rows"][row])
+                self.write_markdown()
+        finally:
+            self.save()
+            self.write_markdown()
+
+    # ----------------------------------------------------------------------------------------- markdown
+    def write_markdown(self):
+        path, text = self.args.markdown, markdown_section(self)
+        start, end = f"<!-- table:{self.args.preset}:start -->", f"<!-- table:{self.args.preset}:end -->"
+        old = open(path).read() if os.path.isfile(path) else "# Results tables (issue #17)\n\n"
+        if start in old and end in old:
+            new = old[:old.index(start)] + start + "\n" + text + end + old[old.index(end) + len(end):]
+        else:
+            new = old.rstrip("\n") + "\n\n" + start + "\n" + text + end + "\n"
+        with open(path + ".tmp", "w") as f:
+            f.write(new)
+        os.replace(path + ".tmp", path)
+
+
+def fmt_minutes(s):
+    return f"{s / 60:.1f} min" if s is not None else ""
+
+
+def markdown_section(t):
+    """The preset's table, its commands and its settings: what the lead copies into the main README."""
+    p, state, rows = t.p, t.state, t.state.get("rows", {})
+    lines = [f"### {p['title']}", "",
+             f"`{shown(['experiments/table.py', '--preset', t.args.preset, '--data', t.data], t.data, t.runs)}`"
+             f" (`$DATA`: the dataset in ImageNet layout; results: `{os.path.relpath(t.args.json, ROOT)}`; a done row "
+             f"is skipped, an interrupted one resumes)", "",
+             "| row | k-NN top-1, full train bank | logreg 1% labels | logreg 10 per class | pre-training wall-clock | "
+             "device | status |", "|---|---|---|---|---|---|---|"]
+    pending = []
+    for row, label, _, need in ROWS:  # every row of the table, also those this invocation did not select
+        rec = rows.get(row, {})
+        m = rec.get("metrics")
+        if rec.get("status") != "done":
+            pending.append(row)
+
+        def cell(key):
+            if not m:
+                return ""
+            ci = m[key]["ci95"]
+            return f"{m[key]['top1']:.1f}" + (f" ± {ci:.1f}" if ci is not None else "")
+        pre = rec.get("pretrain", {})
+        wall = "none" if row == "random" else fmt_minutes(pre.get("seconds"))
+        if need and pre.get("seconds") is not None:
+            wall += f" (+ {LABEL[need]}: {fmt_minutes(pre.get('seconds_with_start_row'))} in all)"
+        device = rec.get("eval", {}).get("device", "") if row == "random" else pre.get("device", "")
+        status = rec.get("status", "to run")
+        lines.append(f"| {label} | {cell('knn_full')} | {cell('logreg_1pct')} | {cell('logreg_10shot')} | {wall} | "
+                     f"{device} | {status} |")
+    done = [rows[r] for r, _, _, _ in ROWS if rows.get(r, {}).get("status") == "done"]
+    if done:
+        lines += ["", f"In all ({len(done)} rows done): pre-training "
+                  f"{fmt_minutes(sum(r.get('pretrain', {}).get('seconds', 0) for r in done))}, evaluation "
+                  f"{fmt_minutes(sum(r['eval']['seconds'] for r in done))}."]
+    lines += ["", f"Logistic regression: mean ± 95% t-interval over split seeds {p['seeds']}; k-NN: DINO's weighted "
+              "20-NN; every accuracy on all of val/, frozen CLS features (eval_fewshot.py). Pre-training wall-clock: "
+              "the training script's processes, start-up included, summed over launches; evaluation not included."]
+    if pending:
+        lines += ["", "Still to run: " + ", ".join(pending) + "."]
+    lines += ["", "Settings (the same rule for every row):", ""] + [f"- {r}" for r in scale_rules(p)]
+    lines += ["", "Commands (`$RUNS`: the --runs-dir; run from the repository root):", "", "```"]
+    for row, _, _, _ in ROWS:
+        lines += [f"# {row}", *(rows.get(row, {}).get("commands") or t.shown_commands(row)).values()]
+    lines += ["```", ""]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------- measure
+
+def measure(t, seconds):
+    """About `seconds` of each row's training command (fresh, in RUNS/measure/), then its median img/s after the
+    first log line, the full row's estimated time, and the evaluation's (60k-image extraction rate, in-process)."""
+    import torch
+    sys.path.insert(0, ROOT)
+    import vit
+    p, out, report = t.p, os.path.join(t.runs, "measure"), {"device": device_name(), "rows": {}}
+    link_subset(p, t.data, t.runs)  # the measured runs read the table's own pre-training images
+    n_train = sum(len(files) for _, _, files in os.walk(os.path.join(t.data, "train")))
+    n_val = sum(len(files) for _, _, files in os.walk(os.path.join(t.data, "val")))
+    n_pre = sum(len(files) for _, _, files in os.walk(os.path.join(pretrain_data(p, t.data, t.runs), "train")))
+    steps = p["epochs"] * (n_pre // p["batch_size"])
+    if p["max_steps"]:
+        steps = min(steps, p["max_steps"])
+    for row in [r for r in t.args.rows if r != "random"]:
+        argv = pretrain_argv(row, p, t.data, out, t.args.in_memory)
+        argv[argv.index("--data") + 1] = pretrain_data(p, t.data, t.runs)
+        argv = [a for i, a in enumerate(argv) if not (a == "--max-steps" or (i and argv[i - 1] == "--max-steps"))]
+        argv[argv.index("--log-every") + 1] = "1"
+        if row == "graft":  # the measured mae ran a few steps only: its checkpoint.pt stands in for encoder.pt
+            argv[argv.index("--mim-checkpoint") + 1] = os.path.join(out, "mae", "checkpoint.pt")
+        if row == "mimco":
+            argv[argv.index("--teacher") + 1] = os.path.join(out, "moco", "checkpoint.pt")
+        shutil.rmtree(os.path.join(out, row), ignore_errors=True)
+        print(f"[measure] {row}: {shown(argv, t.data, t.runs)}", flush=True)
+        t0, load0 = time.monotonic(), loadavg()
+        child = subprocess.Popen([sys.executable, *argv], cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.PIPE, text=True)
+        first = None
+        try:
+            while child.poll() is None:
+                time.sleep(1)
+                step, _, _ = read_log(os.path.join(out, row))
+                if step and first is None:
+                    first = time.monotonic() - t0  # start-up: imports, dataset scan, model, first step
+                if first is not None and time.monotonic() - t0 > first + seconds:
+                    break
+        finally:  # also on Ctrl-C: the script saves and stops
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+            err = child.communicate()[1]
+        step, _, rate = read_log(os.path.join(out, row))
+        if not rate:
+            raise Stop(f"measure {row}: no log line ({err.strip().splitlines()[-1] if err.strip() else 'no output'})")
+        report["rows"][row] = {"img_per_s": rate, "steps_measured": step, "startup_s": round(first, 1),
+                               "loadavg": [load0, loadavg()], "steps_full": steps,
+                               "estimate_min": round((steps * p["batch_size"] / rate + first) / 60, 1)}
+        print(f"[measure] {row}: {rate:.1f} img/s over {step} steps (load {load0} -> {loadavg()}); full row "
+              f"{steps} steps ~ {report['rows'][row]['estimate_min']} min", flush=True)
+    torch.manual_seed(0)
+    model = vit.MODELS[p["model"]](img_size=p["img_size"], patch_size=p["patch_size"]).eval()
+    x, n, t0 = torch.randn(256, 3, p["img_size"], p["img_size"]), 0, time.monotonic()
+    with torch.no_grad():
+        while time.monotonic() - t0 < min(seconds, 20):
+            model.forward_features(x)
+            n += len(x)
+    rate = n / (time.monotonic() - t0)
+    report["eval"] = {"forward_img_per_s": round(rate, 1), "images": n_train + n_val,
+                      "estimate_min_per_row": round((n_train + n_val) / rate / 60 + 0.5, 1)}  # + load, logreg, kNN
+    total = sum(r["estimate_min"] for r in report["rows"].values()) + len(t.args.rows) * report["eval"]["estimate_min_per_row"]
+    report["estimate_total_min"] = round(total, 1)
+    print(f"[measure] eval: {rate:.0f} img/s forward -> ~{report['eval']['estimate_min_per_row']} min per row "
+          f"({n_train + n_val} images)\n[measure] estimated total for {len(t.args.rows)} rows: {total:.0f} min", flush=True)
+    with open(os.path.join(out, "measure.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    return report
+
+
+# --------------------------------------------------------------------------------------------------------- main
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description="The results table: every method trained and evaluated the same way",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", required=True, choices=list(PRESETS), help="the table's scale")
+    p.add_argument("--data", required=True, help="ImageNet-layout folder (ROOT/train/<class>/*, ROOT/val/<class>/*)")
+    p.add_argument("--runs-dir", default=None, help="checkpoints and features (default: runs/table_<preset>)")
+    p.add_argument("--json", default=None, help="the results (default: experiments/results_<preset>.json)")
+    p.add_argument("--markdown", default=os.path.join(HERE, "README.md"), help="the file whose marked section for "
+                   "this preset is rewritten")
+    p.add_argument("--rows", default=",".join(r for r, _, _, _ in ROWS), help="comma list of rows to run, in order")
+    p.add_argument("--redo", default=None, help="comma list of rows to start over (their run folders are moved "
+                   "aside; rows that start from them are redone too)")
+    p.add_argument("--in-memory", action=argparse.BooleanOptionalAction, default=None,
+                   help="pass --in-memory to every training script (default: the preset's; off in toy)")
+    p.add_argument("--max-minutes", type=float, default=None, help="stop (the training script saves) after this "
+                   "long; the same command resumes")
+    p.add_argument("--max-steps", type=int, default=None, help="smoke test: every training script stops after N "
+                   "steps (needs a --json and --markdown outside the repository's defaults)")
+    p.add_argument("--jobs", type=int, default=1, help="pre-train up to this many rows at once (their wall-clocks "
+                   "then overlap: for the toy test, not for a table whose times are read)")
+    p.add_argument("--pretrain-only", action="store_true", help="train the rows, evaluate none (a later run without "
+                   "this flag evaluates them)")
+    p.add_argument("--dry-run", action="store_true", help="print every command and write the markdown; run nothing")
+    p.add_argument("--measure", type=float, default=None, metavar="SECONDS", help="run each row's training command "
+                   "for about SECONDS (in RUNS/measure/), report img/s and the estimated total time; no table")
+    args = p.parse_args(argv)
+    default_json = os.path.join(HERE, f"results_{args.preset}.json")
+    args.runs_dir = args.runs_dir or os.path.join(ROOT, "runs", f"table_{args.preset}")
+    args.json = os.path.abspath(args.json or default_json)
+    args.markdown = os.path.abspath(args.markdown)
+    names = [r for r, _, _, _ in ROWS]
+    asked = [v.strip() for v in args.rows.split(",") if v.strip()]
+    args.redo = [v.strip() for v in args.redo.split(",") if v.strip()] if args.redo else []
+    for v in asked + args.redo:
+        if v not in names:
+            p.error(f"unknown row {v!r}; rows: {', '.join(names)}")
+    args.rows = [r for r in names if r in asked]  # always in the table's order: a row after the one it starts from
+    if not os.path.isdir(os.path.join(args.data, "train")) or not os.path.isdir(os.path.join(args.data, "val")):
+        p.error(f"--data {args.data}: needs train/ and val/ class folders (ImageNet layout)")
+    if args.in_memory is None:
+        args.in_memory = PRESETS[args.preset]["in_memory"]
+    if args.max_steps is not None:
+        if args.max_steps < 1:
+            p.error("--max-steps must be >= 1")
+        if args.json == os.path.abspath(default_json) or args.markdown == os.path.join(HERE, "README.md"):
+            p.error("--max-steps is a smoke test: pass --json and --markdown outside the repository's defaults, so "
+                    "the table's results are not overwritten")
+        PRESETS[args.preset] = {**PRESETS[args.preset], "max_steps": args.max_steps}
+    if args.jobs < 1:
+        p.error("--jobs must be >= 1")
+    if args.max_minutes is not None and args.max_minutes <= 0:
+        p.error("--max-minutes must be > 0")
+    return args
+
+
+def main(argv=None):
+    args = get_args(argv)
+    t = Table(args)
+    if args.dry_run:
+        for row in args.rows:
+            for k, v in t.shown_commands(row).items():
+                print(f"{row:7s} {k:11s} {v}")
+        t.write_markdown()
+        return
+    if args.measure:
+        measure(t, args.measure)
+        return
+    t.run()
+    print(f"[table] wrote {args.json} and the {args.preset} section of {args.markdown}", flush=True)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except Stop as e:
+        sys.exit(f"error: {e}")
