@@ -410,7 +410,7 @@ class Seeded(torch.utils.data.Dataset):
 
     def __getitem__(self, index_seed):
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(index_seed[1])
+            torch.default_generator.manual_seed(index_seed[1])  # the CPU one only (torch.manual_seed: CUDA too, slowly)
             return self.dataset[index_seed[0]]
 
 
@@ -445,6 +445,13 @@ def free_memory(device):
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
+def stack_decoded(batch):
+    """--in-memory's decoding: a worker sends one stacked batch (one shared-memory file, not one per image); images
+    of different sizes come as the list, for Run.load_or_decode to name the odd one."""
+    images, labels = zip(*batch)
+    return (torch.stack(images), torch.tensor(labels)) if len({im.shape for im in images}) == 1 else batch
+
+
 class IndexBatches:
     """--in-memory's loader: the sampler's image indices in per-process batches (Run.batches augments them)."""
     def __init__(self, sampler, batch_size):
@@ -474,13 +481,14 @@ def pil_filter(t, kernel):
 def resize_matrix(start, length, in_size, out_size, kernel, device):
     """(B, out_size, in_size): the weights of PIL's resize of pixels [start, start + length) of a line to out_size
     pixels: PIL's filter, widened by the scale when shrinking (antialiasing), cut at the crop's edges, renormalized."""
-    start, length = start.to(device), length.to(device)
     support = pil_filter(torch.zeros(()), kernel)[1]
+    n_taps = int(2 * support * max(1.0, length.max().item() / out_size)) + 3  # from the CPU tensor: no device sync
+    start, length = start.to(device), length.to(device)
     scale = (length.double() / out_size)[:, None]
     wide = scale.clamp(min=1)
     center = (torch.arange(out_size, device=device, dtype=torch.float64) + 0.5) * scale  # (B, out), in the crop
     first = (center - support * wide + 0.5).floor().clamp(min=0)
-    taps = first[..., None] + torch.arange(int(2 * support * wide.max()) + 3, device=device)  # (B, out, taps)
+    taps = first[..., None] + torch.arange(n_taps, device=device)  # (B, out, taps)
     valid = (taps < (center + support * wide + 0.5).floor()[..., None]) & (taps < length[:, None, None])
     w = pil_filter((taps - center[..., None] + 0.5) / wide[..., None], kernel)[0] * valid
     cols = (start[:, None, None] + taps.long()).clamp(max=in_size - 1)
@@ -671,7 +679,7 @@ def check_common_args(a):
 # another run. The data may move, but must hold as many images (the step count depends on it).
 RESUME_MAY_CHANGE = {"data", "data_root", "output_dir", "epochs", "num_workers", "amp", "compile", "log_every",
                      "max_steps", "vis_every", "init", "mim_checkpoint", "teacher", "save_every_minutes",
-                     "save_every_steps", "keep_every_epochs", "in_memory", "in_memory_size"}
+                     "save_every_steps", "keep_every_epochs", "in_memory"}
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)  # schedulers send SIGTERM (or USR1) before a kill
 
 
@@ -780,7 +788,8 @@ class Run:
         import torchvision.transforms as T
         a, S, files = self.args, self.args.in_memory_size, getattr(dataset, "samples", None)
         stamp = [(p, os.path.getsize(p), os.path.getmtime(p)) for p, _ in files] if files else [type(dataset).__name__]
-        key = hashlib.sha1(json.dumps([S, os.path.abspath(a.data), len(dataset), stamp]).encode()).hexdigest()[:16]
+        where = os.path.abspath(a.data if files else a.data_root)  # "v1": the decoding below; change it with it
+        key = hashlib.sha1(json.dumps(["v1", S, where, len(dataset), stamp]).encode()).hexdigest()[:16]
         path = os.path.join(a.data_root, "in_memory", f"train_{key}.pt")
         dataset.transform = T.Compose([T.Resize(S, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(S),
                                        T.PILToTensor()] if S else [T.PILToTensor()])
@@ -807,21 +816,29 @@ class Run:
                 return data
         data = {"images": torch.empty((len(dataset), *shape), dtype=torch.uint8),
                 "labels": torch.empty(len(dataset), dtype=torch.long)}
-        loader = torch.utils.data.DataLoader(dataset, 256, num_workers=self.args.num_workers, collate_fn=list,
+        loader = torch.utils.data.DataLoader(dataset, 256, num_workers=self.args.num_workers, collate_fn=stack_decoded,
                                              worker_init_fn=ignore_stop_signals)
         k = 0
         for batch in tqdm(loader, "--in-memory: decoding", disable=not self.is_main, leave=False, dynamic_ncols=True):
-            for image, label in batch:
+            for image, _ in batch if isinstance(batch, list) else []:  # sizes differ within this batch
                 if image.shape != shape:
                     raise StopRun(f"--in-memory: image {k} of --data is {'x'.join(map(str, image.shape))}, image 0 is "
                                   f"{'x'.join(map(str, shape))}; pass --in-memory-size S to store all at S x S")
-                data["images"][k], data["labels"][k], k = image, label, k + 1
-        try:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            save_checkpoint(data, path)
-            print0(f"--in-memory: {k} images decoded, cached in {path}")
-        except (OSError, StopRun) as e:
-            print0(f"--in-memory: {k} images decoded; not cached ({one_line(e)})")
+                k += 1
+            images, labels = batch
+            if images.shape[1:] != shape:
+                raise StopRun(f"--in-memory: images {k}-{k + len(images) - 1} of --data are "
+                              f"{'x'.join(map(str, images.shape[1:]))}, image 0 is {'x'.join(map(str, shape))}; pass "
+                              f"--in-memory-size S to store all at S x S")
+            data["images"][k:k + len(images)], data["labels"][k:k + len(images)] = images, labels
+            k += len(images)
+        if self.is_main:  # one writer (the other ranks only decode themselves when rank 0 could not cache)
+            try:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                save_checkpoint(data, path)
+                print0(f"--in-memory: {k} images decoded, cached in {path}")
+            except (OSError, StopRun) as e:
+                print0(f"--in-memory: {k} images decoded; not cached ({one_line(e)})")
         return data
 
     def resume(self, model, optimizer, scaler):
@@ -882,7 +899,8 @@ class Run:
             torch.manual_seed(hash((self.args.seed, self.step, self.rank)))
             if self.args.in_memory:  # indices: their images augmented here, on the device, from the seeded RNG
                 images, labels, transform = self.memory
-                batch = transform(images[batch.to(self.device)], self.args), labels[batch.to(self.device)]
+                batch = batch.to(self.device)
+                batch = transform(images[batch], self.args), labels[batch]
             yield batch
             if self.args.max_steps is not None and self.step >= self.args.max_steps:
                 return
@@ -986,7 +1004,8 @@ class Run:
 def add_common_args(p, **defaults):
     """The command line every method script shares; each script passes its paper defaults."""
     p.add_argument("--data", required=True, help="ImageNet-layout root (ROOT/train/<class>/*) or cifar10|cifar100|stl10")
-    p.add_argument("--data-root", default="./data", help="download folder for --data cifar10|cifar100|stl10")
+    p.add_argument("--data-root", default="./data", help="download folder for --data cifar10|cifar100|stl10, and "
+                   "--in-memory's cache (in_memory/)")
     p.add_argument("--output-dir", default=defaults["output_dir"], help="checkpoint.pt, encoder.pt, args.json, log.jsonl")
     p.add_argument("--model", default=defaults["model"], choices=list(vit.MODELS), help="encoder size")
     p.add_argument("--img-size", type=int, default=224, help="input resolution")

@@ -9,12 +9,14 @@ method) / step time / the GPU's peak dense bf16 rate.
     python benchmarks/bench_throughput.py --json bench_throughput.json          # GPU: ViT-S/B/L, 224 px, bf16, compile off+on
     python benchmarks/bench_throughput.py --models vit_base --compile off --methods mae,moco \\
         --reference-mae ~/src/mae --reference-moco ~/src/moco-v3                # side by side with the official code
+    python benchmarks/bench_throughput.py --models vit_base --methods finetune --reference-mae ~/src/mae   # fine-tuning
     python benchmarks/bench_throughput.py --device cpu                          # CPU smoke run: vit_tiny, 64 px, fp32
 On a shared or noisy machine add --threads 1 (CPU) and --interleave (ours and the official step alternate, so a change
 of load hits both alike). Results go to the JSON after every configuration, so a run cut short keeps what it measured.
 
 --reference-mae / --reference-moco take checkouts of facebookresearch/mae and facebookresearch/moco-v3 (nothing of them
-is copied into this project; the checkout is only imported, never modified). They need timm (`pip install timm`; any
+is copied into this project; the checkout is only imported, never modified). With --reference-mae and finetune among
+--methods, the official fine-tuning step is timed too (see "Fine-tuning" below). They need timm (`pip install timm`; any
 recent version: this project itself never imports timm). The official code was written for timm 0.3.2 / 0.4.x, numpy
 < 1.24 and torch < 1.13, so this script applies import-time shims, in this process only:
     MAE:     np.float = float (util/pos_embed.py); a stub module torch._six with `inf` (util/misc.py); while
@@ -65,6 +67,20 @@ get_args, so --method-args changes them in the count too):
           2 B^2 C, C the teacher width; their targets carry no gradient.
     Layer Grafted: MoCo v3's count (patch projection frozen); with --freeze-lower the embeddings and the lower
           graft_depth blocks run forward only. Its optimizer has the script's two learning-rate groups.
+    Fine-tuning (finetune.py): the encoder on all 1+L tokens and the head D -> 1000 classes on one pooled token,
+          everything trained (patch embedding 2 x forward: the image needs no gradient); MixUp / CutMix, the pooling,
+          fc_norm and the loss are elementwise.
+
+Fine-tuning. Ours: finetune.py's build_model (--init random, 1000 classes, its defaults: global pool + fc_norm, drop
+path 0.1) and build_optimizer (AdamW over param_groups, the layer-wise lr decay groups), and the lines of its training
+loop: soft_targets (MixUp or CutMix per batch, label smoothing 0.1) on the batch, the model, soft_cross_entropy. The
+official step is engine_finetune.py train_one_epoch's, accum_iter 1: models_vit.VisionTransformer(global_pool=True) of
+the same size and drop path, torch.optim.AdamW(util/lr_decay.py param_groups_lrd(model, 0.05, no_weight_decay(),
+layer decay)), timm's Mixup(0.8, 1.0, mode 'batch', smoothing 0.1) on a copy of the batch (the loader gives a fresh
+one each step; Mixup works in place), fp16 autocast, SoftTargetCrossEntropy, loss.item(), NativeScalerWithGradNorm-
+Count(clip_grad=None), zero_grad. One more shim: timm >= 0.9's VisionTransformer.forward pools again in forward_head
+(MAE's forward_features already returns the pooled, normed feature), so the official model's forward is timm 0.3.2's,
+head(forward_features(x)).
 
 Peak dense bf16 (= fp16) TFLOP/s by device name: H100 SXM 989, H100 NVL 835, H100 PCIe 756, H200 989, A100 312
 (vendor datasheets); --peak-tflops overrides (and then MFU is also given on a CPU, where it is otherwise n/a). On CUDA the
@@ -98,7 +114,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)  # the project root: vit, mae, moco, ...
 import vit  # noqa: E402
 
-METHOD_NAMES = ["mae", "moco", "micl", "mimco", "graft"]
+METHOD_NAMES = ["mae", "moco", "micl", "mimco", "graft", "finetune"]
 PEAK_BF16_TFLOPS = [("H200", 989.0), ("H100 NVL", 835.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("A100", 312.0)]
 
 # ------------------------------------------------------------------------------------------------------ FLOP count
@@ -240,7 +256,8 @@ def random_encoder_file(cfg):
 # The inputs and the loss call of each method's module (its forward returns the loss, or (loss, extras)); the model
 # and its optimizer are built by the script's own build_model / build_optimizer, so a change there is measured here.
 EXTRA_ARGS = {"mimco": lambda cfg: ["--teacher", random_encoder_file(cfg), "--teacher-model", cfg["model"]],
-              "graft": lambda cfg: ["--mim-checkpoint", random_encoder_file(cfg)]}
+              "graft": lambda cfg: ["--mim-checkpoint", random_encoder_file(cfg)],
+              "finetune": lambda cfg: ["--init", "random"]}  # a random encoder: the weights do not change the cost
 INPUTS = {"mae": 1, "moco": 2, "micl": 1, "mimco": 1, "graft": 2}  # views per image
 
 
@@ -280,7 +297,36 @@ def build_ours(method, mod, cfg, B, device, gen):
             "loss": loss_fn(method, a, xs)}
 
 
+FINETUNE_CLASSES = 1000  # ImageNet-1k's head
+
+
+def finetune_flops(cfg, B, a=None):
+    """Encoder on all 1+L tokens, head D -> FINETUNE_CLASSES on the pooled token; all trained."""
+    pe, enc = encoder_flops(cfg, 1 + cfg["L"])
+    head = linear_flops(1, cfg["D"], FINETUNE_CLASSES)
+    return {"forward": B * (pe + enc + head), "train": B * (2 * pe + 3 * (enc + head))}
+
+
+def build_finetune(mod, cfg, B, device, gen):
+    """finetune.py's classifier (build_model, --init random) and optimizer (build_optimizer: the layer-wise lr decay
+    groups), a batch with labels, and its training-loop lines: soft_targets (MixUp / CutMix, smoothing), the model,
+    soft_cross_entropy."""
+    a = script_args(mod, cfg, EXTRA_ARGS["finetune"](cfg))
+    a.lr, a.num_classes = a.blr * B / 256, FINETUNE_CLASSES  # as Run(args) and build_datasets set them
+    model = mod.build_model(a, verbose=False).to(device)
+    x = images(B, cfg, device, gen)
+    y = torch.randint(0, FINETUNE_CLASSES, (B,), device=device, generator=gen)
+    mix = mod.mixup_cutmix(a)
+
+    def loss(model, step):
+        imgs, targets = mod.soft_targets(x, y, mix, a)  # v2 MixUp / CutMix return new tensors: x stays as it is
+        return mod.soft_cross_entropy(model(imgs), targets)
+    return {"model": model, "optimizer": mod.build_optimizer(model, a, device), "flops": finetune_flops(cfg, B, a),
+            "loss": loss}
+
+
 BUILDERS = {m: functools.partial(build_ours, m) for m in METHOD_NAMES}
+BUILDERS["finetune"] = build_finetune
 
 # ------------------------------------------------------------------------------------------ the official code
 
@@ -318,6 +364,22 @@ def load_reference_mae(path):
     finally:
         tvt.Block, sys.path[:] = timm_block, saved_path
     return models_mae, misc
+
+
+def load_reference_finetune(path):
+    """models_vit.py, util/lr_decay.py and util/misc.py of a facebookresearch/mae checkout (with load_reference_mae's
+    shims), and timm's Mixup and SoftTargetCrossEntropy, as main_finetune.py imports them."""
+    from timm.data import Mixup
+    from timm.loss import SoftTargetCrossEntropy
+    misc = sys.modules.get("util.misc") or load_reference_mae(path)[1]  # already there when mae's was loaded
+    saved_path = list(sys.path)
+    sys.path.insert(0, os.path.abspath(path))
+    try:
+        models_vit = _load_file("official_mae_models_vit", os.path.join(path, "models_vit.py"))
+        lrd = importlib.import_module("util.lr_decay")
+    finally:
+        sys.path[:] = saved_path
+    return models_vit, lrd, misc, Mixup, SoftTargetCrossEntropy
 
 
 def load_reference_moco(path):
@@ -370,6 +432,43 @@ def _reference_mae_step(model, misc, x, device, mask_ratio):
             loss, _, _ = model(x, mask_ratio=mask_ratio)
         loss.item()  # loss_value = loss.item(), then the isfinite check
         loss_scaler(loss, optimizer, parameters=model.parameters(), update_grad=True)
+        optimizer.zero_grad()
+    return step
+
+
+def build_reference_finetune(mods, cfg, B, device, gen, attn, a):
+    """a: finetune.py's arguments (FINETUNE.md's ViT-B values unless --method-args changed them)."""
+    models_vit = mods[0]
+    model = models_vit.VisionTransformer(
+        global_pool=not a.cls_token, img_size=cfg["img_size"], patch_size=cfg["patch_size"], embed_dim=cfg["D"],
+        depth=cfg["depth"], num_heads=cfg["heads"], mlp_ratio=4, qkv_bias=True,
+        norm_layer=functools.partial(nn.LayerNorm, eps=1e-6), num_classes=FINETUNE_CLASSES,
+        drop_path_rate=a.drop_path)  # = models_vit.vit_base_patch16(num_classes, drop_path_rate, global_pool)
+    model.forward = lambda x: model.head(model.forward_features(x))  # timm 0.3.2's forward (see the docstring)
+    set_timm_attention(model, attn)
+    x = images(B, cfg, device, gen)
+    y = torch.randint(0, FINETUNE_CLASSES, (B,), device=device, generator=gen)
+    return {"model": model, "flops": finetune_flops(cfg, B, a),
+            "make_step": lambda model: _reference_finetune_step(model, mods, x, y, device, a)}
+
+
+def _reference_finetune_step(model, mods, x, y, device, a):
+    _, lrd, misc, Mixup, SoftTargetCrossEntropy = mods
+    groups = lrd.param_groups_lrd(model, a.weight_decay, no_weight_decay_list=model.no_weight_decay(),
+                                  layer_decay=a.layer_decay)
+    optimizer = torch.optim.AdamW(groups, lr=a.blr * x.shape[0] / 256)  # main_finetune.py
+    with warnings_off():
+        loss_scaler = misc.NativeScalerWithGradNormCount()
+    mixup_fn = Mixup(mixup_alpha=a.mixup, cutmix_alpha=a.cutmix, prob=1.0, switch_prob=a.mixup_switch_prob,
+                     mode="batch", label_smoothing=a.smoothing, num_classes=FINETUNE_CLASSES)
+    criterion = SoftTargetCrossEntropy()
+
+    def step(i):  # engine_finetune.py train_one_epoch, accum_iter 1
+        samples, targets = mixup_fn(x.clone(), y)  # in place, on what the loader would hand over fresh
+        with torch.autocast("cuda", dtype=torch.float16, enabled=device.type == "cuda"):
+            loss = criterion(model(samples), targets)
+        loss.item()  # loss_value = loss.item(), then the isfinite check
+        loss_scaler(loss, optimizer, clip_grad=None, parameters=model.parameters(), create_graph=False, update_grad=True)
         optimizer.zero_grad()
     return step
 
@@ -522,7 +621,9 @@ def prepare_ours(method, mod, cfg, B, device, args, compiled):
 
 REFERENCE_DEFAULTS = {  # the papers' values, used when our mae.py / moco.py cannot be imported to read them from
     "mae": dict(mask_ratio=0.75, decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16, norm_pix_loss=True),
-    "moco": dict(moco_dim=256, moco_mlp_dim=4096, moco_t=0.2, moco_m=0.99, stop_grad_conv1=True, num_heads=None)}
+    "moco": dict(moco_dim=256, moco_mlp_dim=4096, moco_t=0.2, moco_m=0.99, stop_grad_conv1=True, num_heads=None),
+    "finetune": dict(cls_token=False, drop_path=0.1, weight_decay=0.05, layer_decay=0.65, blr=5e-4, mixup=0.8,
+                     cutmix=1.0, mixup_switch_prob=0.5, smoothing=0.1)}
 
 
 def prepare_reference(method, mods, cfg, B, device, args, ours_mod=None):
@@ -530,8 +631,9 @@ def prepare_reference(method, mods, cfg, B, device, args, ours_mod=None):
     our script's hyper-parameters (ours_mod.get_args) so that both sides are the same model."""
     gen = torch.Generator(device).manual_seed(0)
     torch.manual_seed(0)
-    a = script_args(ours_mod, cfg) if ours_mod else argparse.Namespace(**REFERENCE_DEFAULTS[method])
-    build = build_reference_mae if method == "mae" else build_reference_moco
+    a = (script_args(ours_mod, cfg, EXTRA_ARGS[method](cfg) if method in EXTRA_ARGS else ()) if ours_mod else
+         argparse.Namespace(**REFERENCE_DEFAULTS[method]))
+    build = {"mae": build_reference_mae, "moco": build_reference_moco, "finetune": build_reference_finetune}[method]
     with warnings_off():  # torch.meshgrid / torch.cuda.amp deprecation warnings of the official code
         b = build(mods, cfg, B, device, gen, args.reference_attn, a)
         model = b["model"].to(device).train()
@@ -672,7 +774,8 @@ def get_args(argv=None):
     p.add_argument("--amp", default="bf16", choices=["bf16", "fp16", "none"], help="autocast dtype on CUDA (CPU: fp32)")
     p.add_argument("--compile", default=None, choices=["off", "on", "both"], help="torch.compile (GPU: both; CPU: off)")
     p.add_argument("--peak-tflops", type=float, default=None, help="peak dense TFLOP/s for MFU (default: by GPU name)")
-    p.add_argument("--reference-mae", default=None, help="a facebookresearch/mae checkout: time its model too")
+    p.add_argument("--reference-mae", default=None, help="a facebookresearch/mae checkout: time its model too (and "
+                   "its fine-tuning step, main_finetune.py's, when finetune is among --methods)")
     p.add_argument("--reference-moco", default=None, help="a facebookresearch/moco-v3 checkout: time its model too")
     p.add_argument("--reference-attn", default="explicit", choices=["explicit", "sdpa"],
                    help="attention of the official models' timm blocks: explicit = as timm 0.3.2 that they ship with")
@@ -739,11 +842,13 @@ def run(args, argv, device):
             report["skipped"].append({"method": m, "why": f"{m}.py not importable ({type(e).__name__}: {e})"})
             print(f"skip {m}: {m}.py not importable ({type(e).__name__}: {e})", flush=True)
     refs = {}
-    for m, path in (("mae", args.reference_mae), ("moco", args.reference_moco)):
+    loaders = {"mae": load_reference_mae, "moco": load_reference_moco, "finetune": load_reference_finetune}
+    for m, path in (("mae", args.reference_mae), ("moco", args.reference_moco),
+                    ("finetune", args.reference_mae if "finetune" in methods else None)):
         if path:
             try:
                 with warnings_off():  # timm's deprecation warnings for the old import paths
-                    refs[m] = load_reference_mae(path) if m == "mae" else load_reference_moco(path)
+                    refs[m] = loaders[m](path)
             except Exception as e:  # noqa: BLE001 (a missing timm, a broken checkout: say so, time the rest)
                 report["skipped"].append({"method": m, "impl": "official", "why": f"{type(e).__name__}: {e}"})
                 print(f"skip official {m} ({path}): {type(e).__name__}: {e}", flush=True)

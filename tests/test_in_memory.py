@@ -126,14 +126,16 @@ def small_run(data, out, cache, script, *extra):
 
 
 @pytest.mark.parametrize("script", ["moco", "hybrid"])
-def test_in_memory_run_resumes_exactly(script, image_root, tmp_path):
+def test_in_memory_run_resumes_exactly(script, image_root, tmp_path, capsys):
     """A run stopped mid-epoch (--max-steps 3 of 10) and resumed ends with the weights of one never stopped; the
     second run loads the decoded images from the cache; those equal what the PIL loader decodes."""
     torch.set_num_threads(1)
     module = {"moco": moco, "hybrid": hybrid}[script]
-    run_as_main(f"{script}.py", small_run(image_root, tmp_path / "ref", tmp_path / "cache", script))
+    run_as_main(f"{script}.py", small_run(image_root, tmp_path / "ref", tmp_path / "cache", script) + ["--num-workers", "2"])
+    assert "160 images decoded, cached in" in capsys.readouterr().out  # decoded by 2 workers
     cut = small_run(image_root, tmp_path / "cut", tmp_path / "cache", script)
     run_as_main(f"{script}.py", cut + ["--max-steps", "3"])
+    assert "--in-memory: 160 images loaded from" in capsys.readouterr().out
     assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["step"] == 3
     run_as_main(f"{script}.py", cut)
     a, b = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=True) for d in ("ref", "cut"))

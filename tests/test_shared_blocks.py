@@ -10,7 +10,7 @@ import os
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = ["mae.py", "moco.py", "graft.py", "mimco.py", "micl.py", "hybrid.py"]
+SCRIPTS = ["mae.py", "moco.py", "graft.py", "mimco.py", "micl.py", "hybrid.py", "finetune.py"]
 BEGIN, END = "appendix: the same text in every method script", "end appendix"
 
 # (the copy, its source): "module.qualified_name". Each copy carries a comment that names its source.
@@ -39,6 +39,7 @@ COPIES = [
     ("hybrid.train_transform_batch", "mae.train_transform_batch"),
     ("analyze.knn_accuracy", "eval_fewshot.knn_accuracy"),
     *[(f"analyze.{name}", f"mae.{name}") for name in ("StopRun", "one_line", "pil_loader")],
+    *[(f"finetune.{name}", f"eval_fewshot.{name}") for name in ("targets_of", "sample_split", "read_split_file")],
     ("eval_fewshot.StopRun", "mae.StopRun"),
     ("eval_fewshot.one_line", "mae.one_line"),
     ("eval_fewshot.pil_loader", "mae.pil_loader"),
