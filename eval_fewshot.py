@@ -1,49 +1,39 @@
 """Few-shot evaluation of a frozen ViT encoder: logistic regression, k-NN and a linear probe on a few labels per class.
 
-The Layer Grafted paper's headline is label efficiency: ViT-B/16 with 1% of the ImageNet labels reaches 65.5% top-1,
-against about 51.1 for MAE and 63.4 for MoCo v3 (derived from the abstract: +14.4 over MIM, +2.1 over CL). Their number
-is the MSN low-shot protocol: frozen features, multinomial logistic regression (cyanure), SimCLR's 1% split, full val.
-This file checks that claim for any encoder vit.load_pretrained reads: ours from any script, the official MAE or MoCo v3
-releases, timm weights. Facts from the official code: VITA-Group/layerGraftedPretraining_ICLR23 @ f1862e1
-(main_lincls_sweep.py: inferFeature, logistic_reg) and inria-thoth/cyanure (preprocess, the l2 objective).
+Layer Grafted's headline is label efficiency: ViT-B/16 with 1% of the ImageNet labels reaches 65.5% top-1, against about
+51.1 for MAE and 63.4 for MoCo v3 (from the abstract: +14.4 over MIM, +2.1 over CL), by MSN's low-shot protocol: frozen
+features, multinomial logistic regression (cyanure), SimCLR's 1% split, full val. This file checks it for any encoder
+vit.load_pretrained reads (ours, official MAE / MoCo v3, timm). Sources: inria-thoth/cyanure (preprocess, l2 objective),
+VITA-Group/layerGraftedPretraining_ICLR23 @ f1862e1 (main_lincls_sweep.py: inferFeature, logistic_reg).
 
-Run:
-    python eval_fewshot.py --checkpoint mae_pretrain_vit_base.pth --model vit_base --data /imagenet \
-        --split-file 1percent.txt --protocol logreg     # the paper's row (SimCLR imagenet_subsets/1percent.txt)
+Run (first the paper's row; 1percent.txt is SimCLR's imagenet_subsets list):
+    python eval_fewshot.py --checkpoint mae_pretrain_vit_base.pth --data /imagenet --split-file 1percent.txt
     torchrun --nproc_per_node 8 eval_fewshot.py ... --percent 1,10 --seeds 0,1,2 --cache feats/   # extraction on 8 GPUs
     python eval_fewshot.py --checkpoint runs/mae_c10/encoder.pt --model vit_tiny --img-size 32 --patch-size 4 \
         --data cifar10 --shots 1,2,5,10 --protocol logreg,knn,linear --json c10.json
     python eval_fewshot.py --checkpoint vit-s-300ep.pth.tar --model vit_small --num-heads 12 ...   # MoCo v3 ViT-S
     python eval_fewshot.py --checkpoint random ...                # a random-init encoder: the floor to beat
 
-Protocols (--protocol logreg,knn,linear), each trained on a split of the train set and scored on the whole val/ set;
-over --seeds the result is the mean +- the 95% t-interval:
-  logreg  MSN / Layer Grafted: cyan.preprocess(normalize=True, centering=True, columns=False) on each feature vector
-          (subtract its own mean, divide by its L2 norm: no statistic is shared, so calling it on train and on val
-          separately, as the official code does, is the same), then multinomial logistic regression without intercept,
-          cyanure's (1/n) sum_i CE(W^T x_i, y_i) + (lambda/2) ||W||^2 with lambda = lambd / n, lambd = 2.5e-4, by
-          full-batch L-BFGS (strong Wolfe) in fp32 until the relative duality gap is below 1e-3 (cyanure's tol).
-          Times n, that is scikit-learn's LogisticRegression(C = 1/lambd = 4000, fit_intercept=False): the tests check.
-  knn     DINO's weighted k-NN: cosine similarity of L2-normalized features, the k = min(--knn-k 20, n_train) nearest
-          train features vote for their class with weight exp(sim / 0.07).
+Protocols (--protocol): fit on a split of the train set, scored on all of val/; over --seeds, mean +- 95% t-interval.
+  logreg  MSN / Layer Grafted: cyan.preprocess(normalize=True, centering=True, columns=False) (each feature vector minus
+          its own mean, over its L2 norm: no shared statistic, so train and val apart, as officially, is the same), then
+          cyanure's l2 multinomial logistic regression (logreg_accuracy), lambd 2.5e-4 (scikit-learn's C = 1/lambd =
+          4000, fit_intercept=False: the tests check), by full-batch L-BFGS in fp32 to cyanure's duality-gap tol 1e-3.
+  knn     DINO's weighted k-NN: the k = min(--knn-k 20, n_train) cosine-nearest train features vote with exp(sim/0.07).
   linear  MAE's linear-probe head, BatchNorm1d(affine=False, eps 1e-6) + Linear (trunc-normal std 0.01, bias 0), on the
-          cached features, so without augmentation. Our recipe, not MAE's LARS one (LARS with lr scaled by batch does
-          not transfer to 10-image batches): SGD momentum 0.9, lr 0.1, no weight decay, per-step cosine to 0 without
-          warm-up, 100 epochs of batches of min(256, n_train), BN statistics from training. Seeded by the split seed.
+          cached features (no augmentation); not MAE's LARS (its batch-scaled lr does not transfer to 10-image batches)
+          but SGD momentum 0.9, lr 0.1, no weight decay, per-step cosine to 0 without warm-up, 100 epochs of batches of
+          min(256, n_train), BN statistics from training; seeded by the split seed.
 Features (Layer Grafted inferFeature): eval(), no_grad, fp32 (--amp bf16: faster, not official), the CLS token after the
-final LayerNorm (--feature mean: the mean of the patch tokens after it), no augmentation: Resize(img_size / 0.875,
-bilinear as the official code) + CenterCrop(img_size), ImageNet normalization. Under torchrun rank r extracts images
-r, r+W, ..., gathered with exact counts (DistributedSampler would pad with duplicates). Only the images some split
-uses are extracted; --cache DIR keeps them for the next protocol, seed or run.
-Splits, drawn per class, deterministic in the seed: --percent P (round(P% of each class), at least 1; SimCLR's lists
-were drawn over the whole set: 12-13 per class at 1%), --shots K (MSN's 1/2/5 images per class), or --split-file
-(SimCLR: one file name per line, class from the wnid prefix; Layer Grafted's `train/<wnid>/<file> <label>` lines too).
-A split file is one fixed split: only the linear probe repeats it per seed (logreg and k-NN are deterministic).
+final LayerNorm (--feature mean: the patch tokens' mean), no augmentation: Resize(img_size / 0.875, bilinear, as the
+official code) + CenterCrop, ImageNet mean/std. Under torchrun rank r extracts images r, r+W, ..., gathered with exact
+counts (DistributedSampler would pad). Only images some split uses are extracted; --cache DIR keeps them for next time.
+Splits, per class, deterministic in the seed: --percent P (round(P% of each class), at least 1; SimCLR's lists, drawn
+over the whole set, hold 12-13 per class at 1%), --shots K (MSN's 1/2/5 images per class), or --split-file (SimCLR: a
+file name per line, class from its wnid prefix; Layer Grafted's `train/<wnid>/<file> <label>` too): one fixed split,
+which only the linear probe repeats per seed (logreg and k-NN are deterministic).
 Deviations from the official code, on purpose: no cyanure dependency (L-BFGS instead of its QNING/MISO solver; same
 objective and stopping tolerance); no duplicate val images under DDP; no hyper-parameter is selected on val.
-
-Read top to bottom: the protocols, the features and splits they run on, main(), the checks of the inputs, and a
-checked copy of the training scripts' data plumbing.
 """
 import argparse
 import contextlib
@@ -67,23 +57,10 @@ from tqdm import tqdm
 import vit
 
 # -------------------------------------------------------------------------------------------------- protocols
-
 def preprocess(x):
-    """cyanure.preprocess(X, centering=True, normalize=True, columns=False): per row, subtract the row's own mean
-    over its D entries, then divide by the row's L2 norm (cyanure Matrix::center then normalize, on X^T)."""
+    """cyanure.preprocess(X, centering=True, normalize=True, columns=False): per row, Matrix::center then normalize."""
     x = x - x.mean(dim=1, keepdim=True)
     return x / x.norm(dim=1, keepdim=True).clamp_min(1e-10)
-
-
-@contextlib.contextmanager
-def full_fp32():
-    """TF32 matmuls (10-bit mantissa) would cost the duality-gap test its precision; switch them off for a while."""
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = old
 
 
 def logreg_accuracy(train_x, train_y, test_x, test_y, lambd=2.5e-4, max_iter=1000, tol=1e-3, device=None,
@@ -109,7 +86,9 @@ def logreg_accuracy(train_x, train_y, test_x, test_y, lambd=2.5e-4, max_iter=100
         return loss
 
     iters, rel_gap = 0, float("inf")
-    with full_fp32():
+    old_tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # TF32's 10-bit mantissa would cost the duality gap its precision
+    try:
         while iters < max_iter:
             chunk = opt.param_groups[0]["max_iter"] = min(10, max_iter - iters)  # check the gap every 10 iterations
             opt.param_groups[0]["max_eval"] = 4 * chunk  # line-search evaluations must not end the chunk early
@@ -126,11 +105,10 @@ def logreg_accuracy(train_x, train_y, test_x, test_y, lambd=2.5e-4, max_iter=100
             stalled, iters = done - iters < chunk, done
             if rel_gap < tol or stalled:  # stalled: L-BFGS stopped early on its own gradient / change tolerance
                 break
-        with torch.no_grad():
-            acc = ((Xt @ W).argmax(dim=1) == yt).float().mean().item()
-    if return_info:
-        return acc, {"iterations": iters, "rel_gap": rel_gap}
-    return acc
+        acc = ((Xt @ W.detach()).argmax(dim=1) == yt).float().mean().item()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old_tf32
+    return (acc, {"iterations": iters, "rel_gap": rel_gap}) if return_info else acc
 
 
 @torch.no_grad()
@@ -160,19 +138,16 @@ def linear_accuracy(train_x, train_y, test_x, test_y, epochs=100, lr=0.1, batch_
     head = nn.Sequential(nn.BatchNorm1d(X.shape[1], affine=False, eps=1e-6), linear).to(device)  # MAE's BN0
     opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=0.0)
     batch_size = min(batch_size, n)
-    steps_per_epoch = n // batch_size  # drop the last, partial batch (a batch of 1 breaks BatchNorm)
-    total, step = epochs * steps_per_epoch, 0
+    steps = n // batch_size  # per epoch: drop the last, partial batch (a batch of 1 breaks BatchNorm)
     head.train()
-    for _ in range(epochs):
+    for epoch in range(epochs):
         perm = torch.randperm(n, generator=g).to(device)
-        for b in perm[:steps_per_epoch * batch_size].view(steps_per_epoch, batch_size):
-            for group in opt.param_groups:
-                group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / total))
+        for i, b in enumerate(perm[:steps * batch_size].view(steps, batch_size)):
+            opt.param_groups[0]["lr"] = lr * 0.5 * (1 + math.cos(math.pi * (epoch * steps + i) / (epochs * steps)))
             loss = F.cross_entropy(head(X[b]), y[b])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            step += 1
     head.eval()
     with torch.no_grad():
         pred = torch.cat([head(xt.to(device).float()).argmax(dim=1).cpu() for xt in test_x.split(8192)])
@@ -196,52 +171,40 @@ def mean_ci95(values):
 
 
 # -------------------------------------------------------------------------------------------- features and splits
-
 def eval_transform(img_size):
-    # Layer Grafted main_lincls_sweep.py: Resize(256) (bilinear) + CenterCrop(224) for train and test features alike.
     return T.Compose([T.Resize(int(img_size / 0.875)), T.CenterCrop(img_size), T.ToTensor(),
-                      T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+                      T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])  # Layer Grafted: Resize(256) + CenterCrop(224)
 
 
 @torch.no_grad()
 def extract_dataset(model, dataset, device, indices=None, batch_size=256, num_workers=0, feature="cls", amp="bf16"):
-    """Frozen features (N, D) float32 and labels (N,) of dataset[indices] (default: all), in that order, on the CPU.
-    Under torch.distributed each rank extracts every W-th image (batch_size is per rank), then all are gathered."""
+    """Frozen features (N, D) float32 and labels (N,) of dataset[indices] (default: all), in order, on the CPU.
+    Under torch.distributed each rank extracts every W-th image (batch_size is per rank, a rank may have none)."""
     indices = torch.arange(len(dataset)) if indices is None else torch.as_tensor(indices)
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices[rank::world_size].tolist()),
-                                         batch_size, shuffle=False, num_workers=num_workers,
-                                         pin_memory=device.type == "cuda")
+    subset = torch.utils.data.Subset(dataset, indices[rank::world_size].tolist())
+    loader = torch.utils.data.DataLoader(subset, batch_size, num_workers=num_workers, pin_memory=device.type == "cuda")
     model.eval()
-    x = [torch.zeros(0, model.embed_dim, device=device)]  # a rank may have no image (fewer images than processes)
-    y = [torch.zeros(0, dtype=torch.long, device=device)]
-    for imgs, labels in tqdm(loader, desc="features", leave=False, dynamic_ncols=True, disable=not is_rank0()):
+    x, y = [torch.zeros(0, model.embed_dim, device=device)], [torch.zeros(0, dtype=torch.long, device=device)]
+    for imgs, labels in tqdm(loader, desc="features", leave=False, dynamic_ncols=True, disable=rank != 0):
         with torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16,
                             enabled=device.type == "cuda" and amp != "none"):
-            tokens = model.forward_features(imgs.to(device, non_blocking=True))  # (B, 1+L, D) after the final norm
-        tokens = tokens.float()  # fp32 before pooling and everything downstream
+            tokens = model.forward_features(imgs.to(device, non_blocking=True)).float()  # (B, 1+L, D), fp32 to pool
         x.append(tokens[:, 0] if feature == "cls" else tokens[:, 1:].mean(dim=1))  # (B, D)
         y.append(torch.as_tensor(labels).to(device).long())
     x, y = torch.cat(x), torch.cat(y)
     if world_size > 1:
-        x, y = gather_in_order(x, world_size), gather_in_order(y, world_size)
+        x, y = gather_in_order(x, len(indices), world_size), gather_in_order(y, len(indices), world_size)
     return x.cpu(), y.cpu()
 
 
-def gather_in_order(x, world_size):
-    """x holds items rank, rank+W, rank+2W, ... of a list; returns the whole list, in order, on every rank.
-    Ranks hold different counts: pad to the longest, all_gather (no gradient), cut each back to its exact count."""
-    counts = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(world_size)]
-    dist.all_gather(counts, torch.tensor([len(x)], device=x.device))
-    counts = [int(c) for c in counts]
-    padded = x.new_zeros((max(counts), *x.shape[1:]))
-    padded[:len(x)] = x
+def gather_in_order(x, n, world_size):
+    """x holds items rank, rank+W, rank+2W, ... of a list of n; returns the whole list, in order, on every rank.
+    all_gather wants one shape: pad each part to rank 0's count, ceil(n / W); the padding then comes last."""
+    padded = torch.cat([x, x.new_zeros((math.ceil(n / world_size) - len(x), *x.shape[1:]))])
     parts = [torch.empty_like(padded) for _ in range(world_size)]
     dist.all_gather(parts, padded)
-    out = x.new_empty((sum(counts), *x.shape[1:]))
-    for r in range(world_size):
-        out[r::world_size] = parts[r][:counts[r]]  # rank r held items r, r+W, ...
-    return out
+    return torch.stack(parts, dim=1).flatten(0, 1)[:n]  # row j of rank r is item j * W + r
 
 
 def cached_features(model, dataset, indices, split, args, device):
@@ -250,32 +213,30 @@ def cached_features(model, dataset, indices, split, args, device):
     path, have_idx, have_x = None, torch.zeros(0, dtype=torch.long), torch.zeros(0, 0)
     if args.cache:
         files = [p[len(args.data):] for p, _ in dataset.samples] if hasattr(dataset, "samples") else [len(dataset)]
-        ckpt = args.checkpoint
-        if ckpt != "random":
-            ckpt = [os.path.abspath(ckpt), os.path.getsize(ckpt), os.stat(ckpt).st_mtime_ns]
+        c = args.checkpoint
+        ckpt = c if c == "random" else [os.path.abspath(c), os.path.getsize(c), os.stat(c).st_mtime_ns]
         key = [ckpt, args.model, args.img_size, args.patch_size, args.num_heads, args.feature, args.amp,
                os.path.abspath(args.data), split, hashlib.sha1("\n".join(map(str, files)).encode()).hexdigest()]
         path = os.path.join(args.cache, f"{split}_{args.model}_{args.feature}_"
                                         f"{hashlib.sha1(json.dumps(key).encode()).hexdigest()[:16]}.pt")
     if path and os.path.isfile(path):
         try:
-            c = torch.load(path, map_location="cpu", weights_only=True)
-            have_idx, have_x = c["indices"], c["features"]
+            cached = torch.load(path, map_location="cpu", weights_only=True)
+            have_idx, have_x = cached["indices"], cached["features"]
         except Exception as e:  # cut short or not ours: the cache is only derived data, so extract again
             print0(f"note: --cache file {path} is unreadable ({type(e).__name__}); extracting its features again")
-    row = torch.full((len(dataset),), -1, dtype=torch.long)  # image index -> row of have_x
-    row[have_idx] = torch.arange(len(have_idx))
-    missing = indices[row[indices] < 0]
+    missing = indices[~torch.isin(indices, have_idx)]
     print0(f"{split}: {len(indices)} images, {len(indices) - len(missing)} from the cache, {len(missing)} to extract")
     if len(missing):
         x, _ = extract_dataset(model, dataset, device, missing, args.batch_size // args.world_size, args.num_workers,
                                args.feature, args.amp)
-        row[missing] = torch.arange(len(have_idx), len(have_idx) + len(missing))
         have_idx, have_x = torch.cat([have_idx, missing]), torch.cat([have_x.reshape(-1, x.shape[1]), x])
-        if path and is_rank0():
+        if path and (not dist.is_initialized() or dist.get_rank() == 0):  # rank 0 writes the file
             os.makedirs(args.cache, exist_ok=True)
             torch.save({"indices": have_idx, "features": have_x}, path + ".tmp")
             os.replace(path + ".tmp", path)  # atomic, as save_checkpoint in the training scripts
+    row = torch.full((len(dataset),), -1, dtype=torch.long)  # image index -> row of have_x
+    row[have_idx] = torch.arange(len(have_idx))
     return have_x[row[indices]]
 
 
@@ -300,59 +261,47 @@ def sample_split(labels, seed, shots=None, percent=None, class_names=None):
 
 
 # ------------------------------------------------------------------------------------------------------- main
-
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="Few-shot evaluation of a frozen ViT (Layer Grafted's 1% protocol, ...)",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="encoder weights (any file vit.load_pretrained reads: ours, "
-                   "official MAE / MoCo v3, timm), or 'random' for a random-init baseline")
+    p.add_argument("--checkpoint", required=True, help="any file vit.load_pretrained reads, or 'random': a random init")
     p.add_argument("--model", default="vit_base", choices=list(vit.MODELS), help="encoder size")
     p.add_argument("--img-size", type=int, default=224, help="input resolution (Resize(img_size/0.875) + CenterCrop)")
     p.add_argument("--patch-size", type=int, default=None, help="patch size (default: the model's, 16 or 14)")
-    p.add_argument("--num-heads", type=int, default=None, help="attention heads (default: the model's); official "
-                   "MoCo v3 ViT-S needs 12, and the weights cannot tell")
-    p.add_argument("--data", required=True, help="ImageNet-layout root (ROOT/train/<class>/*, ROOT/val/<class>/*) or "
-                   "cifar10|cifar100|stl10; accuracy is on all of val/")
+    p.add_argument("--num-heads", type=int, help="attention heads (default: the model's); MoCo v3 ViT-S needs 12")
+    p.add_argument("--data", required=True, help="ROOT/{train,val}/<class>/* or cifar10|cifar100|stl10; scored on val")
     p.add_argument("--data-root", default="./data", help="download folder for --data cifar10|cifar100|stl10")
-    p.add_argument("--feature", default="cls", choices=["cls", "mean"], help="CLS token after the final norm (Layer "
-                   "Grafted, MAE linprobe --cls_token) or the mean of the patch tokens after it")
-    p.add_argument("--percent", default=None, help="comma list of per-class percentages of the train set, e.g. 1,10 "
-                   "(default 1 when no split option is given)")
+    p.add_argument("--feature", default="cls", choices=["cls", "mean"], help="final-norm CLS token or patch-token mean")
+    p.add_argument("--percent", help="comma list of per-class percentages, e.g. 1,10 (1 if no split option is given)")
     p.add_argument("--shots", type=int_list, default=None, help="comma list of images per class, e.g. 1,2,5,13 (MSN)")
-    p.add_argument("--split-file", action="append", default=None, help="SimCLR subset list (1percent.txt: one file "
-                   "name per line) or Layer Grafted's imagenet_1percent.txt; may be repeated")
-    p.add_argument("--seeds", type=int_list, default=[0, 1, 2], help="comma list of split seeds; reports mean +- "
-                   "the 95%% t-interval")
+    p.add_argument("--split-file", action="append", help="SimCLR's 1percent.txt or Layer Grafted's list; repeatable")
+    p.add_argument("--seeds", type=int_list, default=[0, 1, 2], help="comma list of split seeds (mean +- 95%% CI)")
     p.add_argument("--protocol", default="logreg,knn", help="comma list of logreg (paper), knn, linear")
-    p.add_argument("--lambd", type=float, default=2.5e-4, help="logreg L2 penalty, divided by n_train (MSN / Layer "
-                   "Grafted: 0.00025); scikit-learn C = 1/lambd")
-    p.add_argument("--max-iter", type=int, default=1000, help="logreg L-BFGS iterations at most (stops earlier at "
-                   "relative duality gap 1e-3, cyanure's tol)")
+    p.add_argument("--lambd", type=float, default=2.5e-4, help="logreg L2 penalty / n_train (MSN); sklearn C = 1/lambd")
+    p.add_argument("--max-iter", type=int, default=1000, help="logreg L-BFGS steps at most (stops at duality gap 1e-3)")
     p.add_argument("--knn-k", type=int, default=20, help="neighbours (DINO: 20)")
     p.add_argument("--knn-t", type=float, default=0.07, help="k-NN temperature (DINO: 0.07)")
     p.add_argument("--linear-epochs", type=int, default=100, help="linear probe epochs over the split")
-    p.add_argument("--linear-lr", type=float, default=0.1, help="linear probe SGD lr (not scaled by batch: BN0 "
-                   "standardizes the features)")
+    p.add_argument("--linear-lr", type=float, default=0.1, help="probe SGD lr (not batch-scaled: BN0 normalizes)")
     p.add_argument("--linear-batch-size", type=int, default=256, help="linear probe batch (capped at n_train)")
     p.add_argument("--batch-size", type=int, default=256, help="GLOBAL feature-extraction batch, over all processes")
     p.add_argument("--num-workers", type=int, default=min(10, os.cpu_count() or 1), help="data workers per process")
-    p.add_argument("--amp", default="none", choices=["bf16", "fp16", "none"],
-                   help="autocast dtype for extraction on CUDA; the official protocol extracts in fp32 (CPU: fp32)")
+    p.add_argument("--amp", default="none", choices=["bf16", "fp16", "none"], help="autocast on CUDA (official: fp32)")
     p.add_argument("--cache", default=None, help="folder that keeps extracted features between runs")
     p.add_argument("--json", default=None, help="write the results, args, versions and device to this file")
     args = p.parse_args(argv)
-    check_split_args(p, args)
+    args.protocol = [s.strip() for s in args.protocol.split(",") if s.strip()]  # argparse's error for a bad option
+    bad = [s for s in args.protocol if s not in ("logreg", "knn", "linear")]
+    if bad or not args.protocol:
+        p.error(f"--protocol: unknown {bad or 'empty'}; choose from logreg, knn, linear")
+    args.percent = [float(v) for v in args.percent.split(",") if v.strip()] if args.percent else None
+    if args.percent is None and args.shots is None and args.split_file is None:
+        args.percent = [1.0]  # the paper's headline split size
+    if any(not 0 < v <= 100 for v in args.percent or []) or any(k < 1 for k in args.shots or []):
+        p.error("--percent takes values in (0, 100], --shots values >= 1")
+    if not args.seeds:
+        p.error("--seeds: give at least one seed")
     return args
-
-
-def build_encoder(args, verbose):
-    torch.manual_seed(0)  # --checkpoint random: the same random encoder every time
-    kw = {k: getattr(args, k) for k in ("patch_size", "num_heads") if getattr(args, k)}
-    model = vit.MODELS[args.model](img_size=args.img_size, **kw)
-    args.patch_size, args.num_heads = model.patch_size, model.blocks[0].attn.num_heads
-    if args.checkpoint != "random":
-        load_checkpoint(model, args.checkpoint, verbose)
-    return model
 
 
 def make_splits(args, train_set, labels):
@@ -365,6 +314,20 @@ def make_splits(args, train_set, labels):
         idx = read_split_file(path, train_set)
         splits.append((os.path.basename(path), {s: idx for s in args.seeds}))  # fixed split: seeds vary the probe only
     return splits
+
+
+def build_encoder(args, verbose):
+    """--model, random (seed 0: the same every time) or loaded from --checkpoint (else a one-line error)."""
+    torch.manual_seed(0)
+    kw = {k: getattr(args, k) for k in ("patch_size", "num_heads") if getattr(args, k)}
+    model = vit.MODELS[args.model](img_size=args.img_size, **kw)
+    args.patch_size, args.num_heads = model.patch_size, model.blocks[0].attn.num_heads
+    if args.checkpoint != "random":
+        try:
+            vit.load_pretrained(model, args.checkpoint, verbose=verbose)
+        except ValueError as e:  # not found, unreadable, or weights for another model
+            raise StopRun(f"--checkpoint {args.checkpoint}: {one_line(e)}") from None
+    return model
 
 
 def main(argv=None):
@@ -385,8 +348,6 @@ def main(argv=None):
     used = torch.cat([idx for _, per_seed in splits for idx in per_seed.values()]).unique()  # sorted
     used_x = cached_features(model, train_set, used, "train", args, device)
     val_x = cached_features(model, val_set, torch.arange(len(val_set)), "val", args, device)
-    row = torch.full((len(train_set),), -1, dtype=torch.long)
-    row[used] = torch.arange(len(used))
     print0(f"features: {used_x.shape[1]}-d, {time.perf_counter() - t0:.1f} s")
     if world_size > 1:
         dist.barrier()
@@ -402,7 +363,7 @@ def main(argv=None):
             seeds = args.seeds[:1] if fixed and protocol != "linear" else args.seeds  # deterministic: once is enough
             accs, infos, t0 = [], [], time.perf_counter()
             for seed in seeds:
-                tx, ty = used_x[row[per_seed[seed]]], train_labels[per_seed[seed]]
+                tx, ty = used_x[torch.searchsorted(used, per_seed[seed])], train_labels[per_seed[seed]]  # used: sorted
                 if protocol == "logreg":
                     acc, info = logreg_accuracy(tx, ty, val_x, val_labels, args.lambd, args.max_iter, device=device,
                                                 return_info=True)
@@ -415,9 +376,8 @@ def main(argv=None):
                 accs.append(round(100 * acc, 4))
             mean, ci = mean_ci95(accs)
             rows.append({"protocol": protocol, "split": split_name, "n_train": len(per_seed[seeds[0]]),
-                         "n_val": len(val_x), "seeds": seeds, "top1_per_seed": accs, "top1_mean": mean,
-                         "top1_ci95": ci, "seconds": round(time.perf_counter() - t0, 2),
-                         **({"logreg": infos} if infos else {})})
+                         "n_val": len(val_x), "seeds": seeds, "top1_per_seed": accs, "top1_mean": mean, "top1_ci95": ci,
+                         "seconds": round(time.perf_counter() - t0, 2), **({"logreg": infos} if infos else {})})
             print0(f"{protocol} {split_name}: " + " ".join(f"{a:.2f}" for a in accs))
 
     # report
@@ -434,8 +394,8 @@ def main(argv=None):
               f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
               "world_size": world_size, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     if args.checkpoint != "random":
-        result["checkpoint_mtime"] = os.stat(args.checkpoint).st_mtime
-        result["checkpoint_bytes"] = os.path.getsize(args.checkpoint)
+        result.update(checkpoint_mtime=os.stat(args.checkpoint).st_mtime,
+                      checkpoint_bytes=os.path.getsize(args.checkpoint))
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
@@ -445,37 +405,18 @@ def main(argv=None):
 
 
 def git_sha():
-    try:
+    with contextlib.suppress(Exception):  # the commit, for the record; None without git or outside a checkout
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
                               capture_output=True, text=True, timeout=10).stdout.strip() or None
-    except Exception:
-        return None
 
 
 # ------------------------------------------------------------------------------- inputs and their one-line errors
-
 def int_list(s):
     return [int(v) for v in s.split(",") if v.strip()]
 
 
-def check_split_args(p, args):
-    """--protocol and --percent parsed to lists; argparse's error (usage + one line) for a bad split option."""
-    args.protocol = [s.strip() for s in args.protocol.split(",") if s.strip()]
-    bad = [s for s in args.protocol if s not in ("logreg", "knn", "linear")]
-    if bad or not args.protocol:
-        p.error(f"--protocol: unknown {bad or 'empty'}; choose from logreg, knn, linear")
-    args.percent = [float(v) for v in args.percent.split(",") if v.strip()] if args.percent else None
-    if args.percent is None and args.shots is None and args.split_file is None:
-        args.percent = [1.0]  # the paper's headline split size
-    if any(not 0 < v <= 100 for v in args.percent or []) or any(k < 1 for k in args.shots or []):
-        p.error("--percent takes values in (0, 100], --shots values >= 1")
-    if not args.seeds:
-        p.error("--seeds: give at least one seed")
-
-
 def setup_distributed(args):
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain `python` runs one process on cuda:0 or the CPU (gloo for CPU
-    processes). No TF32, unlike the training scripts' Run: the logistic regression wants full fp32 matmuls."""
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain `python` runs one process on cuda:0 or the CPU (gloo for CPU)."""
     rank, world_size, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")) \
         if "RANK" in os.environ else (0, 1, 0)
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
@@ -491,29 +432,14 @@ def setup_distributed(args):
     return rank, world_size, device
 
 
-def is_rank0():
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def load_checkpoint(model, path, verbose):
-    """--checkpoint: any file vit.load_pretrained reads, else a one-line error."""
-    try:
-        vit.load_pretrained(model, path, verbose=verbose)
-    except ValueError as e:  # not found, unreadable, or weights for another model
-        raise StopRun(f"--checkpoint {path}: {one_line(e)}") from None
-
-
 def eval_datasets(args):
-    """(train, val) with the evaluation transform, by the training scripts' build_dataset, except that stl10's train
-    is its 5k labelled images (build_dataset's is train+unlabeled, for pre-training)."""
+    """(train, val) by the training scripts' build_dataset, but stl10's train is its 5k labelled images only."""
     transform = eval_transform(args.img_size)
     if args.data == "stl10":
         val_set = build_dataset(args, transform, "val")  # downloads STL-10's one archive (all splits) if needed
         train_set = torchvision.datasets.STL10(args.data_root, "train", transform=transform)
     else:
         train_set, val_set = build_dataset(args, transform, "train"), build_dataset(args, transform, "val")
-    if len(val_set) == 0:
-        raise StopRun(f"--data {args.data}: the val set is empty")
     if getattr(train_set, "classes", None) != getattr(val_set, "classes", None):
         raise StopRun(f"--data {args.data}: train/ and val/ have different class folders; labels would not match")
     return train_set, val_set

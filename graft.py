@@ -9,46 +9,40 @@ with a random projector and predictor. The graft is a learning-rate split: the e
 blocks (ViT-B 0-7, ViT-L 0-15) learn at 1/10 of the rate of the rest (upper blocks, final norm, projector, predictor).
 Facts from the official code: VITA-Group/layerGraftedPretraining_ICLR23 @ f1862e1 (main_pretrain.py, utils_mae/lr_decay.py).
 
-Run, from MAE's released ViT-B/16 (1600 epochs, norm-pix: the paper's start), downloaded once into the torch hub cache
-(no network: download the MAE_RELEASES URL by hand and pass --mim-checkpoint PATH):
+Run (from MAE's released ViT-B/16, 1600 epochs, norm-pix: the paper's start, fetched once into the torch hub cache;
+offline: download the MAE_RELEASES URL and pass --mim-checkpoint PATH), or from scratch; then the paper's headline:
     torchrun --nproc_per_node 8 graft.py --data /imagenet
-or from scratch, in two commands (--mim-checkpoint takes any file vit.load_pretrained reads):
     torchrun --nproc_per_node 8 mae.py --data /imagenet --epochs 1600 --output-dir runs/mae
-    torchrun --nproc_per_node 8 graft.py --data /imagenet --mim-checkpoint runs/mae/checkpoint.pt
-ViT-L as the paper: --model vit_large --batch-size 2080 --l1-weight 1e-5. Other sizes have no MAE release: run mae.py.
-A run auto-resumes from OUTPUT_DIR/checkpoint.pt (every weight; the MIM file is read again only for the L1 reference).
-The base encoder, without its projector, ends up in OUTPUT_DIR/encoder.pt. Evaluate as the paper's headline:
+    torchrun --nproc_per_node 8 graft.py --data /imagenet --mim-checkpoint runs/mae/checkpoint.pt   # any vit.py file
     python eval_fewshot.py --checkpoint runs/graft/encoder.pt --model vit_base --data /imagenet --protocol logreg --percent 1
-Paper (abstract): ViT-B/16, 1% of the ImageNet labels, logistic regression on frozen features: 65.5% top-1, +14.4 over
-MIM and +2.1 over CL (so MAE ~51.1, MoCo v3 ~63.4). Its other table numbers are unverified here. Ours: README.
+ViT-L as the paper: --model vit_large --batch-size 2080 --l1-weight 1e-5; other sizes have no MAE release (run mae.py).
+Auto-resumes from OUTPUT_DIR/checkpoint.pt (the MIM file is read again only for the L1 reference); the base encoder,
+without its projector, is saved to OUTPUT_DIR/encoder.pt. Paper (abstract): ViT-B/16, 1% of the ImageNet labels,
+logistic regression on frozen features: 65.5% top-1, +14.4 over MIM, +2.1 over CL (MAE ~51.1, MoCo v3 ~63.4).
 
 Recipe (official -> this file's default): MoCo v3's ViT recipe (300 epochs, 40 warm-up, global batch 4096, blr 1.5e-4,
 tau 0.2, momentum 0.99 -> 1 cosine, MLP heads, BYOL's views, AdamW with default betas) with lr 2.4e-3 for the upper
 group and --lower-lr-ratio 0.1 of it for the lower one (official: --lr 1 --lr_layer_wise 1.5e-5,1.5e-5,1.5e-4, three
-groups of depth/3 blocks; one schedule scales both). Weight decay 0.1 on tensors with ndim >= 2 (cls_token included),
-0 on 1-D ones (MoCo v3 decays all). The patch projection is always frozen at its MIM value (MoCo v3's stop-grad conv1;
-unlike moco.py there is no flag for it) and pos_embed is fixed. --freeze-lower: the paper's non-smoothed grafting
-(official --fixTo): the lower part frozen, in eval mode. --l1-weight (ViT-L: 1e-5, official --l1_dist_w,
---l1_dist_to_block 12): + w * sum |theta - theta_MIM| over base-encoder weights of layer id <= --l1-depth (12).
+groups of depth/3 blocks; one schedule scales both). Weight decay 0.1 on tensors with ndim >= 2 (cls_token included), 0
+on 1-D ones (MoCo v3 decays all). The patch projection is always frozen at its MIM value (MoCo v3's stop-grad conv1, no
+flag here) and pos_embed is fixed. --freeze-lower: the paper's non-smoothed grafting (official --fixTo): the lower part
+frozen, in eval mode. --l1-weight (ViT-L: 1e-5, official --l1_dist_w, --l1_dist_to_block 12): + w * sum
+|theta - theta_MIM| over base-encoder weights of layer id <= --l1-depth (12).
 Deviations from the official code, on purpose:
-    - The optimizer steps. The released main_pretrain.py never calls scaler.step(optimizer): as released, only the
-      momentum update runs and the base encoder never changes.
-    - DDP without find_unused_parameters. --freeze-lower freezes before DDP wraps the model (official: after) and
-      keeps that part in eval mode (official: undone by the model.train() at the start of every epoch).
-    - The L1 term is inside the module's forward: one forward per step under DDP. Its reference, the trainable
-      weights of layer id <= --l1-depth right after loading the MIM file (and before resuming, as officially), is a
-      plain attribute: not in the checkpoint, and not a buffer, which DDP would broadcast every step (600 MB, ViT-L).
-    - The momentum update skips what the base encoder never trains (patch projection, pos_embed, a frozen lower
-      part): equal in both encoders, it stays bit-identical (official: m t + (1 - m) t, equal up to rounding).
-    - As moco.py: bf16 autocast (--amp fp16: the official fp16); PIL blur with torch RNG; crop --img-size; SyncBN
-      under CUDA DDP only; one process works; no gradient accumulation; saves and the non-finite check as every script (README).
-    - --in-memory (opt-in): the views are made as moco.py's (README).
+    - The optimizer steps (the released main_pretrain.py never calls scaler.step: the base encoder never changes).
+    - --freeze-lower freezes before DDP wraps the model (official: after, with find_unused_parameters) and keeps that
+      part in eval mode (official: undone by the model.train() at the start of every epoch).
+    - The L1 term is inside forward (one forward per step under DDP); its reference (layer ids <= --l1-depth as loaded
+      from the MIM file, before resuming, as officially) is a plain attribute, not a buffer DDP would broadcast.
+    - The momentum update skips what the base encoder never trains: bit-identical in both (official: m t + (1 - m) t).
+    - As moco.py: bf16 autocast (--amp fp16: the official fp16); PIL blur with torch RNG; crop --img-size; SyncBN under
+      CUDA DDP only; one process works; no gradient accumulation; --in-memory views as moco.py's; saves (README).
 
-Read top to bottom: the model (MoCo v3, then the graft), the data, main(), the stage-1 weights and the other inputs,
-and an appendix of plumbing that is the same text in every method script.
+Read top to bottom: the model (MoCo v3, then the graft), the data, main(), the inputs, the shared appendix.
 """
 import argparse
 import contextlib
+import datetime
 import functools
 import hashlib
 import json
@@ -152,9 +146,8 @@ def momentum_at(step, steps_per_epoch, args):
 
 
 class GraftedMoCo(MoCo):
-    """MoCo v3 above on MIM-initialized encoders, plus the graft: the lower/upper split (is_lower, read by
-    param_groups), --freeze-lower's frozen lower part in eval mode, and the L1 pull towards the MIM weights.
-    encoder_fn() builds one vit.py encoder; its own init does not matter, load_mim_weights overwrites every weight."""
+    """MoCo v3 above plus the graft: the lower/upper split (is_lower, read by param_groups), --freeze-lower's frozen
+    lower part in eval mode, the L1 pull towards the MIM weights. load_mim_weights overwrites every encoder weight."""
     def __init__(self, encoder_fn, dim=256, mlp_dim=4096, tau=0.2, graft_depth=None, freeze_lower=False,
                  l1_weight=0.0, l1_depth=12):
         super().__init__(encoder_fn, dim, mlp_dim, tau)
@@ -188,8 +181,7 @@ class GraftedMoCo(MoCo):
 
     @torch.no_grad()
     def set_l1_reference(self):
-        """Record the current (= MIM) trainable base-encoder weights of layer id <= l1_depth (a frozen one never moves).
-        A plain dict, not buffers: DDP would broadcast buffers every step, and the MIM file already holds them."""
+        """Record the trainable (= MIM) base-encoder weights of layer id <= l1_depth: a plain dict (see the top)."""
         self.l1_ref = {n: p.detach().clone() for n, p in self.base_encoder.named_parameters()
                        if p.requires_grad and vit.layer_id(n, self.depth) <= self.l1_depth}
 
@@ -201,15 +193,13 @@ class GraftedMoCo(MoCo):
 
     @torch.no_grad()
     def update_momentum_encoder(self, m):
-        """MoCo's update over the parameters that the base encoder trains only: the others (patch projection,
-        pos_embed, a frozen lower part) are equal in both encoders and stay bit-identical."""
+        """MoCo's update over what the base encoder trains only: the rest stays equal, bit for bit, in both."""
         for pb, pm in zip(self.base_encoder.parameters(), self.momentum_encoder.parameters()):
             if pb.requires_grad:
                 pm.copy_(pm * m + pb.detach() * (1.0 - m))  # MoCo v3's arithmetic
 
     def forward(self, x1, x2, m):
-        """MoCo's loss (with the update above) + l1_weight x the L1 distance, inside forward: one forward per step.
-        Returns (loss, L1 distance to the MIM weights, detached; 0 without the L1 term)."""
+        """(MoCo's loss + l1_weight x the L1 distance, the L1 distance detached or 0): one forward per step."""
         loss = super().forward(x1, x2, m)
         l1 = self.l1_distance() if self.l1_weight > 0 else loss.new_zeros(())
         return loss + self.l1_weight * l1, l1.detach()
@@ -242,13 +232,12 @@ def summarize(names):
 
 
 def group_table(model, groups, lr):
-    """The graft at a glance, printed at start: each group's parts, lr scale, peak lr, weight decay and size."""
-    frozen = [(n, p) for n, p in model.named_parameters() if not p.requires_grad and not n.startswith("momentum_")]
-    rows = [(g["name"], f"{g['lr_scale']:g}", f"{lr * g['lr_scale']:.3g}", f"{g['weight_decay']:g}", g["params"],
-             g["names"]) for g in groups] + [("frozen", "-", "-", "-", [p for _, p in frozen], [n for n, _ in frozen])]
-    return "\n".join([f"{'group':<13}{'lr_scale':>9}{'peak lr':>10}{'wd':>6}{'params':>12}  what"] + [
-        f"{a:<13}{b:>9}{c:>10}{d:>6}{sum(p.numel() for p in ps):>12,}  {summarize(ns)}" for a, b, c, d, ps, ns in rows]
-        + ["momentum encoder: an EMA of the base encoder + projector, no gradient"])
+    """The graft at a glance, printed at start: each group's lr scale, peak lr, weight decay, size and parts."""
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad and not n.startswith("momentum_")]
+    rows = [f"{g['name']:<13} lr x {g['lr_scale']:<4g} = {lr * g['lr_scale']:<8.3g} wd {g['weight_decay']:<4g}"
+            f"{sum(p.numel() for p in g['params']):>12,} params: {summarize(g['names'])}" for g in groups]
+    rows += [f"{'frozen':<13} {summarize(frozen)}", "momentum encoder: an EMA of the base encoder + projector"]
+    return "\n".join(rows)
 
 
 # ------------------------------------------------------------------------------------------------------- data
@@ -309,13 +298,11 @@ def get_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_common_args(p, output_dir="runs/graft", model="vit_base", epochs=300, warmup_epochs=40, batch_size=4096,
                     blr=1.5e-4, weight_decay=0.1)  # pretrain.sh: MoCo v3's ViT recipe; lr 2.4e-3 for the upper group
-    p.add_argument("--mim-checkpoint", default=None, help="stage-1 weights: mae.py's checkpoint.pt / encoder.pt or any "
-                   "file vit.load_pretrained reads (default: MAE's release for vit_base / vit_large, downloaded once; "
-                   "--init is the same flag)")
+    p.add_argument("--mim-checkpoint", default=None, help="stage-1 weights: any file vit.load_pretrained reads "
+                   "(default: MAE's release for vit_base / vit_large, downloaded once; --init is the same flag)")
     p.add_argument("--graft-depth", type=int, default=None, help="blocks < this are the lower, MIM group with the "
                    "embeddings (default: 2/3 of the depth; paper: 8 for ViT-B, 16 for ViT-L)")
-    p.add_argument("--lower-lr-ratio", type=float, default=0.1, help="lr of the lower group / lr of the upper group "
-                   "(paper: 1.5e-5 / 1.5e-4 = 0.1)")
+    p.add_argument("--lower-lr-ratio", type=float, default=0.1, help="lower group's lr / upper group's (paper: 0.1)")
     p.add_argument("--freeze-lower", action="store_true", help="freeze the lower group and keep it in eval mode: the "
                    "paper's non-smoothed MIM->CL grafting (official --fixTo)")
     p.add_argument("--l1-weight", type=float, default=0.0, help="weight of sum |theta - theta_MIM| over layer ids <= "
@@ -368,16 +355,14 @@ def main(argv=None):
     if args.l1_weight > 0:  # the MIM weights that the L1 term pulls towards, on the device, before resuming
         model.set_l1_reference()
     if run.world_size > 1 and run.device.type == "cuda":
-        # MoCo v3 converts every BN to SyncBN, so the projector/predictor statistics are over the global batch of
-        # the recipe. SyncBatchNorm is CUDA-only in PyTorch: on CPU/gloo each process keeps per-process BN.
+        # MoCo v3: SyncBN in the heads (statistics over the global batch); CUDA-only, so per-process BN on gloo
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     optimizer = build_optimizer(model, args, run.device)
     scaler = torch.amp.GradScaler("cuda", enabled=args.amp == "fp16" and run.device.type == "cuda")
     start_epoch = run.resume(model, optimizer, scaler)
     print0(group_table(model, optimizer.param_groups, args.lr))
     ddp_model = run.wrap(model)  # one forward of one module per step: both views, the momentum update, loss and L1
-    # m enters the model as a 0-d tensor: a Python float that changes every step makes torch.compile specialize on
-    # it (recompiles, and a crash in DDP's graph splitting). float64 keeps eager results bit-identical to a float.
+    # m as a 0-d float64 tensor (eager-exact): a Python float that changes every step makes torch.compile recompile
     m_t = torch.zeros((), dtype=torch.float64, device=run.device)
     lower_scale = 0.0 if args.freeze_lower else args.lower_lr_ratio  # logged lr_lower / lr_upper (frozen: no group)
     l1_logged = args.l1_weight > 0
@@ -438,8 +423,7 @@ def mim_weights_path(args, local_main):
     if (url := MAE_RELEASES.get(args.model)) is None:
         raise StopRun(f"--model {args.model}: MAE released weights for vit_base and vit_large only; pass "
                       f"--mim-checkpoint PATH ({how})")
-    path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
-    reason = ""
+    path, reason = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url)), ""
     if local_main and not os.path.isfile(path):
         print0(f"downloading the MAE weights (stage 1) {url} -> {path}")
         try:
@@ -576,10 +560,12 @@ def free_memory(device):
 
 
 def stack_decoded(batch):
-    """--in-memory's decoding: a worker sends one stacked batch (one shared-memory file, not one per image); images
-    of different sizes come as the list, for Run.load_or_decode to name the odd one."""
+    """--in-memory's decoding: a worker sends one stacked batch (one shared-memory file, not one per image), or the
+    list of the image shapes (and no labels) if they differ, for Run.load_or_decode to name the odd one."""
     images, labels = zip(*batch)
-    return (torch.stack(images), torch.tensor(labels)) if len({im.shape for im in images}) == 1 else batch
+    if len({im.shape for im in images}) > 1:
+        return [im.shape for im in images], None
+    return torch.stack(images), torch.tensor(labels)
 
 
 class IndexBatches:
@@ -931,11 +917,12 @@ class Run:
                 raise StopRun(f"--in-memory: {len(dataset)} images of {'x'.join(map(str, shape))} need {need / 1e9:.1f} "
                               f"GB, more than the {where} can spare ({free / 1e9:.1f} GB); pass a smaller "
                               f"--in-memory-size, or drop --in-memory (the PIL loader reads the files as it goes)")
-        for turn in ("main", "others"):
-            if (turn == "main") == self.is_main:
-                data = self.load_or_decode(dataset, shape, path)
-            if self.world_size > 1:
-                dist.barrier()  # rank 0 decodes and caches first; the others then load its file
+        if self.is_main:  # rank 0 first: it decodes and caches; the others then load its file
+            data = self.load_or_decode(dataset, shape, path)
+        if self.world_size > 1:  # decoding may outlast NCCL's 10-minute timeout: a barrier that waits up to a day
+            dist.barrier(group=dist.new_group(backend="gloo", timeout=datetime.timedelta(days=1)))
+        if not self.is_main:
+            data = self.load_or_decode(dataset, shape, path)
         return data["images"].to(self.device), data["labels"].to(self.device)
 
     def load_or_decode(self, dataset, shape, path):
@@ -949,17 +936,13 @@ class Run:
         loader = torch.utils.data.DataLoader(dataset, 256, num_workers=self.args.num_workers, collate_fn=stack_decoded,
                                              worker_init_fn=ignore_stop_signals)
         k = 0
-        for batch in tqdm(loader, "--in-memory: decoding", disable=not self.is_main, leave=False, dynamic_ncols=True):
-            for image, _ in batch if isinstance(batch, list) else []:  # sizes differ within this batch
-                if image.shape != shape:
-                    raise StopRun(f"--in-memory: image {k} of --data is {'x'.join(map(str, image.shape))}, image 0 is "
-                                  f"{'x'.join(map(str, shape))}; pass --in-memory-size S to store all at S x S")
-                k += 1
-            images, labels = batch
-            if images.shape[1:] != shape:
-                raise StopRun(f"--in-memory: images {k}-{k + len(images) - 1} of --data are "
-                              f"{'x'.join(map(str, images.shape[1:]))}, image 0 is {'x'.join(map(str, shape))}; pass "
-                              f"--in-memory-size S to store all at S x S")
+        for images, labels in tqdm(loader, "--in-memory: decoding", disable=not self.is_main, leave=False,
+                                   dynamic_ncols=True):
+            shapes = images if labels is None else [images.shape[1:]]  # stack_decoded: the shapes of a mixed batch
+            odd = next((i for i, s in enumerate(shapes) if s != shape), None)
+            if odd is not None:
+                raise StopRun(f"--in-memory: image {k + odd} of --data is {'x'.join(map(str, shapes[odd]))}, image 0 "
+                              f"is {'x'.join(map(str, shape))}; pass --in-memory-size S to store all at S x S")
             data["images"][k:k + len(images)], data["labels"][k:k + len(images)] = images, labels
             k += len(images)
         if self.is_main:  # one writer (the other ranks only decode themselves when rank 0 could not cache)

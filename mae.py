@@ -34,6 +34,7 @@ script's own inputs, and an appendix of plumbing that is the same text in every 
 """
 import argparse
 import contextlib
+import datetime
 import hashlib
 import json
 import math
@@ -394,10 +395,12 @@ def free_memory(device):
 
 
 def stack_decoded(batch):
-    """--in-memory's decoding: a worker sends one stacked batch (one shared-memory file, not one per image); images
-    of different sizes come as the list, for Run.load_or_decode to name the odd one."""
+    """--in-memory's decoding: a worker sends one stacked batch (one shared-memory file, not one per image), or the
+    list of the image shapes (and no labels) if they differ, for Run.load_or_decode to name the odd one."""
     images, labels = zip(*batch)
-    return (torch.stack(images), torch.tensor(labels)) if len({im.shape for im in images}) == 1 else batch
+    if len({im.shape for im in images}) > 1:
+        return [im.shape for im in images], None
+    return torch.stack(images), torch.tensor(labels)
 
 
 class IndexBatches:
@@ -749,11 +752,12 @@ class Run:
                 raise StopRun(f"--in-memory: {len(dataset)} images of {'x'.join(map(str, shape))} need {need / 1e9:.1f} "
                               f"GB, more than the {where} can spare ({free / 1e9:.1f} GB); pass a smaller "
                               f"--in-memory-size, or drop --in-memory (the PIL loader reads the files as it goes)")
-        for turn in ("main", "others"):
-            if (turn == "main") == self.is_main:
-                data = self.load_or_decode(dataset, shape, path)
-            if self.world_size > 1:
-                dist.barrier()  # rank 0 decodes and caches first; the others then load its file
+        if self.is_main:  # rank 0 first: it decodes and caches; the others then load its file
+            data = self.load_or_decode(dataset, shape, path)
+        if self.world_size > 1:  # decoding may outlast NCCL's 10-minute timeout: a barrier that waits up to a day
+            dist.barrier(group=dist.new_group(backend="gloo", timeout=datetime.timedelta(days=1)))
+        if not self.is_main:
+            data = self.load_or_decode(dataset, shape, path)
         return data["images"].to(self.device), data["labels"].to(self.device)
 
     def load_or_decode(self, dataset, shape, path):
@@ -767,17 +771,13 @@ class Run:
         loader = torch.utils.data.DataLoader(dataset, 256, num_workers=self.args.num_workers, collate_fn=stack_decoded,
                                              worker_init_fn=ignore_stop_signals)
         k = 0
-        for batch in tqdm(loader, "--in-memory: decoding", disable=not self.is_main, leave=False, dynamic_ncols=True):
-            for image, _ in batch if isinstance(batch, list) else []:  # sizes differ within this batch
-                if image.shape != shape:
-                    raise StopRun(f"--in-memory: image {k} of --data is {'x'.join(map(str, image.shape))}, image 0 is "
-                                  f"{'x'.join(map(str, shape))}; pass --in-memory-size S to store all at S x S")
-                k += 1
-            images, labels = batch
-            if images.shape[1:] != shape:
-                raise StopRun(f"--in-memory: images {k}-{k + len(images) - 1} of --data are "
-                              f"{'x'.join(map(str, images.shape[1:]))}, image 0 is {'x'.join(map(str, shape))}; pass "
-                              f"--in-memory-size S to store all at S x S")
+        for images, labels in tqdm(loader, "--in-memory: decoding", disable=not self.is_main, leave=False,
+                                   dynamic_ncols=True):
+            shapes = images if labels is None else [images.shape[1:]]  # stack_decoded: the shapes of a mixed batch
+            odd = next((i for i, s in enumerate(shapes) if s != shape), None)
+            if odd is not None:
+                raise StopRun(f"--in-memory: image {k + odd} of --data is {'x'.join(map(str, shapes[odd]))}, image 0 "
+                              f"is {'x'.join(map(str, shape))}; pass --in-memory-size S to store all at S x S")
             data["images"][k:k + len(images)], data["labels"][k:k + len(images)] = images, labels
             k += len(images)
         if self.is_main:  # one writer (the other ranks only decode themselves when rank 0 could not cache)

@@ -15,7 +15,7 @@ from PIL import Image
 import hybrid
 import mae
 import moco
-from helpers import run_as_main
+from helpers import run_as_main, run_ddp
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -147,6 +147,31 @@ def test_in_memory_run_resumes_exactly(script, image_root, tmp_path, capsys):
     folder = mae.build_dataset(type("A", (), {"data": str(image_root)})(), T.PILToTensor())
     assert data["images"].shape == (len(folder), 3, 32, 32)
     assert all(torch.equal(data["images"][k], folder[k][0]) and data["labels"][k] == folder[k][1] for k in (0, 77, 159))
+
+
+def _two_ranks(rank, world_size, argv, out):
+    """mae.main on one rank; records whether the cache file was there when this rank came to load or decode."""
+    import contextlib
+    seen, load_or_decode = [], mae.Run.load_or_decode
+
+    def spy(self, dataset, shape, path):
+        seen.append(os.path.isfile(path))
+        return load_or_decode(self, dataset, shape, path)
+    mae.Run.load_or_decode = spy
+    with open(f"{out}_{rank}.txt", "w") as f, contextlib.redirect_stdout(f):
+        mae.main(argv)
+        print(f"cache there: {seen}")
+
+
+def test_in_memory_two_processes_decode_once(image_root, tmp_path):
+    """Under 2 processes rank 0 decodes and caches while rank 1 waits, then rank 1 loads rank 0's file; both train."""
+    argv = small_run(image_root, tmp_path / "o", tmp_path / "cache", "mae") + ["--max-steps", "2"]
+    run_ddp(_two_ranks, argv, str(tmp_path / "stdout"))
+    logs = [(tmp_path / f"stdout_{r}.txt").read_text() for r in (0, 1)]
+    assert "160 images decoded, cached in" in logs[0] and "cache there: [False]" in logs[0]
+    assert "cache there: [True]" in logs[1]  # the barrier: rank 1 came after rank 0 had written the file
+    assert len(os.listdir(tmp_path / "cache" / "in_memory")) == 1
+    assert torch.load(tmp_path / "o" / "checkpoint.pt", weights_only=True)["step"] == 2
 
 
 def one_error(args, cwd=ROOT):
