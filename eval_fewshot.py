@@ -26,8 +26,8 @@ Protocols (--protocol): fit on a split of the train set, scored on all of val/; 
           min(256, n_train), BN statistics from training; seeded by the split seed.
 Features (Layer Grafted inferFeature): eval(), no_grad, fp32 (--amp bf16: faster, not official), the CLS token after the
 final LayerNorm (--feature mean: the patch tokens' mean), no augmentation: Resize(img_size / 0.875, bilinear, as the
-official code) + CenterCrop, ImageNet mean/std. Under torchrun rank r extracts images r, r+W, ..., gathered with exact
-counts (DistributedSampler would pad). Only images some split uses are extracted; --cache DIR keeps them for next time.
+official code) + CenterCrop, ImageNet mean/std. Under torchrun rank r extracts images r, r+W, ..., gathered in order
+without duplicates (DistributedSampler pads). Only images some split uses are extracted; --cache DIR keeps them.
 Splits, per class, deterministic in the seed: --percent P (round(P% of each class), at least 1; SimCLR's lists, drawn
 over the whole set, hold 12-13 per class at 1%), --shots K (MSN's 1/2/5 images per class), or --split-file (SimCLR: a
 file name per line, class from its wnid prefix; Layer Grafted's `train/<wnid>/<file> <label>` too): one fixed split,

@@ -9,11 +9,11 @@ with a random projector and predictor. The graft is a learning-rate split: the e
 blocks (ViT-B 0-7, ViT-L 0-15) learn at 1/10 of the rate of the rest (upper blocks, final norm, projector, predictor).
 Facts from the official code: VITA-Group/layerGraftedPretraining_ICLR23 @ f1862e1 (main_pretrain.py, utils_mae/lr_decay.py).
 
-Run (from MAE's released ViT-B/16, 1600 epochs, norm-pix: the paper's start, fetched once into the torch hub cache;
+Run from MAE's released ViT-B/16 (1600 epochs, norm-pix: the paper's start; fetched once into the torch hub cache, or
 offline: download the MAE_RELEASES URL and pass --mim-checkpoint PATH), or from scratch; then the paper's headline:
-    torchrun --nproc_per_node 8 graft.py --data /imagenet
-    torchrun --nproc_per_node 8 mae.py --data /imagenet --epochs 1600 --output-dir runs/mae
-    torchrun --nproc_per_node 8 graft.py --data /imagenet --mim-checkpoint runs/mae/checkpoint.pt   # any vit.py file
+    torchrun --nproc_per_node 8 graft.py --data /imagenet                                   # from MAE's release
+    torchrun --nproc_per_node 8 mae.py --data /imagenet --epochs 1600 --output-dir runs/mae  # from scratch: stage 1,
+    torchrun --nproc_per_node 8 graft.py --data /imagenet --mim-checkpoint runs/mae/checkpoint.pt   # then stage 2
     python eval_fewshot.py --checkpoint runs/graft/encoder.pt --model vit_base --data /imagenet --protocol logreg --percent 1
 ViT-L as the paper: --model vit_large --batch-size 2080 --l1-weight 1e-5; other sizes have no MAE release (run mae.py).
 Auto-resumes from OUTPUT_DIR/checkpoint.pt (the MIM file is read again only for the L1 reference); the base encoder,
@@ -232,11 +232,11 @@ def summarize(names):
 
 
 def group_table(model, groups, lr):
-    """The graft at a glance, printed at start: each group's lr scale, peak lr, weight decay, size and parts."""
+    """The graft at a glance, printed at start: each group's lr scale, peak lr, wd, size and parts; what is frozen."""
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad and not n.startswith("momentum_")]
     rows = [f"{g['name']:<13} lr x {g['lr_scale']:<4g} = {lr * g['lr_scale']:<8.3g} wd {g['weight_decay']:<4g}"
             f"{sum(p.numel() for p in g['params']):>12,} params: {summarize(g['names'])}" for g in groups]
-    rows += [f"{'frozen':<13} {summarize(frozen)}", "momentum encoder: an EMA of the base encoder + projector"]
+    rows += [f"{'frozen':<13} {summarize(frozen)}", "momentum encoder: an EMA of base encoder + projector, no gradient"]
     return "\n".join(rows)
 
 
@@ -902,6 +902,9 @@ class Run:
         the images' own size), with the labels. Decoded once by rank 0 and cached in --data-root/in_memory/ under a
         key of the file list, sizes and times, so the next run (and the other ranks) only load it."""
         import torchvision.transforms as T
+        # rank 0 decodes while the others wait, maybe for longer than NCCL's 10-minute timeout: a gloo group that
+        # waits up to a day, made before anything can fail, so that a rank that stops is seen by the others at once
+        wait = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=1)) if self.world_size > 1 else None
         a, S, files = self.args, self.args.in_memory_size, getattr(dataset, "samples", None)
         stamp = [(p, os.path.getsize(p), os.path.getmtime(p)) for p, _ in files] if files else [type(dataset).__name__]
         where = os.path.abspath(a.data if files else a.data_root)  # "v1": the decoding below; change it with it
@@ -919,10 +922,13 @@ class Run:
                               f"--in-memory-size, or drop --in-memory (the PIL loader reads the files as it goes)")
         if self.is_main:  # rank 0 first: it decodes and caches; the others then load its file
             data = self.load_or_decode(dataset, shape, path)
-        if self.world_size > 1:  # decoding may outlast NCCL's 10-minute timeout: a barrier that waits up to a day
-            dist.barrier(group=dist.new_group(backend="gloo", timeout=datetime.timedelta(days=1)))
+        if wait is not None:
+            dist.barrier(group=wait)
         if not self.is_main:
             data = self.load_or_decode(dataset, shape, path)
+        if wait is not None:  # the others decode too where they cannot read rank 0's file (a disk of each machine's)
+            dist.barrier(group=wait)
+            dist.destroy_process_group(wait)
         return data["images"].to(self.device), data["labels"].to(self.device)
 
     def load_or_decode(self, dataset, shape, path):

@@ -737,6 +737,9 @@ class Run:
         the images' own size), with the labels. Decoded once by rank 0 and cached in --data-root/in_memory/ under a
         key of the file list, sizes and times, so the next run (and the other ranks) only load it."""
         import torchvision.transforms as T
+        # rank 0 decodes while the others wait, maybe for longer than NCCL's 10-minute timeout: a gloo group that
+        # waits up to a day, made before anything can fail, so that a rank that stops is seen by the others at once
+        wait = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=1)) if self.world_size > 1 else None
         a, S, files = self.args, self.args.in_memory_size, getattr(dataset, "samples", None)
         stamp = [(p, os.path.getsize(p), os.path.getmtime(p)) for p, _ in files] if files else [type(dataset).__name__]
         where = os.path.abspath(a.data if files else a.data_root)  # "v1": the decoding below; change it with it
@@ -754,10 +757,13 @@ class Run:
                               f"--in-memory-size, or drop --in-memory (the PIL loader reads the files as it goes)")
         if self.is_main:  # rank 0 first: it decodes and caches; the others then load its file
             data = self.load_or_decode(dataset, shape, path)
-        if self.world_size > 1:  # decoding may outlast NCCL's 10-minute timeout: a barrier that waits up to a day
-            dist.barrier(group=dist.new_group(backend="gloo", timeout=datetime.timedelta(days=1)))
+        if wait is not None:
+            dist.barrier(group=wait)
         if not self.is_main:
             data = self.load_or_decode(dataset, shape, path)
+        if wait is not None:  # the others decode too where they cannot read rank 0's file (a disk of each machine's)
+            dist.barrier(group=wait)
+            dist.destroy_process_group(wait)
         return data["images"].to(self.device), data["labels"].to(self.device)
 
     def load_or_decode(self, dataset, shape, path):

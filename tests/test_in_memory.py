@@ -150,26 +150,39 @@ def test_in_memory_run_resumes_exactly(script, image_root, tmp_path, capsys):
 
 
 def _two_ranks(rank, world_size, argv, out):
-    """mae.main on one rank; records whether the cache file was there when this rank came to load or decode."""
+    """mae.main on one rank, recording whether the cache file was there when this rank came to load or decode, how
+    many batches it decoded itself and the timeouts of the groups it made."""
     import contextlib
-    seen, load_or_decode = [], mae.Run.load_or_decode
+    import torch.distributed as dist
+    seen, decoded, timeouts = [], [], []
+    load_or_decode, stack_decoded, new_group = mae.Run.load_or_decode, mae.stack_decoded, dist.new_group
 
     def spy(self, dataset, shape, path):
         seen.append(os.path.isfile(path))
         return load_or_decode(self, dataset, shape, path)
-    mae.Run.load_or_decode = spy
+
+    def count(batch):
+        decoded.append(len(batch))
+        return stack_decoded(batch)
+
+    def group(*a, **kw):
+        timeouts.append(kw.get("timeout").total_seconds())
+        return new_group(*a, **kw)
+    mae.Run.load_or_decode, mae.stack_decoded, dist.new_group = spy, count, group
     with open(f"{out}_{rank}.txt", "w") as f, contextlib.redirect_stdout(f):
         mae.main(argv)
-        print(f"cache there: {seen}")
+        print(f"cache there: {seen}; decoded: {sum(decoded)}; group timeouts: {timeouts}")
 
 
 def test_in_memory_two_processes_decode_once(image_root, tmp_path):
-    """Under 2 processes rank 0 decodes and caches while rank 1 waits, then rank 1 loads rank 0's file; both train."""
+    """Under 2 processes rank 0 decodes and caches while rank 1 waits (in a group that waits up to a day: NCCL's
+    default would give up after 10 minutes), then rank 1 loads rank 0's file; both train."""
     argv = small_run(image_root, tmp_path / "o", tmp_path / "cache", "mae") + ["--max-steps", "2"]
     run_ddp(_two_ranks, argv, str(tmp_path / "stdout"))
     logs = [(tmp_path / f"stdout_{r}.txt").read_text() for r in (0, 1)]
-    assert "160 images decoded, cached in" in logs[0] and "cache there: [False]" in logs[0]
-    assert "cache there: [True]" in logs[1]  # the barrier: rank 1 came after rank 0 had written the file
+    assert "160 images decoded, cached in" in logs[0] and "cache there: [False]; decoded: 160;" in logs[0]
+    assert "cache there: [True]; decoded: 0;" in logs[1]  # rank 1 came after rank 0 had written the file, and read it
+    assert all("group timeouts: [86400.0]" in log for log in logs)
     assert len(os.listdir(tmp_path / "cache" / "in_memory")) == 1
     assert torch.load(tmp_path / "o" / "checkpoint.pt", weights_only=True)["step"] == 2
 
@@ -196,3 +209,9 @@ def test_in_memory_errors(image_root, tmp_path):
         Image.new("RGB", (side, side), (k, 0, 0)).save(mixed / f"{k:02d}.png")
     line = one_error(small_run(tmp_path / "mixed", tmp_path / "o2", tmp_path / "cache", "mae"))
     assert "image 2 of --data is 3x24x24, image 0 is 3x32x32; pass --in-memory-size S" in line
+    later = tmp_path / "later" / "train" / "a"  # a whole decoding batch (the second, of 256) of another size
+    later.mkdir(parents=True)
+    for k in range(258):
+        Image.new("RGB", (32, 32) if k < 256 else (24, 24), (k % 256, 0, 0)).save(later / f"{k:03d}.png")
+    line = one_error(small_run(tmp_path / "later", tmp_path / "o3", tmp_path / "cache", "mae"))
+    assert "image 256 of --data is 3x24x24, image 0 is 3x32x32; pass --in-memory-size S" in line
