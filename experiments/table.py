@@ -518,6 +518,7 @@ class Table:
 
     # ----------------------------------------------------------------------------------------- markdown
     def write_markdown(self):
+        picture(self.state, self.p["title"], os.path.splitext(self.args.json)[0] + ".png")
         path, text = self.args.markdown, markdown_section(self)
         start, end = f"<!-- table:{self.args.preset}:start -->", f"<!-- table:{self.args.preset}:end -->"
         old = open(path).read() if os.path.isfile(path) else "# Results tables (issue #17)\n\n"
@@ -528,6 +529,43 @@ class Table:
         with open(path + ".tmp", "w") as f:
             f.write(new)
         os.replace(path + ".tmp", path)
+
+
+METRICS = [("knn_full", "k-NN, full train bank"), ("logreg_1pct", "logreg, 1% labels"),
+           ("logreg_10shot", "logreg, 10 per class")]
+
+
+def picture(state, title, path):
+    """The done rows as points (top-1 with its 95% interval) in one panel per metric, random init as a dashed line;
+    written next to the JSON when matplotlib is installed (it is optional)."""
+    rows = [(LABEL[r], state["rows"][r]["metrics"]) for r, _, _, _ in ROWS
+            if state["rows"].get(r, {}).get("status") == "done"]
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    if not rows:
+        return
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(4 * len(METRICS), 0.45 * len(rows) + 1.2), sharey=True)
+    for ax, (key, name) in zip(axes, METRICS):
+        top1 = [m[key]["top1"] for _, m in rows]
+        ci = [m[key]["ci95"] or 0 for _, m in rows]
+        ax.errorbar(top1, range(len(rows)), xerr=ci, fmt="o", color="#4c72b0", capsize=3 if any(ci) else 0)
+        if rows[0][0] == LABEL["random"]:
+            ax.axvline(top1[0], color="grey", linestyle="--", linewidth=1)
+        ax.set_xlim(min(top1) - max(ci) - 2, max(top1) + max(ci) + 2)
+        ax.grid(axis="x", alpha=0.3)
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("top-1 %")
+    axes[0].set_yticks(range(len(rows)), [label for label, _ in rows])
+    axes[0].invert_yaxis()
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png", dpi=110)
+    plt.close(fig)
+    os.replace(path + ".tmp.png", path)
 
 
 def fmt_minutes(s):
@@ -564,6 +602,9 @@ def markdown_section(t):
         lines.append(f"| {label} | {cell('knn_full')} | {cell('logreg_1pct')} | {cell('logreg_10shot')} | {wall} | "
                      f"{device} | {status} |")
     done = [rows[r] for r, _, _, _ in ROWS if rows.get(r, {}).get("status") == "done"]
+    png = os.path.splitext(t.args.json)[0] + ".png"
+    if done and os.path.isfile(png):
+        lines += ["", f"![the {t.args.preset} table]({os.path.relpath(png, os.path.dirname(t.args.markdown))})"]
     if done:
         lines += ["", f"In all ({len(done)} rows done): pre-training "
                   f"{fmt_minutes(sum(r.get('pretrain', {}).get('seconds', 0) for r in done))}, evaluation "

@@ -87,6 +87,8 @@ def test_toy_table(image_root, tmp_path):
     for label in LABELS:
         assert f"| {label} | " in text
     assert "python graft.py --data $RUNS/train_12_per_class" in text and "Still to run" not in text
+    png = tmp_path / "results.png"  # the picture, next to the JSON and linked from the markdown
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "![the toy table](results.png)" in text
 
     # again: every row is done, so nothing is trained or evaluated (no torch start either)
     stamps = {n: (runs / n / "encoder.pt").stat().st_mtime_ns for n in TRAINED}

@@ -2,6 +2,7 @@
 steps drawn from a seed, a run resumed with the same command ends with the same weights as one never interrupted;
 several processes stop together and torchrun's restarts resume; no non-finite weights are ever saved; every bad input
 of the catalogue is one line that names the flag or file and the fix."""
+import contextlib
 import json
 import os
 import queue
@@ -145,7 +146,10 @@ def torchrun_mae(args, kill_after, log, killed):
     while True:
         try:
             line = q.get(timeout=35)
-        except queue.Empty:
+        except queue.Empty:  # torchrun starts each worker in a session of its own: kill them, then the agent's
+            for pid in children(agent.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             os.killpg(agent.pid, signal.SIGKILL)
             agent.wait()
             return None, lines, killed
