@@ -761,7 +761,7 @@ class Run:
             dist.barrier(group=wait)
         if not self.is_main:
             data = self.load_or_decode(dataset, shape, path)
-        if wait is not None:  # the others decode too where they cannot read rank 0's file (a disk of each machine's)
+        if wait is not None:  # the others decode too where rank 0's file is not theirs to read (a disk per machine)
             dist.barrier(group=wait)
             dist.destroy_process_group(wait)
         return data["images"].to(self.device), data["labels"].to(self.device)

@@ -538,28 +538,27 @@ METRICS = [("knn_full", "k-NN, full train bank"), ("logreg_1pct", "logreg, 1% la
 def picture(state, title, path):
     """The done rows as points (top-1 with its 95% interval) in one panel per metric, random init as a dashed line;
     written next to the JSON when matplotlib is installed (it is optional)."""
-    rows = [(LABEL[r], state["rows"][r]["metrics"]) for r, _, _, _ in ROWS
-            if state["rows"].get(r, {}).get("status") == "done"]
+    rows = [(r, state["rows"][r]["metrics"]) for r, _, _, _ in ROWS if state["rows"].get(r, {}).get("status") == "done"]
+    if not rows:
+        return
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    if not rows:
-        return
     fig, axes = plt.subplots(1, len(METRICS), figsize=(4 * len(METRICS), 0.45 * len(rows) + 1.2), sharey=True)
     for ax, (key, name) in zip(axes, METRICS):
         top1 = [m[key]["top1"] for _, m in rows]
         ci = [m[key]["ci95"] or 0 for _, m in rows]
         ax.errorbar(top1, range(len(rows)), xerr=ci, fmt="o", color="#4c72b0", capsize=3 if any(ci) else 0)
-        if rows[0][0] == LABEL["random"]:
+        if rows[0][0] == "random":
             ax.axvline(top1[0], color="grey", linestyle="--", linewidth=1)
         ax.set_xlim(min(top1) - max(ci) - 2, max(top1) + max(ci) + 2)
         ax.grid(axis="x", alpha=0.3)
         ax.set_title(name, fontsize=10)
         ax.set_xlabel("top-1 %")
-    axes[0].set_yticks(range(len(rows)), [label for label, _ in rows])
+    axes[0].set_yticks(range(len(rows)), [LABEL[r] for r, _ in rows])
     axes[0].invert_yaxis()
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
