@@ -7,47 +7,36 @@ by its own mean and variance (norm-pix loss). Facts from the official code: face
 Run (defaults = the paper's ViT-B/16 recipe: 800 epochs, global batch 4096, blr 1.5e-4, mask 0.75, norm-pix):
     torchrun --nproc_per_node 8 mae.py --data /imagenet --output-dir runs/mae_vitb
     python mae.py --data cifar10 --model vit_tiny --img-size 32 --patch-size 4 --batch-size 256 --epochs 100
-A run auto-resumes from OUTPUT_DIR/checkpoint.pt at the step it stopped (README: When things go wrong). The encoder ends up in OUTPUT_DIR/encoder.pt (vit.py / timm names).
+A run auto-resumes from OUTPUT_DIR/checkpoint.pt at the step it stopped (README: When things go wrong). The encoder
+ends up in OUTPUT_DIR/encoder.pt (vit.py / timm names).
 
 Recipe (paper / official code -> this file's default):
     mask ratio 0.75, norm_pix_loss on, decoder 512-d x 8 blocks x 16 heads, AdamW(0.9, 0.95), wd 0.05,
     lr = blr * global_batch / 256 with blr 1.5e-4, 40 warm-up epochs then per-iteration cosine to 0, 800 epochs,
     RandomResizedCrop(224, scale 0.2-1, bicubic) + horizontal flip, no gradient clipping.
 Deviations from the official code, on purpose:
-    - bf16 autocast by default (official: fp16 + GradScaler, still available as --amp fp16).
     - No weight decay on 1-D parameters (LayerNorm, biases) but decay on cls/mask tokens: the same as timm 0.3.2's
       add_weight_decay that the official code calls.
-    - DDP without find_unused_parameters (every parameter gets a gradient; the official flag only costs time).
-    - No gradient accumulation: --batch-size is the global batch, spread over the GPUs you have. MAE is not
-      batch-sensitive (maintainer, mae#32: 1024 works for ViT-L); lr follows the batch through blr.
-    - A non-finite loss is checked at every log line and before every save (the official code: every step), so
-      there is no host sync per step and never a NaN checkpoint.
     - recon_EEEE.png un-normalizes the norm-pix prediction with the statistics of the visible patches (the
       official demo uses each removed patch's own, which leaks the answer: mae#146) and labels its columns.
-    - Saves mid-epoch too (--save-every-minutes 30, SIGTERM, --max-steps) and resumes at any step exactly
-      (official: per epoch, and a resumed epoch starts over).
-    - --in-memory (opt-in): the images are stored once, at their size or --in-memory-size (the centre square), and
-      cropped, resized as PIL resizes (within 1.1 of 255 levels) and flipped in batches on the device (README).
-
-Read top to bottom: the model and its loss, the data, main() (build, then the training loop), the checks of this
-script's own inputs, and an appendix of plumbing that is the same text in every method script.
+    - --batch-size is the global batch, without gradient accumulation: MAE is not batch-sensitive (maintainer,
+      mae#32: 1024 works for ViT-L).
+Plumbing every script shares (bf16, DDP, the global batch, saves and exact resume, NaN checks, --in-memory): README,
+"What every script does the same way".
 """
 import argparse
 import contextlib
-import datetime
-import hashlib
 import json
 import math
 import os
-import shutil
 import signal
+import socket
 import sys
 import time
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 import torchvision.transforms as T
 from torchvision.utils import make_grid
@@ -59,7 +48,8 @@ import vit
 
 class MaskedAutoencoder(vit.VisionTransformer):
     """A vit.py encoder (its own patch_embed, cls_token, pos_embed, blocks, norm: the official MAE names, so an
-    official checkpoint loads as is) plus MAE's light decoder. vit_kw: the encoder's size (vit.MODELS[name](cls=...))."""
+    official checkpoint loads as is) plus MAE's light decoder. vit_kw: the encoder's size
+    (vit.MODELS[name](cls=...))."""
     def __init__(self, decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16, norm_pix_loss=True, **vit_kw):
         super().__init__(**vit_kw)
         self.norm_pix_loss = norm_pix_loss
@@ -67,9 +57,10 @@ class MaskedAutoencoder(vit.VisionTransformer):
         # positions, a few transformer blocks, and a linear layer to the p*p*3 pixels of each patch.
         self.decoder_embed = nn.Linear(self.embed_dim, decoder_embed_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
-        self.decoder_pos_embed = nn.Parameter(vit.sincos_pos_embed(decoder_embed_dim, self.patch_embed.grid_size)[None],
-                                              requires_grad=False)  # (1, 1+L, Dd)
-        self.decoder_blocks = nn.ModuleList([vit.Block(decoder_embed_dim, decoder_num_heads) for _ in range(decoder_depth)])
+        pos_embed = vit.sincos_pos_embed(decoder_embed_dim, self.patch_embed.grid_size)[None]  # (1, 1+L, Dd)
+        self.decoder_pos_embed = nn.Parameter(pos_embed, requires_grad=False)
+        self.decoder_blocks = nn.ModuleList([vit.Block(decoder_embed_dim, decoder_num_heads)
+                                             for _ in range(decoder_depth)])
         self.decoder_norm = nn.LayerNorm(decoder_embed_dim, eps=1e-6)
         self.decoder_pred = nn.Linear(decoder_embed_dim, self.patch_size ** 2 * 3)
         for m in [self.decoder_embed, self.decoder_pred, *self.decoder_blocks.modules()]:  # MAE init, as in vit.py
@@ -122,7 +113,8 @@ class MaskedAutoencoder(vit.VisionTransformer):
         """Mean squared error on the removed patches only; targets normalized per patch if norm_pix_loss."""
         target = self.patchify(imgs).float()  # fp32: pixel statistics and the MSE are precision-sensitive
         if self.norm_pix_loss:
-            mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)  # var is unbiased, as official
+            mean = target.mean(dim=-1, keepdim=True)
+            var = target.var(dim=-1, keepdim=True)  # unbiased, as official
             target = (target - mean) / (var + 1e-6) ** 0.5
         loss = ((pred.float() - target) ** 2).mean(dim=-1)  # (B, L) per-patch MSE
         return (loss * mask).sum() / mask.sum()
@@ -188,7 +180,8 @@ def train_transform_batch(x, args):
 # ------------------------------------------------------------------------------------------------------- main
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="MAE pre-training (He et al. 2022)", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description="MAE pre-training (He et al. 2022)",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_common_args(p, output_dir="runs/mae", model="vit_base", epochs=800, warmup_epochs=40, batch_size=4096,
                     blr=1.5e-4, weight_decay=0.05)  # MAE PRETRAIN.md recipe
     p.add_argument("--mask-ratio", type=float, default=0.75, help="fraction of patches removed (paper: 0.75)")
@@ -205,9 +198,10 @@ def build_model(args, verbose=True):
     """The MAE of --model's size; the same seed on every rank (DDP also broadcasts rank 0's weights)."""
     torch.manual_seed(args.seed)
     try:
-        model = vit.MODELS[args.model](cls=MaskedAutoencoder, img_size=args.img_size, decoder_embed_dim=args.decoder_embed_dim,
-                                       decoder_depth=args.decoder_depth, decoder_num_heads=args.decoder_num_heads,
-                                       norm_pix_loss=args.norm_pix_loss, **({"patch_size": args.patch_size} if args.patch_size else {}))
+        model = vit.MODELS[args.model](cls=MaskedAutoencoder, img_size=args.img_size,
+                                       decoder_embed_dim=args.decoder_embed_dim, decoder_depth=args.decoder_depth,
+                                       decoder_num_heads=args.decoder_num_heads, norm_pix_loss=args.norm_pix_loss,
+                                       **({"patch_size": args.patch_size} if args.patch_size else {}))
     except AssertionError as e:  # vit.py checks the sizes: e.g. img_size not a multiple of the patch
         raise StopRun(f"--model {args.model}: {e}") from None
     args.patch_size, L = model.patch_size, model.patch_embed.num_patches
@@ -229,16 +223,16 @@ def build_optimizer(model, args, device):
 
 def main(argv=None):
     args = get_args(argv)
-    run = Run(args)
+    run = Run(args, nan_suspects=("mask_ratio",))
     loader = run.loader(build_dataset(args, train_transform(args)), train_transform_batch)
     vis_imgs = fixed_images(args).to(run.device)  # the same 8 images in every reconstruction PNG
     model = build_model(args, verbose=run.is_main).to(run.device)
     optimizer = build_optimizer(model, args, run.device)
     scaler = torch.amp.GradScaler("cuda", enabled=args.amp == "fp16" and run.device.type == "cuda")
-    start_epoch = run.resume(model, optimizer, scaler)
+    epochs = run.resume(model, optimizer, scaler, may_change=("vis_every",))
     ddp_model = run.wrap(model)
 
-    for epoch in range(start_epoch, args.epochs):
+    for epoch in epochs:
         for imgs, _ in run.batches(loader, epoch):
             lr = set_lr(optimizer, lr_at(run.step, run.steps_per_epoch, args))
             with autocast(args, run.device):
@@ -249,7 +243,8 @@ def main(argv=None):
             scaler.update()
             run.end_step(loss, lr=lr)
         if run.epoch_done and run.is_main and ((epoch + 1) % args.vis_every == 0 or epoch + 1 == args.epochs):
-            reconstruction_grid(model, vis_imgs, os.path.join(args.output_dir, f"recon_{epoch + 1:04d}.png"), args.mask_ratio)
+            png = os.path.join(args.output_dir, f"recon_{epoch + 1:04d}.png")
+            reconstruction_grid(model, vis_imgs, png, args.mask_ratio)
     run.finish(model.encoder_state_dict())
     return model
 
@@ -259,7 +254,8 @@ def main(argv=None):
 def check_args(args):
     """The flags, the shared ones first, refused before anything is read or written."""
     check_common_args(args)
-    check_flags(args, [(0 < args.mask_ratio < 1, "--mask-ratio", "must lie in (0, 1): the fraction removed (paper: 0.75)"),
+    check_flags(args, [(0 < args.mask_ratio < 1, "--mask-ratio",
+                        "must lie in (0, 1): the fraction removed (paper: 0.75)"),
                        (args.vis_every >= 1, "--vis-every", "must be >= 1 (epochs between PNGs)"),
                        *[(getattr(args, f) >= 1, "--" + f.replace("_", "-"), "must be >= 1")
                          for f in ("decoder_embed_dim", "decoder_depth", "decoder_num_heads")]])
@@ -286,7 +282,8 @@ def load_init(model, path, verbose):
 
 def fixed_images(args):
     """8 images spread over val/ (else train/), resized and centre-cropped, for the reconstruction PNGs."""
-    split = "val" if args.data in ("cifar10", "cifar100", "stl10") or os.path.isdir(os.path.join(args.data, "val")) else "train"
+    has_val = args.data in ("cifar10", "cifar100", "stl10") or os.path.isdir(os.path.join(args.data, "val"))
+    split = "val" if has_val else "train"
     tf = T.Compose([T.Resize(args.img_size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(args.img_size),
                     T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
     vis_set = build_dataset(args, tf, split)
@@ -294,8 +291,9 @@ def fixed_images(args):
 
 
 # ================================================================= appendix: the same text in every method script
-# Plumbing every training script shares (data, processes, schedule, checkpoints, signals, logging, command line,
-# one-line errors); tests/test_shared_blocks.py keeps it identical everywhere: read it once, skip it elsewhere.
+# Plumbing every training script shares (data, processes, schedule, checkpoints, signals, logging, the shared flags
+# and their one-line errors), kept identical everywhere by tests/test_shared_blocks.py: read it once. One step of the
+# loop: run.batches yields its batch (draws seeded by (seed, step, rank)), lr_at its lr, run.end_step logs and saves.
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 METHOD = os.path.splitext(os.path.basename(__file__))[0]  # "mae", "moco", ...: recorded in every file a run writes
 
@@ -332,7 +330,8 @@ def build_dataset(args, transform, split="train"):
         if args.data in named:
             return named[args.data](args.data_root, train=train, transform=transform, download=True)
         if args.data == "stl10":
-            return datasets.STL10(args.data_root, "train+unlabeled" if train else "test", transform=transform, download=True)
+            split_name = "train+unlabeled" if train else "test"
+            return datasets.STL10(args.data_root, split_name, transform=transform, download=True)
     except (OSError, RuntimeError) as e:  # no network, a partial download, a full disk
         raise StopRun(f"--data {args.data}: could not download into --data-root {args.data_root} ({e}); "
                       f"download it by hand into that folder, or pass an ImageFolder root") from None
@@ -345,7 +344,8 @@ def build_dataset(args, transform, split="train"):
     try:
         return datasets.ImageFolder(folder, transform=transform, loader=pil_loader)
     except FileNotFoundError as e:
-        raise StopRun(f"--data {args.data}: {folder} holds no class folders with images ({e}); expected {layout}") from None
+        raise StopRun(f"--data {args.data}: {folder} holds no class folders with images ({e}); "
+                      f"expected {layout}") from None
 
 
 class Seeded(torch.utils.data.Dataset):
@@ -353,9 +353,6 @@ class Seeded(torch.utils.data.Dataset):
     CPU state is restored after): a view depends on the image's place in the epoch, not on workers or restarts."""
     def __init__(self, dataset):
         self.dataset = dataset
-
-    def __len__(self):
-        return len(self.dataset)
 
     def __getitem__(self, index_seed):
         with torch.random.fork_rng(devices=[]):
@@ -371,9 +368,6 @@ class EpochSampler(torch.utils.data.Sampler):
         self.n, self.batch_size, self.world_size, self.rank, self.seed = n, batch_size, world_size, rank, seed
         self.steps, self.epoch, self.start = n // batch_size, 0, 0
 
-    def set_epoch(self, epoch, start=0):
-        self.epoch, self.start = epoch, start
-
     def __len__(self):
         return (self.steps - self.start) * (self.batch_size // self.world_size)
 
@@ -384,166 +378,6 @@ class EpochSampler(torch.utils.data.Sampler):
         for pos in range(self.start * self.batch_size + self.rank, len(order), self.world_size):
             yield order[pos], seeds[pos]
 
-
-def free_memory(device):
-    """Bytes free on a CUDA device, or in RAM (Linux MemAvailable)."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    with contextlib.suppress(OSError, StopIteration, ValueError), open("/proc/meminfo") as f:
-        return int(next(line for line in f if line.startswith("MemAvailable")).split()[1]) * 1024
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-
-
-def stack_decoded(batch):
-    """--in-memory's decoding: a worker sends one stacked batch (one shared-memory file, not one per image), or the
-    list of the image shapes (and no labels) if they differ, for Run.load_or_decode to name the odd one."""
-    images, labels = zip(*batch)
-    if len({im.shape for im in images}) > 1:
-        return [im.shape for im in images], None
-    return torch.stack(images), torch.tensor(labels)
-
-
-class IndexBatches:
-    """--in-memory's loader: the sampler's image indices in per-process batches (Run.batches augments them)."""
-    def __init__(self, sampler, batch_size):
-        self.sampler, self.batch_size = sampler, batch_size
-
-    def __len__(self):
-        return len(self.sampler) // self.batch_size
-
-    def __iter__(self):
-        indices = [i for i, _ in self.sampler]
-        for k in range(0, len(indices), self.batch_size):
-            yield torch.tensor(indices[k:k + self.batch_size])
-
-
-# --in-memory: the train split decoded once into a uint8 tensor on the training device and each batch augmented
-# there. The ops below are torchvision's transforms on a batch, one random draw per image, drawn from torch's CPU RNG
-# (Run.batches seeds it before every step: an in-memory run resumes exactly); each script composes its pipeline.
-
-def pil_filter(t, kernel):
-    """PIL's resampling filters: the triangle (bilinear) and the cubic with a = -0.5 (bicubic). Returns (value, support)."""
-    t = t.abs()
-    if kernel == "bilinear":
-        return (1 - t).clamp(min=0), 1.0
-    return torch.where(t < 1, (1.5 * t - 2.5) * t * t + 1, torch.where(t < 2, -0.5 * (((t - 5) * t + 8) * t - 4), 0.0)), 2.0
-
-
-def resize_matrix(start, length, in_size, out_size, kernel, device):
-    """(B, out_size, in_size): the weights of PIL's resize of pixels [start, start + length) of a line to out_size
-    pixels: PIL's filter, widened by the scale when shrinking (antialiasing), cut at the crop's edges, renormalized."""
-    support = pil_filter(torch.zeros(()), kernel)[1]
-    n_taps = int(2 * support * max(1.0, length.max().item() / out_size)) + 3  # from the CPU tensor: no device sync
-    start, length = start.to(device), length.to(device)
-    scale = (length.double() / out_size)[:, None]
-    wide = scale.clamp(min=1)
-    center = (torch.arange(out_size, device=device, dtype=torch.float64) + 0.5) * scale  # (B, out), in the crop
-    first = (center - support * wide + 0.5).floor().clamp(min=0)
-    taps = first[..., None] + torch.arange(n_taps, device=device)  # (B, out, taps)
-    valid = (taps < (center + support * wide + 0.5).floor()[..., None]) & (taps < length[:, None, None])
-    w = pil_filter((taps - center[..., None] + 0.5) / wide[..., None], kernel)[0] * valid
-    cols = (start[:, None, None] + taps.long()).clamp(max=in_size - 1)
-    m = torch.zeros(len(start), out_size, in_size, device=device, dtype=torch.float64)
-    return m.scatter_add_(2, cols, w / w.sum(-1, keepdim=True)).float()
-
-
-def crop_params(B, H, W, scale, ratio=(3 / 4, 4 / 3)):
-    """RandomResizedCrop.get_params for B images of H x W at once: 10 tries of (area, log-ratio) each, the first
-    that fits, else the whole image cut to the nearest allowed ratio. Returns (i, j, h, w), each (B,)."""
-    area = H * W * torch.empty(B, 10).uniform_(*scale)
-    r = torch.exp(torch.empty(B, 10).uniform_(math.log(ratio[0]), math.log(ratio[1])))
-    w, h = (area * r).sqrt().round(), (area / r).sqrt().round()
-    fits = (w > 0) & (w <= W) & (h > 0) & (h <= H)
-    first, found = fits.int().argmax(1, keepdim=True), fits.any(1)
-    fw, fh = (W, round(W / ratio[0])) if W / H < ratio[0] else (round(H * ratio[1]), H) if W / H > ratio[1] else (W, H)
-    w = torch.where(found, w.gather(1, first)[:, 0], fw).long()
-    h = torch.where(found, h.gather(1, first)[:, 0], fh).long()
-    i = torch.where(found, (torch.rand(B) * (H - h + 1)).long(), (H - h) // 2)
-    j = torch.where(found, (torch.rand(B) * (W - w + 1)).long(), (W - w) // 2)
-    return i, j, h, w
-
-
-def resized_crop(x, size, scale, interpolation, flip_p=0.5):
-    """RandomResizedCrop(size, scale, interpolation) + RandomHorizontalFlip(flip_p) on uint8 images (B, 3, H, W);
-    float in [0, 1] out. Each image: rows @ image @ cols^T, PIL's two passes (horizontal first, clipped as PIL's uint8
-    is) as two batched matmuls; the flip reverses the order of the columns (it commutes with every later op)."""
-    B, _, H, W = x.shape
-    i, j, h, w = crop_params(B, H, W, scale)
-    flip = (torch.rand(B) < flip_p).to(x.device)[:, None, None]
-    rows = resize_matrix(i, h, H, size, interpolation, x.device)
-    cols = resize_matrix(j, w, W, size, interpolation, x.device)
-    x = (x.float() / 255 @ torch.where(flip, cols.flip(1), cols)[:, None].transpose(-1, -2)).clamp_(0, 1)
-    return (rows[:, None] @ x).clamp_(0, 1)
-
-
-def gray(x):
-    return 0.2989 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]  # torchvision's rgb_to_grayscale
-
-
-def blend(a, b, factor):
-    return (factor[:, None, None, None] * a + (1 - factor[:, None, None, None]) * b).clamp(0, 1)
-
-
-def adjust_hue(x, shift):
-    """torchvision's adjust_hue with a shift per image: RGB to HSV, hue + shift mod 1, back (a closed form)."""
-    maxc, minc = x.max(1).values, x.min(1).values
-    delta, (r, g, b) = maxc - minc, x.unbind(1)
-    d = torch.where(delta > 0, delta, 1.0)
-    h = torch.where(maxc == r, (g - b) / d, torch.where(maxc == g, 2 + (b - r) / d, 4 + (r - g) / d))
-    h = (h / 6 + shift[:, None, None]) % 1
-    s = delta / torch.where(delta > 0, maxc, 1.0)
-    k = (torch.tensor([5.0, 3.0, 1.0], device=x.device)[:, None, None] + 6 * h[:, None]) % 6
-    return maxc[:, None] * (1 - s[:, None] * torch.minimum(k, 4 - k).clamp(0, 1))
-
-
-def color_jitter(x, brightness, contrast, saturation, hue, p):
-    """RandomApply([ColorJitter(brightness, contrast, saturation, hue)], p): each image its own factors and its own
-    order of the four adjustments, drawn as ColorJitter.get_params draws them; each adjustment as torchvision's."""
-    B = len(x)
-    on = torch.rand(B) < p
-    factors = [torch.empty(B).uniform_(max(0, 1 - brightness), 1 + brightness),
-               torch.empty(B).uniform_(max(0, 1 - contrast), 1 + contrast),
-               torch.empty(B).uniform_(max(0, 1 - saturation), 1 + saturation), torch.empty(B).uniform_(-hue, hue)]
-    order = torch.rand(B, 4).argsort(1)  # a uniform random permutation per image, like torch.randperm(4)
-    adjust = [lambda y, f: blend(y, torch.zeros_like(y), f),  # brightness
-              lambda y, f: blend(y, gray(y).mean((1, 2, 3), keepdim=True), f),  # contrast
-              lambda y, f: blend(y, gray(y), f), adjust_hue]  # saturation, hue
-    for slot in range(4):
-        for a in range(4):
-            sel = (on & (order[:, slot] == a)).nonzero()[:, 0]
-            if len(sel):
-                x[sel.to(x.device)] = adjust[a](x[sel.to(x.device)], factors[a][sel].to(x.device))
-    return x
-
-
-def random_grayscale(x, p):
-    return torch.where((torch.rand(len(x)) < p).to(x.device)[:, None, None, None], gray(x).expand_as(x), x)
-
-
-def gaussian_blur(x, sigma, p):
-    """RandomApply([GaussianBlur(sigma ~ U(sigma))], p) as torchvision's tensor gaussian_blur with kernel size
-    2 * ceil(3 sigma) + 1 and reflect padding; one depthwise convolution per axis, a kernel per image."""
-    B, C, H, W = x.shape
-    s = torch.empty(B).uniform_(*sigma)
-    on = torch.rand(B) < p
-    r = min(math.ceil(3 * sigma[1]), H - 1, W - 1)  # the widest kernel's radius; narrower ones are zero-padded
-    t = torch.arange(-r, r + 1, dtype=torch.float64)
-    k = torch.exp(-0.5 * (t / s.double()[:, None]) ** 2) * (t.abs() <= (3 * s.double()).ceil()[:, None])
-    k = torch.where(on[:, None], k / k.sum(1, keepdim=True), (t == 0).double())  # off: the identity kernel
-    k = k.float().repeat_interleave(C, 0).to(x.device)  # (B*C, 2r+1): one kernel per image and channel
-    y = F.pad(x.reshape(1, B * C, H, W), (r, r, r, r), mode="reflect")
-    y = F.conv2d(F.conv2d(y, k[:, None, None, :], groups=B * C), k[:, None, :, None], groups=B * C)
-    return y.reshape(B, C, H, W)
-
-
-def random_solarize(x, p, threshold=128 / 255):
-    """RandomSolarize(128, p) on PIL images: the pixels >= 128 of 255 are inverted."""
-    on = (torch.rand(len(x)) < p).to(x.device)[:, None, None, None]
-    return torch.where(on & (x >= threshold), 1 - x, x)
-
-
-def normalize(x, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-    return (x - x.new_tensor(mean)[:, None, None]) / x.new_tensor(std)[:, None, None]
 
 def print0(*a, **kw):
     if not dist.is_initialized() or dist.get_rank() == 0:
@@ -582,15 +416,10 @@ def tensors(obj):
 
 
 def save_checkpoint(obj, path):
-    """Atomic: write a temporary file, then rename it over the old one, so a crash, a kill or a full disk never
-    leaves a half-written checkpoint; refuses NaN weights; a failed write removes its temporary file."""
-    floats = [t for t in tensors(obj) if t.is_floating_point()]
-    if floats and not torch.stack([torch.isfinite(t).all() for t in floats]).all():
+    """Atomic: written to a temporary file that is then renamed over the old one, so a crash, a kill or a full disk
+    never leaves a half-written checkpoint (a failed write removes its temporary file). Refuses NaN weights."""
+    if not all(torch.isfinite(t).all() for t in tensors(obj) if t.is_floating_point()):
         raise StopRun(f"the weights to be saved in {path} are not finite (NaN or inf); nothing was written")
-    need, free = sum(t.numel() * t.element_size() for t in tensors(obj)), shutil.disk_usage(os.path.dirname(path)).free
-    if free < need + 2**26:
-        raise StopRun(f"{os.path.dirname(path)}: {free / 1e9:.2f} GB free, {path} needs {need / 1e9:.2f} GB; free "
-                      f"some space or pass another --output-dir (the last checkpoint is kept)")
     try:
         torch.save(obj, path + ".tmp")
         os.replace(path + ".tmp", path)
@@ -609,28 +438,34 @@ def check_flags(args, rules):
 
 
 def check_common_args(a):
-    check_flags(a, [(a.batch_size >= 1, "--batch-size", "must be >= 1"), (a.epochs >= 1, "--epochs", "must be >= 1"),
-                    (a.warmup_epochs == 0 or 0 < a.warmup_epochs < a.epochs, "--warmup-epochs", f"must be 0 or shorter "
-                     f"than --epochs {a.epochs} (the lr would never reach its peak)"),
-                    (math.isfinite(a.blr) and a.blr > 0, "--blr", "must be a positive number"),
-                    (math.isfinite(a.weight_decay) and a.weight_decay >= 0, "--weight-decay", "must be >= 0"),
-                    (a.img_size >= 1, "--img-size", "must be >= 1"),
-                    (a.patch_size is None or 1 <= a.patch_size and a.img_size % a.patch_size == 0, "--patch-size",
-                     f"must be >= 1 and divide --img-size {a.img_size}"),
-                    (a.num_workers >= 0, "--num-workers", "must be >= 0"), (a.log_every >= 1, "--log-every", "must be >= 1"),
-                    (a.max_steps is None or a.max_steps >= 1, "--max-steps", "must be >= 1"),
-                    (a.save_every_minutes >= 0, "--save-every-minutes", "must be >= 0 (0: off)"),
-                    (a.save_every_steps >= 0, "--save-every-steps", "must be >= 0 (0: off)"),
-                    (a.keep_every_epochs >= 0, "--keep-every-epochs", "must be >= 0 (0: off)"),
-                    (a.in_memory_size is None or a.in_memory and a.in_memory_size >= 1, "--in-memory-size",
-                     "must be >= 1 and needs --in-memory")])
+    """The shared flags' rules; then the lr the optimizer starts from: lr = blr x batch / 256."""
+    check_flags(a, [
+        (a.batch_size >= 1, "--batch-size", "must be >= 1"),
+        (a.epochs >= 1, "--epochs", "must be >= 1"),
+        (a.warmup_epochs == 0 or 0 < a.warmup_epochs < a.epochs, "--warmup-epochs",
+         f"must be 0 or shorter than --epochs {a.epochs} (the lr would never reach its peak)"),
+        (math.isfinite(a.blr) and a.blr > 0, "--blr", "must be a positive number"),
+        (math.isfinite(a.weight_decay) and a.weight_decay >= 0, "--weight-decay", "must be >= 0"),
+        (a.img_size >= 1, "--img-size", "must be >= 1"),
+        (a.patch_size is None or 1 <= a.patch_size and a.img_size % a.patch_size == 0, "--patch-size",
+         f"must be >= 1 and divide --img-size {a.img_size}"),
+        (a.num_workers >= 0, "--num-workers", "must be >= 0"),
+        (0 <= a.seed < 2**63, "--seed", "must be >= 0 and < 2**63"),
+        (a.log_every >= 1, "--log-every", "must be >= 1"),
+        (a.max_steps is None or a.max_steps >= 1, "--max-steps", "must be >= 1"),
+        (a.save_every_minutes >= 0, "--save-every-minutes", "must be >= 0 (0: off)"),
+        (a.save_every_steps >= 0, "--save-every-steps", "must be >= 0 (0: off)"),
+        (a.keep_every_epochs >= 0, "--keep-every-epochs", "must be >= 0 (0: off)"),
+        (a.in_memory_size is None or a.in_memory and a.in_memory_size >= 1, "--in-memory-size",  # --in-memory
+         "must be >= 1 and needs --in-memory"),  # --in-memory
+    ])
+    a.lr = a.blr * a.batch_size / 256
 
 
-# The flags a resumed run may change (where things are, how fast, how long, how often); any other would continue
-# another run. The data may move, but must hold as many images (the step count depends on it).
+# The flags a resumed run may change (where things are, how fast, how long, how often), besides those a script adds
+# (Run.resume's may_change); any other would continue another run. The data may move, but must hold as many images.
 RESUME_MAY_CHANGE = {"data", "data_root", "output_dir", "epochs", "num_workers", "amp", "compile", "log_every",
-                     "max_steps", "vis_every", "init", "mim_checkpoint", "teacher", "save_every_minutes",
-                     "save_every_steps", "keep_every_epochs", "in_memory"}
+                     "max_steps", "save_every_minutes", "save_every_steps", "keep_every_epochs", "in_memory"}
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)  # schedulers send SIGTERM (or USR1) before a kill
 
 
@@ -641,23 +476,42 @@ def ignore_stop_signals(worker_id):
         signal.signal(s, signal.SIG_IGN)
 
 
+def take_lock(path, args):
+    """run.lock holds this run's host and pid: a second live run in the folder stops. A lock is taken over when its
+    run is gone: its pid is dead (same host), or (another host, e.g. a requeued job's old node) it was not touched
+    by a save for 2 x --save-every-minutes + 10 minutes; an empty or unreadable lock belongs to no run."""
+    host, pid = socket.gethostname(), os.getpid()
+    with contextlib.suppress(OSError, ValueError):
+        with open(path) as f:
+            other_host, other_pid = f.read().split()
+        if other_host == host:
+            live = int(other_pid) != pid and pid_alive(int(other_pid))
+        else:
+            live = time.time() - os.path.getmtime(path) < 2 * 60 * args.save_every_minutes + 600
+        if live:
+            raise StopRun(f"--output-dir {args.output_dir} is in use by another run (host {other_host}, pid "
+                          f"{other_pid}); wait for it or pass another --output-dir (delete {path} if that run is gone)")
+    with open(path + ".tmp", "w") as f:
+        f.write(f"{host} {pid}")
+    os.replace(path + ".tmp", path)  # never an empty lock, also on a full disk
+
+
 def pid_alive(pid):
     try:
-        os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
-        return True
-    except PermissionError:  # it exists, under another user
-        return True
-    except (ProcessLookupError, ValueError):
+        os.kill(pid, 0)  # signal 0 only asks whether the process exists
+    except ProcessLookupError:
         return False
+    except PermissionError:  # it does, under another user
+        pass
+    return True
 
 
 class Run:
-    """Everything around the training loop: processes and device, the output folder (a lock, args.json, log.jsonl),
-    checkpoint.pt (resume at any step; saves at epoch ends, --max-steps, every --save-every-minutes/-steps and on a
-    stop signal), the non-finite loss check and encoder.pt. torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain `python`
-    runs one process on cuda:0 or the CPU (gloo for several CPU processes: tests and debugging)."""
-    def __init__(self, args):  # args: from get_args, which has checked them
-        self.args, self.step, self.saved_step, self.log_file, self.signal = args, 0, None, None, 0
+    """Around main()'s loop, in its order: Run(args) starts the processes (torchrun's RANK, WORLD_SIZE, LOCAL_RANK;
+    plain `python`: one process) and takes the output folder; loader(); resume(); batches() and end_step() frame each
+    step; finish() writes encoder.pt. nan_suspects: the script's flags to name when its loss stops being finite."""
+    def __init__(self, args, nan_suspects=()):
+        self.args, self.nan_suspects, self.step, self.signal = args, nan_suspects, 0, 0
         self.rank, self.world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
         self.is_main, local_rank = self.rank == 0, int(os.environ.get("LOCAL_RANK", 0))
         if args.batch_size % self.world_size:
@@ -671,167 +525,86 @@ class Run:
             dist.init_process_group("gloo")  # CPU: tests and debugging
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
-        args.lr = args.blr * args.batch_size / 256
         self.ckpt_path, self.lock_path = (os.path.join(args.output_dir, f) for f in ("checkpoint.pt", "run.lock"))
+        self.saved = "nothing saved yet"
         try:
             os.makedirs(args.output_dir, exist_ok=True)
             if self.is_main:
-                self.lock()
+                take_lock(self.lock_path, args)
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(self.ckpt_path + ".tmp")  # left by a run killed while saving
         except OSError as e:
             raise StopRun(f"--output-dir {args.output_dir}: {e.strerror or e}; pass a folder you can write to") from None
         self.old_handlers = {s: signal.signal(s, self.on_signal) for s in STOP_SIGNALS}
-        print0(f"lr = blr {args.blr} x batch {args.batch_size} / 256 = {args.lr:.3g}; {self.world_size} process(es) x "
-               f"{args.batch_size // self.world_size} images on {self.device}; torch {torch.__version__}")
-
-    def lock(self):
-        """run.lock names this run's host and pid; a second run in the same folder stops, a dead run's lock is reused."""
-        me = f"{os.uname().nodename} {os.getpid()}"
-        for _ in range(2):
-            try:
-                with open(self.lock_path, "x") as f:
-                    return f.write(me)
-            except FileExistsError:
-                with open(self.lock_path) as f:
-                    host, pid = (f.read().split() + ["?", "0"])[:2]
-            if host == os.uname().nodename:  # this machine: is that process still there?
-                gone = pid == str(os.getpid()) or not pid_alive(pid)
-            else:  # another machine (a requeued job): a live run touches its lock at every save
-                age = time.time() - os.path.getmtime(self.lock_path)
-                gone = self.args.save_every_minutes > 0 and age > 2 * 60 * self.args.save_every_minutes + 600
-            if not gone:
-                raise StopRun(f"--output-dir {self.args.output_dir} is in use by another run (host {host}, pid {pid}); "
-                              f"wait for it or pass another --output-dir (delete {self.lock_path} if that run is gone)")
-            os.remove(self.lock_path)  # its run is gone (or was an earlier run in this very process)
+        print0(f"lr = blr {args.blr} x batch {args.batch_size} / 256 = {args.lr:.3g}; {self.world_size} process(es) "
+               f"x {args.batch_size // self.world_size} images on {self.device}; torch {torch.__version__}")
 
     def on_signal(self, signum, frame):
         if not self.signal:
             self.signal, self.signal_at = signum, time.monotonic()  # end_step saves after this step, then stops
         elif time.monotonic() - self.signal_at > 5:  # schedulers may send the same one twice at once: not a repeat
-            sys.exit(f"error: {signal.Signals(signum).name} again: stopped at once; {self.saved()}")
-
-    def saved(self):
-        return f"{self.ckpt_path} (step {self.saved_step}) is intact" if self.saved_step is not None else "nothing saved yet"
+            sys.exit(f"error: {signal.Signals(signum).name} again: stopped at once; {self.saved}")
 
     def loader(self, dataset, batch_transform=None):
-        """Each process its share of each global batch; every step has the same per-process batch. --in-memory:
-        batches of indices into the decoded images, which Run.batches augments with batch_transform(images, args)."""
-        b = self.args.batch_size // self.world_size
+        """Each process its share of each global batch, as many images at every step. batch_transform(images, args):
+        the script's augmentation of a batch on the device, for --in-memory."""
         if len(dataset) < self.args.batch_size:
             raise StopRun(f"--data has {len(dataset)} training images, fewer than one --batch-size "
                           f"{self.args.batch_size}; lower --batch-size")
         self.images, self.steps_per_epoch = len(dataset), len(dataset) // self.args.batch_size
         sampler = EpochSampler(len(dataset), self.args.batch_size, self.world_size, self.rank, self.args.seed)
-        if self.args.in_memory:
-            if batch_transform is None:
-                raise StopRun(f"--in-memory: {METHOD}.py has no batched augmentation; drop --in-memory")
-            self.memory = (*self.in_memory(dataset), batch_transform)
-            return IndexBatches(sampler, b)
-        return torch.utils.data.DataLoader(Seeded(dataset), b, sampler=sampler, num_workers=self.args.num_workers,
-                                           pin_memory=self.device.type == "cuda", drop_last=True,
-                                           worker_init_fn=ignore_stop_signals)
+        if self.args.in_memory:  # --in-memory
+            return in_memory_loader(self, dataset, sampler, batch_transform)  # --in-memory
+        return torch.utils.data.DataLoader(Seeded(dataset), self.args.batch_size // self.world_size, sampler=sampler,
+                                           num_workers=self.args.num_workers, pin_memory=self.device.type == "cuda",
+                                           drop_last=True, worker_init_fn=ignore_stop_signals)
 
-    def in_memory(self, dataset):
-        """--in-memory: every training image as uint8 (3, S, S) in one tensor on the device (S: --in-memory-size, or
-        the images' own size), with the labels. Decoded once by rank 0 and cached in --data-root/in_memory/ under a
-        key of the file list, sizes and times, so the next run (and the other ranks) only load it."""
-        import torchvision.transforms as T
-        # rank 0 decodes while the others wait, maybe for longer than NCCL's 10-minute timeout: a gloo group that
-        # waits up to a day, made before anything can fail, so that a rank that stops is seen by the others at once
-        wait = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=1)) if self.world_size > 1 else None
-        a, S, files = self.args, self.args.in_memory_size, getattr(dataset, "samples", None)
-        stamp = [(p, os.path.getsize(p), os.path.getmtime(p)) for p, _ in files] if files else [type(dataset).__name__]
-        where = os.path.abspath(a.data if files else a.data_root)  # "v1": the decoding below; change it with it
-        key = hashlib.sha1(json.dumps(["v1", S, where, len(dataset), stamp]).encode()).hexdigest()[:16]
-        path = os.path.join(a.data_root, "in_memory", f"train_{key}.pt")
-        dataset.transform = T.Compose([T.Resize(S, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(S),
-                                       T.PILToTensor()] if S else [T.PILToTensor()])
-        shape = torch.Size((3, S, S)) if S else dataset[0][0].shape  # (no 40000 px test image is ever made)
-        need = len(dataset) * shape.numel()
-        for where, free in [("RAM", free_memory(torch.device("cpu")) / int(os.environ.get("LOCAL_WORLD_SIZE", 1)))] + (
-                [(str(self.device), free_memory(self.device) / 2)] if self.device.type == "cuda" else []):
-            if need > 0.8 * free:
-                raise StopRun(f"--in-memory: {len(dataset)} images of {'x'.join(map(str, shape))} need {need / 1e9:.1f} "
-                              f"GB, more than the {where} can spare ({free / 1e9:.1f} GB); pass a smaller "
-                              f"--in-memory-size, or drop --in-memory (the PIL loader reads the files as it goes)")
-        if self.is_main:  # rank 0 first: it decodes and caches; the others then load its file
-            data = self.load_or_decode(dataset, shape, path)
-        if wait is not None:
-            dist.barrier(group=wait)
-        if not self.is_main:
-            data = self.load_or_decode(dataset, shape, path)
-        if wait is not None:  # the others decode too where rank 0's file is not theirs to read (a disk per machine)
-            dist.barrier(group=wait)
-            dist.destroy_process_group(wait)
-        return data["images"].to(self.device), data["labels"].to(self.device)
-
-    def load_or_decode(self, dataset, shape, path):
-        with contextlib.suppress(Exception):
-            data = torch.load(path, map_location="cpu", weights_only=True)
-            if data["images"].shape == (len(dataset), *shape) and data["images"].dtype == torch.uint8:
-                print0(f"--in-memory: {len(dataset)} images loaded from {path}")
-                return data
-        data = {"images": torch.empty((len(dataset), *shape), dtype=torch.uint8),
-                "labels": torch.empty(len(dataset), dtype=torch.long)}
-        loader = torch.utils.data.DataLoader(dataset, 256, num_workers=self.args.num_workers, collate_fn=stack_decoded,
-                                             worker_init_fn=ignore_stop_signals)
-        k = 0
-        for images, labels in tqdm(loader, "--in-memory: decoding", disable=not self.is_main, leave=False,
-                                   dynamic_ncols=True):
-            shapes = images if labels is None else [images.shape[1:]]  # stack_decoded: the shapes of a mixed batch
-            odd = next((i for i, s in enumerate(shapes) if s != shape), None)
-            if odd is not None:
-                raise StopRun(f"--in-memory: image {k + odd} of --data is {'x'.join(map(str, shapes[odd]))}, image 0 "
-                              f"is {'x'.join(map(str, shape))}; pass --in-memory-size S to store all at S x S")
-            data["images"][k:k + len(images)], data["labels"][k:k + len(images)] = images, labels
-            k += len(images)
-        if self.is_main:  # one writer (the other ranks only decode themselves when rank 0 could not cache)
-            try:
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                save_checkpoint(data, path)
-                print0(f"--in-memory: {k} images decoded, cached in {path}")
-            except (OSError, StopRun) as e:
-                print0(f"--in-memory: {k} images decoded; not cached ({one_line(e)})")
-        return data
-
-    def resume(self, model, optimizer, scaler):
-        """Load checkpoint.pt if there is one (refusing one of another run); write args.json. Returns the epoch."""
+    def resume(self, model, optimizer, scaler, may_change=()):
+        """Load checkpoint.pt if there is one, refusing one of another run (may_change: the script's own flags that a
+        resumed run may change); write args.json. Every save writes these three objects. Returns the epochs to run."""
         self.model, self.optimizer, self.scaler, self.world_size_before, args = model, optimizer, scaler, None, self.args
         if os.path.isfile(self.ckpt_path):
-            try:
-                ckpt = torch.load(self.ckpt_path, map_location="cpu", weights_only=True)
-                step, method, old_args, images = ckpt["step"], ckpt["method"], ckpt["args"], ckpt["images"]
-            except Exception as e:
-                raise StopRun(f"{self.ckpt_path} cannot be read ({type(e).__name__}), so it is damaged or not ours; "
-                              f"move it away to start from step 0, or pass another --output-dir") from None
-            if method != METHOD:
-                raise StopRun(f"{self.ckpt_path} was written by {method}.py, not {METHOD}.py; pass another --output-dir")
-            for k, v in old_args.items():
-                if k not in RESUME_MAY_CHANGE and getattr(args, k, v) != v:
-                    raise StopRun(f"{self.ckpt_path} was written with --{k.replace('_', '-')} {v}, not "
-                                  f"{getattr(args, k)}; pass the same value or another --output-dir")
-            if images != self.images:
-                raise StopRun(f"{self.ckpt_path} was trained on {images} images, --data {args.data} has {self.images}; "
-                              f"pass the same data or another --output-dir")
-            try:
-                model.load_state_dict(ckpt["model"])
-                optimizer.load_state_dict(ckpt["optimizer"])
-            except (RuntimeError, ValueError, KeyError) as e:
-                raise StopRun(f"{self.ckpt_path} does not fit this model ({str(e).strip().splitlines()[0]}); pass the "
-                              f"flags of the run that wrote it, or another --output-dir") from None
-            if ckpt["scaler"]:
-                scaler.load_state_dict(ckpt["scaler"])
-            self.step = self.saved_step = step
-            self.world_size_before = ckpt["world_size"]
-            print0(f"resumed from {self.ckpt_path} at step {step} (epoch {step // self.steps_per_epoch}, batch "
-                   f"{step % self.steps_per_epoch} of {self.steps_per_epoch})")
+            self.load(may_change)
         if self.is_main:
             with open(os.path.join(args.output_dir, "args.json"), "w") as f:
                 json.dump(vars(args), f, indent=2)
             self.log_file = open(os.path.join(args.output_dir, "log.jsonl"), "a")
-        self.saved_at = time.monotonic()
-        return self.step // self.steps_per_epoch
+            if self.step:  # the lines after this one may repeat steps that were logged but not saved before a kill
+                self.log_file.write(json.dumps({"resumed_at_step": self.step}) + "\n")
+        self.saved_at, spe = time.monotonic(), self.steps_per_epoch
+        last = args.epochs if args.max_steps is None else min(args.epochs, -(-args.max_steps // spe))
+        return range(self.step // spe, last)  # the epochs to run: none past the one --max-steps ends in
+
+    def load(self, may_change):
+        path, args, spe = self.ckpt_path, self.args, self.steps_per_epoch
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            step, method, old_args, images = ckpt["step"], ckpt["method"], ckpt["args"], ckpt["images"]
+        except Exception as e:
+            raise StopRun(f"{path} cannot be read ({type(e).__name__}), so it is damaged or not ours; "
+                          f"move it away to start from step 0, or pass another --output-dir") from None
+        if method != METHOD:
+            raise StopRun(f"{path} was written by {method}.py, not {METHOD}.py; pass another --output-dir")
+        for k, v in old_args.items():
+            if k not in RESUME_MAY_CHANGE | set(may_change) and getattr(args, k, v) != v:
+                raise StopRun(f"{path} was written with --{k.replace('_', '-')} {v}, not {getattr(args, k)}; pass "
+                              f"the same value or another --output-dir")
+        if images != self.images:
+            raise StopRun(f"{path} was trained on {images} images, --data {args.data} has {self.images}; pass the "
+                          f"same data or another --output-dir")
+        if step > args.epochs * spe:
+            raise StopRun(f"{path} is at step {step}, past the {args.epochs * spe} steps of --epochs {args.epochs}; "
+                          f"pass --epochs {-(-step // spe)} or more")
+        try:
+            self.model.load_state_dict(ckpt["model"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise StopRun(f"{path} does not fit this model ({str(e).strip().splitlines()[0]}); pass the "
+                          f"flags of the run that wrote it, or another --output-dir") from None
+        if ckpt["scaler"]:
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.step, self.world_size_before, self.saved = step, ckpt["world_size"], f"{path} (step {step}) is intact"
+        print0(f"resumed from {path} at step {step} (epoch {step // spe}, batch {step % spe} of {spe})")
 
     def wrap(self, model):
         """--compile and, with several processes, DDP around the model (the module itself stays as it is)."""
@@ -847,28 +620,27 @@ class Run:
         if self.args.max_steps is not None and self.step >= self.args.max_steps:
             return
         start = self.step - epoch * self.steps_per_epoch
-        loader.sampler.set_epoch(epoch, start)
+        loader.sampler.epoch, loader.sampler.start = epoch, start
         for self.it, batch in enumerate(tqdm(loader, f"epoch {epoch}", initial=start, total=self.steps_per_epoch,
                                              disable=not self.is_main, leave=False, dynamic_ncols=True), start):
             torch.manual_seed(hash((self.args.seed, self.step, self.rank)))
-            if self.args.in_memory:  # indices: their images augmented here, on the device, from the seeded RNG
-                images, labels, transform = self.memory
-                batch = batch.to(self.device)
-                batch = transform(images[batch], self.args), labels[batch]
+            if self.args.in_memory:  # --in-memory
+                batch = augment_in_memory(self, batch)  # --in-memory
             yield batch
             if self.args.max_steps is not None and self.step >= self.args.max_steps:
                 return
         self.epoch_done = True
 
     def end_step(self, loss, **logged):
-        """Count one optimizer step; log every --log-every steps; save when due, then stop if a signal came. With
-        several processes they agree on both (one tiny all-reduce per step), so all stop at the same step."""
+        """Count one optimizer step; log every --log-every steps; save at the end of the epoch, at --max-steps, every
+        --save-every-steps / -minutes and after a stop signal, then stop. Several processes agree on saving and
+        stopping (one tiny all-reduce per step), so all stop after the same step."""
         a, self.step, self.n = self.args, self.step + 1, self.n + 1
         for k, v in {"loss": loss, **logged}.items():
             if torch.is_tensor(v):
                 self.sums[k] = self.sums.get(k, 0) + v.detach().float()
         stop = self.signal
-        timed = self.is_main and a.save_every_minutes > 0 and time.monotonic() - self.saved_at > 60 * a.save_every_minutes
+        timed = self.is_main and 0 < a.save_every_minutes < (time.monotonic() - self.saved_at) / 60
         if self.world_size > 1:  # (a signal arriving during this sync counts at the next step, on every rank)
             flags = torch.tensor([stop, timed], device=self.device)
             dist.all_reduce(flags, dist.ReduceOp.MAX)
@@ -876,12 +648,12 @@ class Run:
         last = self.it == self.steps_per_epoch - 1
         save = (last or timed or stop or self.step == a.max_steps
                 or (a.save_every_steps > 0 and self.step % a.save_every_steps == 0))
-        if save or last or self.step % a.log_every == 0:
+        if save or self.step % a.log_every == 0:
             self.log(logged)  # before a save: the loss of every step since the last check is finite
         if save:
             self.save(keep=last and a.keep_every_epochs > 0 and (self.epoch + 1) % a.keep_every_epochs == 0)
         if stop:
-            raise self.stop(f"stopped by {signal.Signals(stop).name} after step {self.step}; {self.saved()}: the "
+            raise self.stop(f"stopped by {signal.Signals(stop).name} after step {self.step}; {self.saved}: the "
                             f"same command resumes from it")
 
     def log(self, logged):
@@ -893,12 +665,12 @@ class Run:
             means /= self.world_size
         means = dict(zip(self.sums, means.tolist()))
         if not math.isfinite(means["loss"]):
-            causes = [f"the lr (--blr {self.args.blr})"] + [f"the temperature (--{k.replace('_', '-')} {v})" for k, v
-                      in vars(self.args).items() if k in ("moco_t", "tau", "patch_tau", "image_tau")]
-            causes += [f"the mask ratio (--mask-ratio {self.args.mask_ratio})"] if "mask_ratio" in vars(self.args) else []
-            causes += ["fp16 overflow (use --amp bf16)"] if self.args.amp == "fp16" and self.device.type == "cuda" else []
+            causes = [f"--blr {self.args.blr}", *[f"--{k.replace('_', '-')} {getattr(self.args, k)}"
+                                                  for k in self.nan_suspects]]
+            if self.args.amp == "fp16" and self.device.type == "cuda":
+                causes.append("fp16 overflow (use --amp bf16)")
             raise self.stop(f"non-finite loss ({means['loss']}) within steps {self.step - self.n + 1}-{self.step}; "
-                            f"likely causes, in order: {', '.join(causes)}; {self.saved()}")
+                            f"likely causes, in order: {', '.join(causes)}; {self.saved}")
         log = {"epoch": self.epoch, "step": self.step, **{k: round(v, 5) for k, v in means.items()},
                **{k: v for k, v in logged.items() if not torch.is_tensor(v)},
                "img_per_s": round(self.n * self.args.batch_size / (time.perf_counter() - self.t0), 1),
@@ -912,26 +684,25 @@ class Run:
     def save(self, keep=False):
         """checkpoint.pt: all a resumed run needs to go on as if never stopped (the RNGs are a function of the step).
         Rank 0 writes; the others wait and stop with it if the save failed. keep: also a copy for this epoch."""
-        error = None
+        error, epoch_path = None, os.path.join(self.args.output_dir, f"checkpoint_epoch{self.epoch + 1:04d}.pt")
         if self.is_main:
             state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                      "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None, "step": self.step,
                      "method": METHOD, "images": self.images, "world_size": self.world_size, "args": vars(self.args)}
             try:
-                save_checkpoint(state, self.ckpt_path)
-                if keep:
-                    save_checkpoint(state, os.path.join(self.args.output_dir, f"checkpoint_epoch{self.epoch + 1:04d}.pt"))
+                for path in [self.ckpt_path] + [epoch_path] * keep:
+                    save_checkpoint(state, path)
                 with contextlib.suppress(OSError):
-                    os.utime(self.lock_path)  # a lock that stops being touched belongs to a dead run (see lock)
-            except (StopRun, OSError) as e:
+                    os.utime(self.lock_path)  # a lock that stops being touched belongs to a dead run (take_lock)
+            except StopRun as e:
                 error = str(e)
         if self.world_size > 1:
             failed = torch.tensor([error is not None], device=self.device)
             dist.broadcast(failed, 0)
             error = error or ("rank 0 could not save the checkpoint" if failed.item() else None)
         if error:
-            raise self.stop(f"{error}; {self.saved()}")
-        self.saved_step, self.saved_at = self.step, time.monotonic()
+            raise self.stop(f"{error}; {self.saved}")
+        self.saved, self.saved_at = f"{self.ckpt_path} (step {self.step}) is intact", time.monotonic()
 
     def finish(self, encoder_state_dict):
         """encoder.pt: {"model": the encoder alone, in vit.py / timm names, "method", "step", "args"}."""
@@ -944,10 +715,10 @@ class Run:
             dist.destroy_process_group()
 
     def stop(self, message):
-        """Leave the output folder to the next run (log file, lock) and restore the signal handlers; the message as
-        a StopRun to raise."""
+        """Leave the output folder to the next run (log file, lock), restore the signal handlers; a StopRun to raise."""
         if self.is_main:
-            self.log_file.close()
+            with contextlib.suppress(AttributeError):  # (no log file before resume)
+                self.log_file.close()
             with contextlib.suppress(FileNotFoundError):
                 os.remove(self.lock_path)
         for s, handler in self.old_handlers.items():
@@ -958,8 +729,7 @@ class Run:
 def add_common_args(p, **defaults):
     """The command line every method script shares; each script passes its paper defaults."""
     p.add_argument("--data", required=True, help="ImageNet-layout root (ROOT/train/<class>/*) or cifar10|cifar100|stl10")
-    p.add_argument("--data-root", default="./data", help="download folder for --data cifar10|cifar100|stl10, and "
-                   "--in-memory's cache (in_memory/)")
+    p.add_argument("--data-root", default="./data", help="download folder for --data cifar10|cifar100|stl10")
     p.add_argument("--output-dir", default=defaults["output_dir"], help="checkpoint.pt, encoder.pt, args.json, log.jsonl")
     p.add_argument("--model", default=defaults["model"], choices=list(vit.MODELS), help="encoder size")
     p.add_argument("--img-size", type=int, default=224, help="input resolution")
@@ -978,12 +748,162 @@ def add_common_args(p, **defaults):
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps in total (saved)")
     p.add_argument("--save-every-minutes", type=float, default=30, help="also save checkpoint.pt this often (0: off)")
     p.add_argument("--save-every-steps", type=int, default=0, help="also save checkpoint.pt every N steps (0: off)")
-    p.add_argument("--keep-every-epochs", type=int, default=0, help="keep checkpoint_epochNNNN.pt every K epochs (0: off)")
-    p.add_argument("--in-memory", action="store_true", help="decode the train split once (cached in --data-root/"
-                   "in_memory/), keep it on the training device as uint8 and augment batches there: small datasets")
-    p.add_argument("--in-memory-size", type=int, default=None, help="with --in-memory: store images at S x S (shorter "
-                   "side resized to S, bicubic, centre crop); default: their own size, which must be the same for all")
+    p.add_argument("--keep-every-epochs", type=int, default=0, help="keep checkpoint_epochNNNN.pt every K epochs")
+    p.add_argument("--in-memory", action="store_true", help="augment in batches on the device (see its block)")  # --in-memory
+    p.add_argument("--in-memory-size", type=int, default=None, help="with --in-memory: store images at S x S")  # --in-memory
     return p
+
+
+# ============================================ --in-memory: an optional block, the same text in every method script
+# The train split decoded once into one uint8 tensor on the training device; each step's batch augmented there by
+# torchvision's transforms, a draw per image from torch's CPU RNG, which Run.batches seeds before every step (exact
+# resume). To drop --in-memory from a copy, delete this block and every line that ends in "# --in-memory".
+
+def in_memory_loader(run, dataset, sampler, batch_transform):
+    """run.memory: every training image as uint8 (3, S, S) on the device (S: --in-memory-size, or the images' own
+    size), the labels and batch_transform; cached in --data-root/in_memory/ by rank 0, keyed by the files, their sizes
+    and times. Returns batches of the sampler's (index, seed) pairs (Run.batches hands them to augment_in_memory)."""
+    import datetime
+    import hashlib
+    # the others wait for rank 0's decoding, maybe longer than NCCL's 10 minutes: a gloo group that waits a day,
+    # made before anything can fail, so that a rank that stops is seen by the others at once
+    wait = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=1)) if run.world_size > 1 else None
+    a, S, files = run.args, run.args.in_memory_size, getattr(dataset, "samples", None)
+    stamp = [(p, os.path.getsize(p), os.path.getmtime(p)) for p, _ in files] if files else [type(dataset).__name__]
+    where = os.path.abspath(a.data if files else a.data_root)  # "v2": the decoding below; change it with it
+    key = hashlib.sha1(json.dumps(["v2", S, where, len(dataset), stamp]).encode()).hexdigest()[:16]
+    path = os.path.join(a.data_root, "in_memory", f"train_{key}.pt")
+    resize = [T.Resize(S, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(S)] if S else []
+    dataset.transform = T.Compose([*resize, T.PILToTensor()])
+    shape = torch.Size((3, S, S)) if S else dataset[0][0].shape  # (no 40000 px test image is ever made)
+    need, free = len(dataset) * shape.numel(), free_memory(run.device)
+    if need > 0.8 * free:
+        raise StopRun(f"--in-memory: {len(dataset)} images of {'x'.join(map(str, shape))} need {need / 1e9:.1f} GB, "
+                      f"more than the RAM or the GPU can spare ({free / 1e9:.1f} GB); pass a smaller --in-memory-size, "
+                      f"or drop --in-memory (the PIL loader reads the files as it goes)")
+    if run.is_main:  # rank 0 first: it decodes and caches, then the others load its file
+        images, labels = load_or_decode(run, dataset, shape, path)
+    if wait is not None:
+        dist.barrier(group=wait)
+        if not run.is_main:  # (they decode too where rank 0's file is not theirs to read: a disk per machine)
+            images, labels = load_or_decode(run, dataset, shape, path)
+        dist.barrier(group=wait)
+        dist.destroy_process_group(wait)
+    run.memory = images.to(run.device), labels.to(run.device), batch_transform
+    return torch.utils.data.BatchSampler(sampler, a.batch_size // run.world_size, drop_last=False)
+
+
+def free_memory(device):
+    """Bytes this process may fill: its share of the machine's RAM (Linux's MemAvailable), and half a GPU's."""
+    ram = math.inf
+    with contextlib.suppress(OSError, StopIteration, ValueError), open("/proc/meminfo") as f:
+        ram = int(next(line for line in f if line.startswith("MemAvailable")).split()[1]) * 1024
+    ram /= int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    return min(ram, torch.cuda.mem_get_info(device)[0] / 2) if device.type == "cuda" else ram
+
+
+def load_or_decode(run, dataset, shape, path):
+    with contextlib.suppress(Exception):
+        images, labels = torch.load(path, map_location="cpu", weights_only=True)
+        if images.shape == (len(dataset), *shape) and images.dtype == torch.uint8:
+            print0(f"--in-memory: {len(dataset)} images loaded from {path}")
+            return images, labels
+    images, labels = torch.empty((len(dataset), *shape), dtype=torch.uint8), torch.empty(len(dataset), dtype=torch.long)
+    decoded = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=run.args.num_workers,
+                                          worker_init_fn=ignore_stop_signals)
+    for k, (image, label) in enumerate(tqdm(decoded, "--in-memory: decoding", disable=not run.is_main, leave=False)):
+        if image.shape != shape:
+            raise StopRun(f"--in-memory: image {k} of --data is {'x'.join(map(str, image.shape))}, image 0 is "
+                          f"{'x'.join(map(str, shape))}; pass --in-memory-size S to store all at S x S")
+        images[k], labels[k] = image, label
+    if run.is_main:  # one writer (the other ranks only decode themselves when rank 0 could not cache)
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            save_checkpoint((images, labels), path)
+            print0(f"--in-memory: {len(images)} images decoded, cached in {path}")
+        except (OSError, StopRun) as e:
+            print0(f"--in-memory: {len(images)} images decoded; not cached ({one_line(e)})")
+    return images, labels
+
+
+def augment_in_memory(run, batch):
+    """A batch of (index, seed) pairs: its images augmented on the device by the script's batch_transform."""
+    images, labels, batch_transform = run.memory
+    index = torch.tensor([i for i, _ in batch], device=run.device)
+    return batch_transform(images[index], run.args), labels[index]
+
+
+def resized_crop(x, size, scale, interpolation, flip_p=0.5):
+    """RandomResizedCrop(size, scale, interpolation) + RandomHorizontalFlip(flip_p) on uint8 images (B, 3, H, W) by
+    torchvision's tensor ops, an image at a time (antialiased, rounded to uint8 as PIL is); float in [0, 1] out."""
+    out, mode = [], T.InterpolationMode(interpolation)
+    for image in x:
+        image = T.functional.resized_crop(image, *T.RandomResizedCrop.get_params(image, scale, (3 / 4, 4 / 3)),
+                                          [size, size], mode, antialias=True)
+        out.append(image.flip(-1) if torch.rand(1).item() < flip_p else image)
+    return torch.stack(out).float() / 255
+
+
+def gray(x):  # torchvision's rgb_to_grayscale
+    return 0.2989 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
+
+
+def blend(a, b, factor):
+    return (factor[:, None, None, None] * a + (1 - factor[:, None, None, None]) * b).clamp(0, 1)
+
+
+def adjust_hue(x, shift):
+    """torchvision's adjust_hue with a shift per image: RGB to HSV, hue + shift mod 1, back (a closed form)."""
+    maxc, minc = x.max(1).values, x.min(1).values
+    delta, (r, g, b) = maxc - minc, x.unbind(1)
+    d = torch.where(delta > 0, delta, 1.0)
+    h = torch.where(maxc == r, (g - b) / d, torch.where(maxc == g, 2 + (b - r) / d, 4 + (r - g) / d))
+    h = (h / 6 + shift[:, None, None]) % 1
+    s = delta / torch.where(delta > 0, maxc, 1.0)
+    k = (torch.tensor([5.0, 3.0, 1.0], device=x.device)[:, None, None] + 6 * h[:, None]) % 6
+    return maxc[:, None] * (1 - s[:, None] * torch.minimum(k, 4 - k).clamp(0, 1))
+
+
+def color_jitter(x, brightness, contrast, saturation, hue, p):
+    """RandomApply([ColorJitter(brightness, contrast, saturation, hue)], p): each image its own factors and its own
+    order of the four adjustments, drawn as ColorJitter.get_params draws them; each adjustment as torchvision's."""
+    B = len(x)
+    on = torch.rand(B) < p
+    low = [max(0, 1 - brightness), max(0, 1 - contrast), max(0, 1 - saturation), -hue]
+    high = [1 + brightness, 1 + contrast, 1 + saturation, hue]
+    factors = [torch.empty(B).uniform_(lo, hi) for lo, hi in zip(low, high)]
+    order = torch.rand(B, 4).argsort(1)  # a uniform random permutation per image, like torch.randperm(4)
+    adjust = [lambda y, f: blend(y, torch.zeros_like(y), f),  # brightness
+              lambda y, f: blend(y, gray(y).mean((1, 2, 3), keepdim=True), f),  # contrast
+              lambda y, f: blend(y, gray(y), f), adjust_hue]  # saturation, hue
+    for slot in range(4):
+        for a in range(4):
+            sel = (on & (order[:, slot] == a)).nonzero()[:, 0]
+            if len(sel):
+                x[sel.to(x.device)] = adjust[a](x[sel.to(x.device)], factors[a][sel].to(x.device))
+    return x
+
+
+def random_grayscale(x, p):
+    return torch.where((torch.rand(len(x)) < p).to(x.device)[:, None, None, None], gray(x).expand_as(x), x)
+
+
+def gaussian_blur(x, sigma, p):
+    """RandomApply([GaussianBlur(kernel 2 * ceil(3 sigma) + 1, sigma ~ U(sigma))], p): torchvision's op per image."""
+    out = x.clone()
+    for b, (s, on) in enumerate(zip(torch.empty(len(x)).uniform_(*sigma).tolist(), torch.rand(len(x)) < p)):
+        if on:
+            out[b] = T.functional.gaussian_blur(x[b], 2 * math.ceil(3 * s) + 1, s)
+    return out
+
+
+def random_solarize(x, p, threshold=128 / 255):  # RandomSolarize(128, p) on PIL: pixels >= 128 of 255 inverted
+    on = (torch.rand(len(x)) < p).to(x.device)[:, None, None, None]
+    return torch.where(on & (x >= threshold), 1 - x, x)
+
+
+def normalize(x, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    return (x - x.new_tensor(mean)[:, None, None]) / x.new_tensor(std)[:, None, None]
 # ====================================================================================================== end appendix
 
 

@@ -1,4 +1,4 @@
-"""--in-memory: the batched augmentations draw their parameters as torchvision does and, with the parameters fixed,
+"""--in-memory: the augmentations draw their parameters as torchvision does and, with the parameters replayed,
 compute what torchvision computes; an in-memory run resumes exactly; the decoded set is cached and checked; a set
 that does not fit is one line."""
 import math
@@ -16,13 +16,6 @@ import moco
 from helpers import run_as_main, run_ddp
 
 
-def ks(a, b):
-    """The two-sample Kolmogorov-Smirnov statistic: the largest gap between the two empirical distributions."""
-    a, b = a.double().sort().values, b.double().sort().values
-    grid = torch.cat([a, b])
-    return (torch.searchsorted(a, grid, right=True) / len(a) - torch.searchsorted(b, grid, right=True) / len(b)).abs().max()
-
-
 @pytest.fixture(scope="module")
 def real(image_root):
     """32 real 32 x 32 images from the test folder as uint8 (B, 3, H, W)."""
@@ -30,17 +23,33 @@ def real(image_root):
     return torch.stack([TF.pil_to_tensor(Image.open(f).convert("RGB")) for f in files])
 
 
-@pytest.mark.parametrize("H, W, scale", [(32, 32, (0.08, 1.0)), (24, 40, (0.2, 1.0)), (40, 12, (0.5, 1.0))])
-def test_crop_params_have_torchvision_distribution(H, W, scale):
-    """Area fraction, log aspect ratio and position of the crops: the same distributions as get_params' (KS test;
-    at n = 6000 per side the 0.1% critical value is 0.036). The 40 x 12 case exercises the central-crop fallback."""
-    n, img = 6000, torch.zeros(3, H, W)
-    torch.manual_seed(0)
-    i, j, h, w = mae.crop_params(n, H, W, scale)
-    ref = torch.tensor([T.RandomResizedCrop.get_params(img, scale, (3 / 4, 4 / 3)) for _ in range(n)]).T
-    for mine, theirs in [(h * w, ref[2] * ref[3]), (torch.log(w / h), torch.log(ref[3] / ref[2])), (i, ref[0]), (j, ref[1])]:
-        assert ks(mine, theirs) < 0.036
-    assert (i >= 0).all() and (i + h <= H).all() and (j >= 0).all() and (j + w <= W).all() and (h >= 1).all()
+def replayed_crops(x, size, scale, interpolation, seed, pil=False):
+    """resized_crop's draws replayed one image at a time (get_params, then the flip), applied by torchvision to the
+    uint8 tensor, or (pil=True) to the PIL image as the PIL path does."""
+    torch.manual_seed(seed)
+    out, mode = [], T.InterpolationMode(interpolation)
+    for image in x:
+        i, j, h, w = T.RandomResizedCrop.get_params(image, scale, (3 / 4, 4 / 3))
+        flip = torch.rand(1).item() < 0.5
+        source = TF.to_pil_image(image) if pil else image
+        crop = TF.resized_crop(source, i, j, h, w, [size, size], mode, antialias=True)
+        crop = TF.hflip(crop) if flip else crop
+        out.append(TF.pil_to_tensor(crop) if pil else crop)
+    return torch.stack(out).float() / 255
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+@pytest.mark.parametrize("size", [16, 32, 56])  # shrinking (antialiased), about the same size, enlarging
+def test_resized_crop_is_torchvision_and_near_the_pil_path(real, interpolation, size):
+    """resized_crop draws RandomResizedCrop.get_params and the flip for each image in turn and applies torchvision's
+    tensor resized_crop: equal to that, replayed. Against PIL's resize of the same crops (the PIL path): bilinear
+    within 1 of 255 levels; bicubic within 8 (PIL clips its first pass to uint8, torch does not: a few overshooting
+    edge pixels differ, measured at most 6 on these images) and within 0.3 levels on average."""
+    torch.manual_seed(1)
+    out = mae.resized_crop(real, size, (0.08, 1.0), interpolation)
+    assert torch.equal(out, replayed_crops(real, size, (0.08, 1.0), interpolation, seed=1))
+    diff = (out - replayed_crops(real, size, (0.08, 1.0), interpolation, seed=1, pil=True)).abs() * 255
+    assert diff.max() <= (1.0 if interpolation == "bilinear" else 8.0) + 1e-4 and diff.mean() < 0.3
 
 
 def test_flip_jitter_grey_blur_solarize_rates():
@@ -51,30 +60,13 @@ def test_flip_jitter_grey_blur_solarize_rates():
     out = mae.resized_crop(cols, 8, (1.0, 1.0), "bilinear")  # scale 1, square: the whole image, resized to itself
     same, flipped = (out == cols / 255).flatten(1).all(1), (out == cols.flip(-1) / 255).flatten(1).all(1)
     assert (same | flipped).all() and abs(flipped.float().mean() - 0.5) < tol
-    x = torch.rand(n, 3, 6, 6)
+    x = torch.rand(n, 3, 16, 16)
     changed = lambda y: (y - x).flatten(1).abs().amax(1) > 1e-6  # noqa: E731
     assert abs(changed(mae.color_jitter(x.clone(), 0.4, 0.4, 0.2, 0.1, p=0.8)).float().mean() - 0.8) < tol
     grey = mae.random_grayscale(x, p=0.2)
     assert abs((grey[:, 0] == grey[:, 1]).flatten(1).all(1).float().mean() - 0.2) < tol
     assert abs(changed(mae.gaussian_blur(x, (0.1, 2.0), p=0.1)).float().mean() - 0.1) < tol
     assert abs(changed(mae.random_solarize(x, p=0.2)).float().mean() - 0.2) < tol
-
-
-@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
-@pytest.mark.parametrize("size", [16, 32, 56])  # shrinking (antialiased), about the same size, enlarging
-def test_resized_crop_equals_pil_path(real, interpolation, size):
-    """With the draws replayed, resized_crop equals torchvision's resized_crop + hflip on the PIL image within 1.1 of
-    255 levels (PIL rounds each of its two passes to uint8; we keep floats)."""
-    torch.manual_seed(1)
-    out = mae.resized_crop(real, size, (0.08, 1.0), interpolation)
-    torch.manual_seed(1)
-    i, j, h, w = mae.crop_params(len(real), 32, 32, (0.08, 1.0))
-    flip = torch.rand(len(real)) < 0.5
-    mode = T.InterpolationMode.BICUBIC if interpolation == "bicubic" else T.InterpolationMode.BILINEAR
-    for b in range(len(real)):
-        pil = TF.resized_crop(TF.to_pil_image(real[b]), int(i[b]), int(j[b]), int(h[b]), int(w[b]), [size, size], mode)
-        ref = TF.pil_to_tensor(TF.hflip(pil) if flip[b] else pil).float()
-        assert (out[b] * 255 - ref).abs().max() < 1.1
 
 
 def test_color_jitter_equals_torchvision_ops_in_drawn_order(real):
@@ -139,32 +131,34 @@ def test_in_memory_run_resumes_exactly(script, image_root, tmp_path, capsys):
     for x, y in [(a["model"], b["model"]), (a["optimizer"]["state"], b["optimizer"]["state"])]:
         assert all(torch.equal(p, q) for p, q in zip(module.tensors(x), module.tensors(y)))
     [cached] = os.listdir(tmp_path / "cache" / "in_memory")
-    data = torch.load(tmp_path / "cache" / "in_memory" / cached, weights_only=True)
+    images, labels = torch.load(tmp_path / "cache" / "in_memory" / cached, weights_only=True)
     folder = mae.build_dataset(type("A", (), {"data": str(image_root)})(), T.PILToTensor())
-    assert data["images"].shape == (len(folder), 3, 32, 32)
-    assert all(torch.equal(data["images"][k], folder[k][0]) and data["labels"][k] == folder[k][1] for k in (0, 77, 159))
+    assert images.shape == (len(folder), 3, 32, 32)
+    assert all(torch.equal(images[k], folder[k][0]) and labels[k] == folder[k][1] for k in (0, 77, 159))
 
 
 def _two_ranks(rank, world_size, argv, out):
     """mae.main on one rank, recording whether the cache file was there when this rank came to load or decode, how
-    many batches it decoded itself and the timeouts of the groups it made."""
+    many images it decoded itself and the timeouts of the groups it made."""
     import contextlib
     import torch.distributed as dist
     seen, decoded, timeouts = [], [], []
-    load_or_decode, stack_decoded, new_group = mae.Run.load_or_decode, mae.stack_decoded, dist.new_group
+    load_or_decode, tqdm, new_group = mae.load_or_decode, mae.tqdm, dist.new_group
 
-    def spy(self, dataset, shape, path):
+    def spy(run, dataset, shape, path):
         seen.append(os.path.isfile(path))
-        return load_or_decode(self, dataset, shape, path)
+        return load_or_decode(run, dataset, shape, path)
 
-    def count(batch):
-        decoded.append(len(batch))
-        return stack_decoded(batch)
+    def count(iterable, desc=None, *a, **kw):  # the decoding loop's progress bar counts what it decodes
+        for item in tqdm(iterable, desc, *a, **kw):
+            decoded.extend([1] if desc == "--in-memory: decoding" else [])
+            yield item
+    count.write = tqdm.write  # print0's
 
     def group(*a, **kw):
         timeouts.append(kw.get("timeout").total_seconds())
         return new_group(*a, **kw)
-    mae.Run.load_or_decode, mae.stack_decoded, dist.new_group = spy, count, group
+    mae.load_or_decode, mae.tqdm, dist.new_group = spy, count, group
     with open(f"{out}_{rank}.txt", "w") as f, contextlib.redirect_stdout(f):
         mae.main(argv)
         print(f"cache there: {seen}; decoded: {sum(decoded)}; group timeouts: {timeouts}")
@@ -204,7 +198,7 @@ def test_in_memory_errors(image_root, tmp_path):
         Image.new("RGB", (side, side), (k, 0, 0)).save(mixed / f"{k:02d}.png")
     line = one_error(small_run(tmp_path / "mixed", tmp_path / "o2", tmp_path / "cache", "mae"))
     assert "image 2 of --data is 3x24x24, image 0 is 3x32x32; pass --in-memory-size S" in line
-    later = tmp_path / "later" / "train" / "a"  # a whole decoding batch (the second, of 256) of another size
+    later = tmp_path / "later" / "train" / "a"  # an odd size far from the first image
     later.mkdir(parents=True)
     for k in range(258):
         Image.new("RGB", (32, 32) if k < 256 else (24, 24), (k % 256, 0, 0)).save(later / f"{k:03d}.png")
