@@ -45,7 +45,6 @@ reprob 0.25, RandAugment); their head Linear(D, 4096, no bias) -> Linear(4096, c
 the MoCo projector's (--tuneFromFirstFC): not reproduced, ours is one Linear. ViT-L: 400 epochs, blr 3e-5, layer decay
 0.65. --percent 1|10 / --split-file draw eval_fewshot.py's per-class splits (checked copies; --split-seed = its seed).
 Deviations from the official code, on purpose:
-    - bf16 autocast by default, evaluation included (official: fp16 + GradScaler; --amp fp16).
     - Accuracy on all of val/, each image once: under torchrun rank r evaluates images r, r+W, ... and the counts are
       summed (official --dist_eval: DistributedSampler, which pads with duplicates).
     - RandAugment is torchvision's: two layers, each RandAugment(num_ops=1, magnitude 9 of 11 bins = timm's level 9
@@ -65,12 +64,9 @@ Deviations from the official code, on purpose:
       per-pixel N(0, 1)): the same distribution. Every draw above comes from torch's RNG (timm: random / numpy).
     - --init random: vit.py's MAE init with sin-cos pos_embed (trained), head std 2e-5 (official without --finetune:
       timm's trunc-normal 0.02 everywhere). The head is always new (official keeps a same-shape head's bias).
-    - No gradient accumulation: --batch-size is the global batch, spread over the GPUs you have.
-    - Saves mid-epoch too and resumes at any step exactly (official: per epoch); keeps best.pt (official: prints
-      the best accuracy); a non-finite loss is checked at every log line and before every save.
-
-Read top to bottom: the model and its loss, the data, main() (build, then the training loop), the checks of this
-script's own inputs, and an appendix of plumbing that is the same text in every method script.
+    - Keeps best.pt, the best epoch's classifier (official: prints the best accuracy).
+Plumbing every script shares (bf16, DDP, the global batch, saves and exact resume, NaN checks, --in-memory): README,
+"What every script does the same way".
 """
 import argparse
 import contextlib
@@ -185,8 +181,9 @@ def train_transform(args):
     ops = [T.RandomResizedCrop(args.img_size, scale=(0.08, 1.0), interpolation=T.InterpolationMode.BICUBIC),
            T.RandomHorizontalFlip()]
     if args.aa != "none":  # rand-m9-mstd0.5-inc1: 2 layers, each an op at level 9 of 10 with probability 0.5
-        one_op = T.RandAugment(num_ops=1, magnitude=9, num_magnitude_bins=11, fill=[round(255 * m) for m in
-                               IMAGENET_MEAN], interpolation=T.InterpolationMode.BICUBIC)  # timm's fill: (124, 116, 104)
+        fill = [round(255 * m) for m in IMAGENET_MEAN]  # timm's fill: (124, 116, 104)
+        one_op = T.RandAugment(num_ops=1, magnitude=9, num_magnitude_bins=11, fill=fill,
+                               interpolation=T.InterpolationMode.BICUBIC)
         ops += [T.RandomApply([one_op], p=0.5), T.RandomApply([one_op], p=0.5)]
     ops += [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     if args.reprob > 0:  # timm RandomErasing(mode 'pixel', one box), on the normalized image
@@ -204,8 +201,8 @@ def eval_transform(args):
 def mixup_cutmix(args):
     """timm Mixup(mixup_alpha, cutmix_alpha, prob 1.0, switch_prob, mode 'batch') from torchvision's v2 MixUp and
     CutMix: each batch is mixed by one of them, CutMix with probability --mixup-switch-prob. None when both are off."""
-    on = [(make(alpha=alpha, num_classes=args.num_classes), p) for make, alpha, p in
-          [(v2.MixUp, args.mixup, 1 - args.mixup_switch_prob), (v2.CutMix, args.cutmix, args.mixup_switch_prob)] if alpha > 0]
+    mixers = [(v2.MixUp, args.mixup, 1 - args.mixup_switch_prob), (v2.CutMix, args.cutmix, args.mixup_switch_prob)]
+    on = [(make(alpha=alpha, num_classes=args.num_classes), p) for make, alpha, p in mixers if alpha > 0]
     if len(on) < 2:
         return on[0][0] if on else None
     return v2.RandomChoice([t for t, _ in on], p=[p for _, p in on])
@@ -295,11 +292,13 @@ def read_split_file(path, dataset):
 # ------------------------------------------------------------------------------------------------------- main
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="End-to-end fine-tuning with MAE's recipe", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description="End-to-end fine-tuning with MAE's recipe",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_common_args(p, output_dir="runs/finetune", model="vit_base", epochs=100, warmup_epochs=5, batch_size=1024,
                     blr=5e-4, weight_decay=0.05)  # MAE FINETUNE.md, ViT-B
     p.add_argument("--layer-decay", type=float, default=0.65, help="layer-wise lr decay (MAE ViT-B 0.65, L/H 0.75)")
-    p.add_argument("--drop-path", type=float, default=0.1, help="stochastic depth of the last block (B 0.1, L 0.2, H 0.3)")
+    p.add_argument("--drop-path", type=float, default=0.1,
+                   help="stochastic depth of the last block (B 0.1, L 0.2, H 0.3)")
     p.add_argument("--min-lr", type=float, default=1e-6, help="the cosine ends here (MAE: 1e-6)")
     p.add_argument("--smoothing", type=float, default=0.1, help="label smoothing (MAE: 0.1)")
     p.add_argument("--mixup", type=float, default=0.8, help="MixUp alpha, 0: off (MAE: 0.8)")
@@ -470,8 +469,10 @@ def check_args(args):
         (math.isfinite(args.min_lr) and 0 <= args.min_lr <= lr, "--min-lr", f"must lie in [0, lr] (lr = --blr x "
                                                                             f"--batch-size / 256 = {lr:.3g})"),
         (0 <= args.smoothing < 1, "--smoothing", "must lie in [0, 1) (MAE: 0.1)"),
-        (math.isfinite(args.mixup) and args.mixup >= 0, "--mixup", "must be >= 0: the Beta alpha (0: off; MAE: 0.8)"),
-        (math.isfinite(args.cutmix) and args.cutmix >= 0, "--cutmix", "must be >= 0: the Beta alpha (0: off; MAE: 1.0)"),
+        (math.isfinite(args.mixup) and args.mixup >= 0, "--mixup",
+         "must be >= 0: the Beta alpha (0: off; MAE: 0.8)"),
+        (math.isfinite(args.cutmix) and args.cutmix >= 0, "--cutmix",
+         "must be >= 0: the Beta alpha (0: off; MAE: 1.0)"),
         (0 <= args.mixup_switch_prob <= 1, "--mixup-switch-prob", "must lie in [0, 1]"),
         (0 <= args.reprob <= 1, "--reprob", "must lie in [0, 1]"),
         (args.num_heads is None or args.num_heads >= 1, "--num-heads", "must be >= 1"),
@@ -480,8 +481,8 @@ def check_args(args):
                                                                           "chooses the training images)"),
         (not args.in_memory or args.aa == "none", "--in-memory", "needs --aa none: RandAugment runs on PIL images, "
                                                                  "not on batches on the device"),
-        (not args.in_memory or not (args.percent or args.split_file), "--in-memory", "decodes the whole train split: "
-                                                                                     "not with --percent / --split-file")])
+        (not args.in_memory or not (args.percent or args.split_file), "--in-memory",
+         "decodes the whole train split: not with --percent / --split-file")])
     if args.init is None:
         raise StopRun("--init: pass the weights to fine-tune (our encoder.pt, an official MAE / MoCo v3 or timm file), "
                       "or --init random for the random-init baseline")
@@ -512,9 +513,9 @@ def read_weights(path):
 def load_encoder(model, weights, args, verbose):
     """--init: an encoder (anything vit.load_pretrained reads) under a new head; not an already fine-tuned model."""
     if "fc_norm.weight" in weights:
-        raise StopRun(f"--init {args.init} is a fine-tuned classifier (fc_norm, a head of {len(weights.get('head.weight', ()))} "
-                      f"classes, no encoder norm), not a pre-trained encoder; evaluate it with --eval-only, or "
-                      f"fine-tune from the encoder it was made from")
+        raise StopRun(f"--init {args.init} is a fine-tuned classifier (fc_norm, a head of "
+                      f"{len(weights.get('head.weight', ()))} classes, no encoder norm), not a pre-trained encoder; "
+                      f"evaluate it with --eval-only, or fine-tune from the encoder it was made from")
     encoder = vit.VisionTransformer(img_size=model.img_size, patch_size=model.patch_size, embed_dim=model.embed_dim,
                                     depth=model.depth, num_heads=model.blocks[0].attn.num_heads)
     try:
@@ -541,8 +542,9 @@ def load_classifier(model, weights, args):
     try:
         model.load_state_dict(weights, strict=True)
     except RuntimeError as e:
-        raise StopRun(f"--init {args.init} does not fit --model {args.model} ({str(e).strip().splitlines()[-1].strip()})"
-                      f"; pass the --model / --patch-size / --num-heads it was fine-tuned with") from None
+        raise StopRun(f"--init {args.init} does not fit --model {args.model} "
+                      f"({str(e).strip().splitlines()[-1].strip()}); pass the --model / --patch-size / --num-heads "
+                      f"it was fine-tuned with") from None
     print0(f"--init {args.init}: classifier of {args.num_classes} classes loaded "
            f"({'CLS token' if args.cls_token else 'global pool + fc_norm'})")
 
@@ -610,6 +612,9 @@ class Seeded(torch.utils.data.Dataset):
     CPU state is restored after): a view depends on the image's place in the epoch, not on workers or restarts."""
     def __init__(self, dataset):
         self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
 
     def __getitem__(self, index_seed):
         with torch.random.fork_rng(devices=[]):
@@ -791,7 +796,8 @@ class Run:
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(self.ckpt_path + ".tmp")  # left by a run killed while saving
         except OSError as e:
-            raise StopRun(f"--output-dir {args.output_dir}: {e.strerror or e}; pass a folder you can write to") from None
+            raise StopRun(f"--output-dir {args.output_dir}: {e.strerror or e}; "
+                          f"pass a folder you can write to") from None
         self.old_handlers = {s: signal.signal(s, self.on_signal) for s in STOP_SIGNALS}
         print0(f"lr = blr {args.blr} x batch {args.batch_size} / 256 = {args.lr:.3g}; {self.world_size} process(es) "
                f"x {args.batch_size // self.world_size} images on {self.device}; torch {torch.__version__}")
@@ -819,7 +825,8 @@ class Run:
     def resume(self, model, optimizer, scaler, may_change=()):
         """Load checkpoint.pt if there is one, refusing one of another run (may_change: the script's own flags that a
         resumed run may change); write args.json. Every save writes these three objects. Returns the epochs to run."""
-        self.model, self.optimizer, self.scaler, self.world_size_before, args = model, optimizer, scaler, None, self.args
+        self.model, self.optimizer, self.scaler, self.world_size_before = model, optimizer, scaler, None
+        args = self.args
         if os.path.isfile(self.ckpt_path):
             self.load(may_change)
         if self.is_main:
@@ -985,9 +992,9 @@ class Run:
 
 def add_common_args(p, **defaults):
     """The command line every method script shares; each script passes its paper defaults."""
-    p.add_argument("--data", required=True, help="ImageNet-layout root (ROOT/train/<class>/*) or cifar10|cifar100|stl10")
+    p.add_argument("--data", required=True, help="ImageNet-layout root (ROOT/train/CLASS/*) or cifar10|cifar100|stl10")
     p.add_argument("--data-root", default="./data", help="download folder for --data cifar10|cifar100|stl10")
-    p.add_argument("--output-dir", default=defaults["output_dir"], help="checkpoint.pt, encoder.pt, args.json, log.jsonl")
+    p.add_argument("--output-dir", default=defaults["output_dir"], help="for checkpoint.pt, encoder.pt, logs")
     p.add_argument("--model", default=defaults["model"], choices=list(vit.MODELS), help="encoder size")
     p.add_argument("--img-size", type=int, default=224, help="input resolution")
     p.add_argument("--patch-size", type=int, default=None, help="patch size (default: the model's, 16 or 14)")
@@ -1006,8 +1013,8 @@ def add_common_args(p, **defaults):
     p.add_argument("--save-every-minutes", type=float, default=30, help="also save checkpoint.pt this often (0: off)")
     p.add_argument("--save-every-steps", type=int, default=0, help="also save checkpoint.pt every N steps (0: off)")
     p.add_argument("--keep-every-epochs", type=int, default=0, help="keep checkpoint_epochNNNN.pt every K epochs")
-    p.add_argument("--in-memory", action="store_true", help="augment in batches on the device (see its block)")  # --in-memory
-    p.add_argument("--in-memory-size", type=int, default=None, help="with --in-memory: store images at S x S")  # --in-memory
+    p.add_argument("--in-memory", action="store_true", help="decode once, augment on the device")  # --in-memory
+    p.add_argument("--in-memory-size", type=int, help="--in-memory: store images at S x S")  # --in-memory
     return p
 
 

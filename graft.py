@@ -7,14 +7,14 @@ top of which latter layers continue to be trained under another CL loss" (the re
 momentum encoders both start from the MIM weights (patch embedding, cls_token, MAE's pos_embed, blocks, final norm),
 with a random projector and predictor. The graft is a learning-rate split: the embeddings and the lower 2/3 of the
 blocks (ViT-B 0-7, ViT-L 0-15) learn at 1/10 of the rate of the rest (upper blocks, final norm, projector, predictor).
-Facts from the official code: VITA-Group/layerGraftedPretraining_ICLR23 @ f1862e1 (main_pretrain.py, utils_mae/lr_decay.py).
+Official code: VITA-Group/layerGraftedPretraining_ICLR23 @ f1862e1 (main_pretrain.py, utils_mae/lr_decay.py).
 
 Run from MAE's released ViT-B/16 (1600 epochs, norm-pix: the paper's start; fetched once into the torch hub cache, or
 offline: download the MAE_RELEASES URL and pass --mim-checkpoint PATH), or from scratch; then the paper's headline:
     torchrun --nproc_per_node 8 graft.py --data /imagenet                                   # from MAE's release
     torchrun --nproc_per_node 8 mae.py --data /imagenet --epochs 1600 --output-dir runs/mae  # from scratch: stage 1,
     torchrun --nproc_per_node 8 graft.py --data /imagenet --mim-checkpoint runs/mae/checkpoint.pt   # then stage 2
-    python eval_fewshot.py --checkpoint runs/graft/encoder.pt --model vit_base --data /imagenet --protocol logreg --percent 1
+    python eval_fewshot.py --checkpoint runs/graft/encoder.pt --data /imagenet --protocol logreg --percent 1
 ViT-L as the paper: --model vit_large --batch-size 2080 --l1-weight 1e-5; other sizes have no MAE release (run mae.py).
 Auto-resumes from OUTPUT_DIR/checkpoint.pt (the MIM file is read again only for the L1 reference); the base encoder,
 without its projector, is saved to OUTPUT_DIR/encoder.pt. Paper (abstract): ViT-B/16, 1% of the ImageNet labels,
@@ -28,17 +28,15 @@ on 1-D ones (MoCo v3 decays all). The patch projection is always frozen at its M
 flag here) and pos_embed is fixed. --freeze-lower: the paper's non-smoothed grafting (official --fixTo): the lower part
 frozen, in eval mode. --l1-weight (ViT-L: 1e-5, official --l1_dist_w, --l1_dist_to_block 12): + w * sum
 |theta - theta_MIM| over base-encoder weights of layer id <= --l1-depth (12).
-Deviations from the official code, on purpose:
+Deviations from the official code, on purpose (and moco.py's: torch-RNG views, crop --img-size, CUDA-only SyncBN):
     - The optimizer steps (the released main_pretrain.py never calls scaler.step: the base encoder never changes).
     - --freeze-lower freezes before DDP wraps the model (official: after, with find_unused_parameters) and keeps that
       part in eval mode (official: undone by the model.train() at the start of every epoch).
     - The L1 term is inside forward (one forward per step under DDP); its reference (layer ids <= --l1-depth as loaded
       from the MIM file, before resuming, as officially) is a plain attribute, not a buffer DDP would broadcast.
     - The momentum update skips what the base encoder never trains: bit-identical in both (official: m t + (1 - m) t).
-    - As moco.py: bf16 autocast (--amp fp16: the official fp16); PIL blur with torch RNG; crop --img-size; SyncBN under
-      CUDA DDP only; one process works; no gradient accumulation; --in-memory views as moco.py's; saves (README).
-
-Read top to bottom: the model (MoCo v3, then the graft), the data, main(), the inputs, the shared appendix.
+Plumbing every script shares (bf16, DDP, the global batch, saves and exact resume, NaN checks, --in-memory): README,
+"What every script does the same way".
 """
 import argparse
 import contextlib
@@ -71,9 +69,10 @@ def build_mlp(num_layers, in_dim, mlp_dim, out_dim):
     BN(affine=False) ("SimCLR's design, gamma removed"). Sequential indices as official, so checkpoints load."""
     layers = []
     for i in range(num_layers):
-        d_in, d_out = in_dim if i == 0 else mlp_dim, out_dim if i == num_layers - 1 else mlp_dim
+        last = i == num_layers - 1
+        d_in, d_out = in_dim if i == 0 else mlp_dim, out_dim if last else mlp_dim
         layers.append(nn.Linear(d_in, d_out, bias=False))
-        layers += [nn.BatchNorm1d(d_out), nn.ReLU(inplace=True)] if i < num_layers - 1 else [nn.BatchNorm1d(d_out, affine=False)]
+        layers += [nn.BatchNorm1d(d_out, affine=False)] if last else [nn.BatchNorm1d(d_out), nn.ReLU(inplace=True)]
     return nn.Sequential(*layers)
 
 
@@ -93,7 +92,7 @@ def contrastive_loss(q, k, tau=0.2):
     """InfoNCE (paper Eq. 1; builder.py contrastive_loss). q (n, C) this rank's queries, k (n, C) this rank's keys.
     Logits (n, N) against the keys of the whole global batch; the positive of query i of rank r is key n*r + i.
     The 2*tau factor follows the official code (moco-v3#31: it only rescales the gradient)."""
-    with torch.autocast(q.device.type, enabled=False):  # fp32 logits: .float() alone does not stop autocast's bf16 matmul
+    with torch.autocast(q.device.type, enabled=False):  # fp32 logits; .float() alone leaves autocast's bf16 matmul
         q = F.normalize(q.float(), dim=1)  # fp32: normalization and the softmax are precision-sensitive
         k = F.normalize(k.float(), dim=1)
         k = all_gather_nograd(k)  # (N, C), N = n * world_size
@@ -310,7 +309,7 @@ def get_args(argv=None):
     p.add_argument("--moco-dim", type=int, default=256, help="output dim of projector and predictor (paper: 256)")
     p.add_argument("--moco-mlp-dim", type=int, default=4096, help="hidden dim of projector and predictor (paper: 4096)")
     p.add_argument("--moco-t", type=float, default=0.2, help="softmax temperature tau (paper: 0.2)")
-    p.add_argument("--moco-m", type=float, default=0.99, help="momentum at step 0; cosine to 1 at the end (paper: 0.99)")
+    p.add_argument("--moco-m", type=float, default=0.99, help="step-0 momentum; cosine to 1 at the end (paper: 0.99)")
     p.add_argument("--crop-min", type=float, default=0.08, help="RandomResizedCrop min scale (paper: 0.08)")
     return check_args(p.parse_args(argv))
 
@@ -393,9 +392,11 @@ def check_args(args):
                        (0 < args.crop_min <= 1, "--crop-min", "must lie in (0, 1] (paper: 0.08)"),
                        (0 <= args.lower_lr_ratio < math.inf, "--lower-lr-ratio", "must be >= 0 (paper: 0.1)"),
                        (0 <= args.l1_weight < math.inf, "--l1-weight", "must be >= 0 (paper: 0 or 1e-5)"),
-                       (min(args.moco_dim, args.moco_mlp_dim) >= 1, "--moco-dim", "--moco-dim and --moco-mlp-dim must be >= 1"),
-                       (args.batch_size // world_size >= 2, "--batch-size", f"gives {args.batch_size // world_size} image(s) per "
-                     f"process; the BatchNorm in the projector and predictor needs 2 or more: use {2 * world_size} or more")])
+                       (min(args.moco_dim, args.moco_mlp_dim) >= 1, "--moco-dim",
+                        "--moco-dim and --moco-mlp-dim must be >= 1"),
+                       (args.batch_size // world_size >= 2, "--batch-size",
+                        f"gives {args.batch_size // world_size} image(s) per process; the BatchNorm in the projector "
+                        f"and predictor needs 2 or more: use {2 * world_size} or more")])
     if args.init and args.mim_checkpoint and args.init != args.mim_checkpoint:
         raise StopRun("--init and --mim-checkpoint are the same flag here: pass one of them")
     args.mim_checkpoint = args.mim_checkpoint or args.init
@@ -519,6 +520,9 @@ class Seeded(torch.utils.data.Dataset):
     CPU state is restored after): a view depends on the image's place in the epoch, not on workers or restarts."""
     def __init__(self, dataset):
         self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
 
     def __getitem__(self, index_seed):
         with torch.random.fork_rng(devices=[]):
@@ -700,7 +704,8 @@ class Run:
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(self.ckpt_path + ".tmp")  # left by a run killed while saving
         except OSError as e:
-            raise StopRun(f"--output-dir {args.output_dir}: {e.strerror or e}; pass a folder you can write to") from None
+            raise StopRun(f"--output-dir {args.output_dir}: {e.strerror or e}; "
+                          f"pass a folder you can write to") from None
         self.old_handlers = {s: signal.signal(s, self.on_signal) for s in STOP_SIGNALS}
         print0(f"lr = blr {args.blr} x batch {args.batch_size} / 256 = {args.lr:.3g}; {self.world_size} process(es) "
                f"x {args.batch_size // self.world_size} images on {self.device}; torch {torch.__version__}")
@@ -728,7 +733,8 @@ class Run:
     def resume(self, model, optimizer, scaler, may_change=()):
         """Load checkpoint.pt if there is one, refusing one of another run (may_change: the script's own flags that a
         resumed run may change); write args.json. Every save writes these three objects. Returns the epochs to run."""
-        self.model, self.optimizer, self.scaler, self.world_size_before, args = model, optimizer, scaler, None, self.args
+        self.model, self.optimizer, self.scaler, self.world_size_before = model, optimizer, scaler, None
+        args = self.args
         if os.path.isfile(self.ckpt_path):
             self.load(may_change)
         if self.is_main:
@@ -894,9 +900,9 @@ class Run:
 
 def add_common_args(p, **defaults):
     """The command line every method script shares; each script passes its paper defaults."""
-    p.add_argument("--data", required=True, help="ImageNet-layout root (ROOT/train/<class>/*) or cifar10|cifar100|stl10")
+    p.add_argument("--data", required=True, help="ImageNet-layout root (ROOT/train/CLASS/*) or cifar10|cifar100|stl10")
     p.add_argument("--data-root", default="./data", help="download folder for --data cifar10|cifar100|stl10")
-    p.add_argument("--output-dir", default=defaults["output_dir"], help="checkpoint.pt, encoder.pt, args.json, log.jsonl")
+    p.add_argument("--output-dir", default=defaults["output_dir"], help="for checkpoint.pt, encoder.pt, logs")
     p.add_argument("--model", default=defaults["model"], choices=list(vit.MODELS), help="encoder size")
     p.add_argument("--img-size", type=int, default=224, help="input resolution")
     p.add_argument("--patch-size", type=int, default=None, help="patch size (default: the model's, 16 or 14)")
@@ -915,8 +921,8 @@ def add_common_args(p, **defaults):
     p.add_argument("--save-every-minutes", type=float, default=30, help="also save checkpoint.pt this often (0: off)")
     p.add_argument("--save-every-steps", type=int, default=0, help="also save checkpoint.pt every N steps (0: off)")
     p.add_argument("--keep-every-epochs", type=int, default=0, help="keep checkpoint_epochNNNN.pt every K epochs")
-    p.add_argument("--in-memory", action="store_true", help="augment in batches on the device (see its block)")  # --in-memory
-    p.add_argument("--in-memory-size", type=int, default=None, help="with --in-memory: store images at S x S")  # --in-memory
+    p.add_argument("--in-memory", action="store_true", help="decode once, augment on the device")  # --in-memory
+    p.add_argument("--in-memory-size", type=int, help="--in-memory: store images at S x S")  # --in-memory
     return p
 
 

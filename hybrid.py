@@ -33,15 +33,13 @@ Our choices where they differ (no published recipe of this hybrid says otherwise
       --stop-grad-conv1, against loss spikes; a frozen projection would also limit what MIM can learn).
     - AdamW(0.9, 0.95), weight decay 0.05, none on 1-D parameters: MAE's optimizer (MoCo v3: default betas, 0.1 on
       every parameter).
-    - As every script: bf16 autocast (--amp fp16: GradScaler), losses in fp32, SyncBN in the projector and predictor
-      under CUDA DDP only, no gradient accumulation; saves and the non-finite check as in the README.
-    - --in-memory (opt-in): the views are made as moco.py's (README).
-
-Read top to bottom: the model and its loss, the data, main() (build, then the training loop), the checks of this
-script's own inputs, and an appendix of plumbing that is the same text in every method script.
+    - As moco.py: SyncBN in the projector and predictor under CUDA DDP only, and its --in-memory views.
+Plumbing every script shares (bf16, DDP, the global batch, saves and exact resume, NaN checks, --in-memory): README,
+"What every script does the same way".
 """
 import argparse
 import contextlib
+import functools
 import json
 import math
 import os
@@ -69,9 +67,10 @@ def build_mlp(num_layers, in_dim, mlp_dim, out_dim):
     BN(affine=False) ("SimCLR's design, gamma removed"). Sequential indices as official, so checkpoints load."""
     layers = []
     for i in range(num_layers):
-        d_in, d_out = in_dim if i == 0 else mlp_dim, out_dim if i == num_layers - 1 else mlp_dim
+        last = i == num_layers - 1
+        d_in, d_out = in_dim if i == 0 else mlp_dim, out_dim if last else mlp_dim
         layers.append(nn.Linear(d_in, d_out, bias=False))
-        layers += [nn.BatchNorm1d(d_out), nn.ReLU(inplace=True)] if i < num_layers - 1 else [nn.BatchNorm1d(d_out, affine=False)]
+        layers += [nn.BatchNorm1d(d_out, affine=False)] if last else [nn.BatchNorm1d(d_out), nn.ReLU(inplace=True)]
     return nn.Sequential(*layers)
 
 
@@ -91,7 +90,7 @@ def contrastive_loss(q, k, tau=0.2):
     """InfoNCE (paper Eq. 1; builder.py contrastive_loss). q (n, C) this rank's queries, k (n, C) this rank's keys.
     Logits (n, N) against the keys of the whole global batch; the positive of query i of rank r is key n*r + i.
     The 2*tau factor follows the official code (moco-v3#31: it only rescales the gradient)."""
-    with torch.autocast(q.device.type, enabled=False):  # fp32 logits: .float() alone does not stop autocast's bf16 matmul
+    with torch.autocast(q.device.type, enabled=False):  # fp32 logits; .float() alone leaves autocast's bf16 matmul
         q = F.normalize(q.float(), dim=1)  # fp32: normalization and the softmax are precision-sensitive
         k = F.normalize(k.float(), dim=1)
         k = all_gather_nograd(k)  # (N, C), N = n * world_size
@@ -144,12 +143,13 @@ class Hybrid(nn.Module):
         self.moco = MoCo(encoder_fn, dim, mlp_dim, tau)
         self.patch_size = self.encoder.patch_size
         self.norm_pix_loss, self.mask_ratio, self.lam = norm_pix_loss, mask_ratio, lam
-        # MAE's decoder, as in mae.py: linear map to the decoder width, mask token, fixed sin-cos positions, blocks, pixels
+        # MAE's decoder (mae.py): linear map to the decoder width, mask token, fixed sin-cos positions, blocks, pixels
         self.decoder_embed = nn.Linear(self.encoder.embed_dim, decoder_embed_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
-        self.decoder_pos_embed = nn.Parameter(vit.sincos_pos_embed(decoder_embed_dim, self.patch_embed.grid_size)[None],
-                                              requires_grad=False)  # (1, 1+L, Dd)
-        self.decoder_blocks = nn.ModuleList([vit.Block(decoder_embed_dim, decoder_num_heads) for _ in range(decoder_depth)])
+        pos_embed = vit.sincos_pos_embed(decoder_embed_dim, self.patch_embed.grid_size)[None]  # (1, 1+L, Dd)
+        self.decoder_pos_embed = nn.Parameter(pos_embed, requires_grad=False)
+        self.decoder_blocks = nn.ModuleList([vit.Block(decoder_embed_dim, decoder_num_heads)
+                                             for _ in range(decoder_depth)])
         self.decoder_norm = nn.LayerNorm(decoder_embed_dim, eps=1e-6)
         self.decoder_pred = nn.Linear(decoder_embed_dim, self.patch_size ** 2 * 3)
         for m in [self.decoder_embed, self.decoder_pred, *self.decoder_blocks.modules()]:  # MAE init, as in vit.py
@@ -168,7 +168,8 @@ class Hybrid(nn.Module):
     def patch_embed(self):
         return self.encoder.patch_embed
 
-    # checked copy of mae.py (tests/test_shared_blocks.py): MaskedAutoencoder.patchify, random_masking, forward_decoder, forward_loss
+    # checked copy of mae.py (tests/test_shared_blocks.py): MaskedAutoencoder.patchify, random_masking,
+    # forward_decoder, forward_loss
     def patchify(self, imgs):
         """(B, 3, H, W) -> (B, L, p*p*3), channels fastest (the official 'nchpwq->nhwpqc' order)."""
         p, B = self.patch_size, imgs.shape[0]
@@ -204,7 +205,8 @@ class Hybrid(nn.Module):
         """Mean squared error on the removed patches only; targets normalized per patch if norm_pix_loss."""
         target = self.patchify(imgs).float()  # fp32: pixel statistics and the MSE are precision-sensitive
         if self.norm_pix_loss:
-            mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)  # var is unbiased, as official
+            mean = target.mean(dim=-1, keepdim=True)
+            var = target.var(dim=-1, keepdim=True)  # unbiased, as official
             target = (target - mean) / (var + 1e-6) ** 0.5
         loss = ((pred.float() - target) ** 2).mean(dim=-1)  # (B, L) per-patch MSE
         return (loss * mask).sum() / mask.sum()
@@ -323,17 +325,20 @@ def get_args(argv=None):
     p.add_argument("--decoder-depth", type=int, default=8, help="decoder blocks (MAE: 8)")
     p.add_argument("--decoder-num-heads", type=int, default=16, help="decoder heads (MAE: 16)")
     p.add_argument("--moco-dim", type=int, default=256, help="output dim of projector and predictor (MoCo v3: 256)")
-    p.add_argument("--moco-mlp-dim", type=int, default=4096, help="hidden dim of projector and predictor (MoCo v3: 4096)")
+    p.add_argument("--moco-mlp-dim", type=int, default=4096,
+                   help="hidden dim of projector and predictor (MoCo v3: 4096)")
     p.add_argument("--moco-t", type=float, default=0.2, help="softmax temperature tau (MoCo v3: 0.2)")
-    p.add_argument("--moco-m", type=float, default=0.99, help="momentum at step 0; cosine to 1 at the end (MoCo v3: 0.99)")
-    p.add_argument("--crop-min", type=float, default=0.08, help="RandomResizedCrop min scale of the CL views (MoCo v3: 0.08)")
+    p.add_argument("--moco-m", type=float, default=0.99, help="step-0 momentum; cosine to 1 at the end (MoCo v3: 0.99)")
+    p.add_argument("--crop-min", type=float, default=0.08,
+                   help="RandomResizedCrop min scale of the CL views (MoCo v3: 0.08)")
     return check_args(p.parse_args(argv))
 
 
 def build_model(args, verbose=True):
     """The Hybrid of --model's size; the same seed on every rank (DDP also broadcasts rank 0's weights)."""
     torch.manual_seed(args.seed)
-    encoder_fn = lambda: vit.MODELS[args.model](img_size=args.img_size, **({"patch_size": args.patch_size} if args.patch_size else {}))  # noqa: E731
+    encoder_fn = functools.partial(vit.MODELS[args.model], img_size=args.img_size,
+                                   **({"patch_size": args.patch_size} if args.patch_size else {}))
     try:
         model = Hybrid(encoder_fn, args.decoder_embed_dim, args.decoder_depth, args.decoder_num_heads,
                        args.norm_pix_loss, args.mask_ratio, args.moco_dim, args.moco_mlp_dim, args.moco_t, args.lam)
@@ -490,6 +495,9 @@ class Seeded(torch.utils.data.Dataset):
     CPU state is restored after): a view depends on the image's place in the epoch, not on workers or restarts."""
     def __init__(self, dataset):
         self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
 
     def __getitem__(self, index_seed):
         with torch.random.fork_rng(devices=[]):
@@ -671,7 +679,8 @@ class Run:
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(self.ckpt_path + ".tmp")  # left by a run killed while saving
         except OSError as e:
-            raise StopRun(f"--output-dir {args.output_dir}: {e.strerror or e}; pass a folder you can write to") from None
+            raise StopRun(f"--output-dir {args.output_dir}: {e.strerror or e}; "
+                          f"pass a folder you can write to") from None
         self.old_handlers = {s: signal.signal(s, self.on_signal) for s in STOP_SIGNALS}
         print0(f"lr = blr {args.blr} x batch {args.batch_size} / 256 = {args.lr:.3g}; {self.world_size} process(es) "
                f"x {args.batch_size // self.world_size} images on {self.device}; torch {torch.__version__}")
@@ -699,7 +708,8 @@ class Run:
     def resume(self, model, optimizer, scaler, may_change=()):
         """Load checkpoint.pt if there is one, refusing one of another run (may_change: the script's own flags that a
         resumed run may change); write args.json. Every save writes these three objects. Returns the epochs to run."""
-        self.model, self.optimizer, self.scaler, self.world_size_before, args = model, optimizer, scaler, None, self.args
+        self.model, self.optimizer, self.scaler, self.world_size_before = model, optimizer, scaler, None
+        args = self.args
         if os.path.isfile(self.ckpt_path):
             self.load(may_change)
         if self.is_main:
@@ -865,9 +875,9 @@ class Run:
 
 def add_common_args(p, **defaults):
     """The command line every method script shares; each script passes its paper defaults."""
-    p.add_argument("--data", required=True, help="ImageNet-layout root (ROOT/train/<class>/*) or cifar10|cifar100|stl10")
+    p.add_argument("--data", required=True, help="ImageNet-layout root (ROOT/train/CLASS/*) or cifar10|cifar100|stl10")
     p.add_argument("--data-root", default="./data", help="download folder for --data cifar10|cifar100|stl10")
-    p.add_argument("--output-dir", default=defaults["output_dir"], help="checkpoint.pt, encoder.pt, args.json, log.jsonl")
+    p.add_argument("--output-dir", default=defaults["output_dir"], help="for checkpoint.pt, encoder.pt, logs")
     p.add_argument("--model", default=defaults["model"], choices=list(vit.MODELS), help="encoder size")
     p.add_argument("--img-size", type=int, default=224, help="input resolution")
     p.add_argument("--patch-size", type=int, default=None, help="patch size (default: the model's, 16 or 14)")
@@ -886,8 +896,8 @@ def add_common_args(p, **defaults):
     p.add_argument("--save-every-minutes", type=float, default=30, help="also save checkpoint.pt this often (0: off)")
     p.add_argument("--save-every-steps", type=int, default=0, help="also save checkpoint.pt every N steps (0: off)")
     p.add_argument("--keep-every-epochs", type=int, default=0, help="keep checkpoint_epochNNNN.pt every K epochs")
-    p.add_argument("--in-memory", action="store_true", help="augment in batches on the device (see its block)")  # --in-memory
-    p.add_argument("--in-memory-size", type=int, default=None, help="with --in-memory: store images at S x S")  # --in-memory
+    p.add_argument("--in-memory", action="store_true", help="decode once, augment on the device")  # --in-memory
+    p.add_argument("--in-memory-size", type=int, help="--in-memory: store images at S x S")  # --in-memory
     return p
 
 

@@ -23,17 +23,13 @@ script of this project), so the release's 1799 negatives need --batch-size 7200 
 command gives 899 negatives and another method. --gather contrasts against the global batch instead (a deviation
 from the release, then only the global batch matters).
 Deviations from the release, on purpose:
-    - A non-finite loss stops the run (checked at every log line and before every save). The release prints it and carries on
-      (engine_pretrain.py: the sys.exit is commented out), so a diverged run keeps training silently.
-    - bf16 autocast by default (release: fp16 + GradScaler, still available as --amp fp16); the loss runs in fp32.
-    - DDP without find_unused_parameters; seed 0 (release: 42); checkpoint every epoch (release: every 40).
+    - A non-finite loss stops the run. The release prints it and carries on (engine_pretrain.py: the sys.exit is
+      commented out), so a diverged run keeps training silently.
+    - Seed 0 (release: 42); checkpoints as in every script (release: every 40 epochs).
     - The patch embedding of each image is computed twice, once per view (see MiCL.forward); the release embeds once.
     - The release's PRETRAIN.md is MAE's (mask 0.75, 800 epochs); the code defaults above are what it runs.
-    - --in-memory (opt-in): the images are stored once, at their size or --in-memory-size (the centre square), and
-      cropped, resized as PIL resizes (within 1.1 of 255 levels) and flipped in batches on the device (README).
-
-Read top to bottom: the model and its loss, the data, main() (build, then the training loop), the checks of this
-script's inputs, and an appendix of plumbing that is the same text in every method script.
+Plumbing every script shares (bf16, DDP, the global batch, saves and exact resume, NaN checks, --in-memory): README,
+"What every script does the same way".
 """
 import argparse
 import contextlib
@@ -141,12 +137,14 @@ def train_transform_batch(x, args):
 # ------------------------------------------------------------------------------------------------------- main
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="MiCL pre-training (Yang & Xu 2024)", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description="MiCL pre-training (Yang & Xu 2024)",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_common_args(p, output_dir="runs/micl", model="vit_large", epochs=200, warmup_epochs=10, batch_size=7200,
                     blr=5e-5, weight_decay=0.05)  # release main_pretrain.py; batch = 1800 per GPU x 4 GPUs
     p.add_argument("--mask-ratio", type=float, default=0.9, help="fraction of patches removed; the kept ones are split "
                    "into the two views (release: 0.9, main_pretrain.py)")
-    p.add_argument("--kappa", type=float, default=1 / 64, help="kappa of phi(c) = (1+c)/2/(1+kappa(1-c)) (release: 1/64)")
+    p.add_argument("--kappa", type=float, default=1 / 64,
+                   help="kappa of phi(c) = (1+c)/2/(1+kappa(1-c)) (release: 1/64)")
     p.add_argument("--tau", type=float, default=0.07, help="InfoNCE temperature (release: 0.07)")
     p.add_argument("--gather", action="store_true", help="negatives from all processes (global batch) instead of the "
                    "per-GPU batch only (release: per GPU; then results depend on the per-GPU batch)")
@@ -158,7 +156,8 @@ def build_model(args, verbose=True):
     torch.manual_seed(args.seed)
     try:
         model = vit.MODELS[args.model](cls=MiCL, img_size=args.img_size, mask_ratio=args.mask_ratio, kappa=args.kappa,
-                                       tau=args.tau, gather=args.gather, **({"patch_size": args.patch_size} if args.patch_size else {}))
+                                       tau=args.tau, gather=args.gather,
+                                       **({"patch_size": args.patch_size} if args.patch_size else {}))
     except AssertionError as e:  # vit.py checks the sizes: e.g. img_size not a multiple of the patch
         raise StopRun(f"--model {args.model}: {e}") from None
     args.patch_size = model.patch_size
@@ -309,6 +308,9 @@ class Seeded(torch.utils.data.Dataset):
     CPU state is restored after): a view depends on the image's place in the epoch, not on workers or restarts."""
     def __init__(self, dataset):
         self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
 
     def __getitem__(self, index_seed):
         with torch.random.fork_rng(devices=[]):
@@ -490,7 +492,8 @@ class Run:
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(self.ckpt_path + ".tmp")  # left by a run killed while saving
         except OSError as e:
-            raise StopRun(f"--output-dir {args.output_dir}: {e.strerror or e}; pass a folder you can write to") from None
+            raise StopRun(f"--output-dir {args.output_dir}: {e.strerror or e}; "
+                          f"pass a folder you can write to") from None
         self.old_handlers = {s: signal.signal(s, self.on_signal) for s in STOP_SIGNALS}
         print0(f"lr = blr {args.blr} x batch {args.batch_size} / 256 = {args.lr:.3g}; {self.world_size} process(es) "
                f"x {args.batch_size // self.world_size} images on {self.device}; torch {torch.__version__}")
@@ -518,7 +521,8 @@ class Run:
     def resume(self, model, optimizer, scaler, may_change=()):
         """Load checkpoint.pt if there is one, refusing one of another run (may_change: the script's own flags that a
         resumed run may change); write args.json. Every save writes these three objects. Returns the epochs to run."""
-        self.model, self.optimizer, self.scaler, self.world_size_before, args = model, optimizer, scaler, None, self.args
+        self.model, self.optimizer, self.scaler, self.world_size_before = model, optimizer, scaler, None
+        args = self.args
         if os.path.isfile(self.ckpt_path):
             self.load(may_change)
         if self.is_main:
@@ -684,9 +688,9 @@ class Run:
 
 def add_common_args(p, **defaults):
     """The command line every method script shares; each script passes its paper defaults."""
-    p.add_argument("--data", required=True, help="ImageNet-layout root (ROOT/train/<class>/*) or cifar10|cifar100|stl10")
+    p.add_argument("--data", required=True, help="ImageNet-layout root (ROOT/train/CLASS/*) or cifar10|cifar100|stl10")
     p.add_argument("--data-root", default="./data", help="download folder for --data cifar10|cifar100|stl10")
-    p.add_argument("--output-dir", default=defaults["output_dir"], help="checkpoint.pt, encoder.pt, args.json, log.jsonl")
+    p.add_argument("--output-dir", default=defaults["output_dir"], help="for checkpoint.pt, encoder.pt, logs")
     p.add_argument("--model", default=defaults["model"], choices=list(vit.MODELS), help="encoder size")
     p.add_argument("--img-size", type=int, default=224, help="input resolution")
     p.add_argument("--patch-size", type=int, default=None, help="patch size (default: the model's, 16 or 14)")
@@ -705,8 +709,8 @@ def add_common_args(p, **defaults):
     p.add_argument("--save-every-minutes", type=float, default=30, help="also save checkpoint.pt this often (0: off)")
     p.add_argument("--save-every-steps", type=int, default=0, help="also save checkpoint.pt every N steps (0: off)")
     p.add_argument("--keep-every-epochs", type=int, default=0, help="keep checkpoint_epochNNNN.pt every K epochs")
-    p.add_argument("--in-memory", action="store_true", help="augment in batches on the device (see its block)")  # --in-memory
-    p.add_argument("--in-memory-size", type=int, default=None, help="with --in-memory: store images at S x S")  # --in-memory
+    p.add_argument("--in-memory", action="store_true", help="decode once, augment on the device")  # --in-memory
+    p.add_argument("--in-memory-size", type=int, help="--in-memory: store images at S x S")  # --in-memory
     return p
 
 

@@ -36,12 +36,8 @@ Where each choice comes from (paper = abstract; review = a third-party summary; 
             MoCo v3's); MAE's optimizer: AdamW(0.9, 0.95), wd 0.05 not on 1-D parameters, blr 1.5e-4, batch 4096,
             per-iteration cosine; 10 warm-up epochs (MoCo v3's main_moco.py default for 100 epochs; MAE's 40 are for
             800); MAE's augmentation RandomResizedCrop(scale 0.2-1, bicubic) + flip, one crop for both networks
-    ours, as every script: bf16 autocast (--amp), losses in fp32, no find_unused_parameters, non-finite loss check.
-    ours    --in-memory (opt-in): the images are stored once, at their size or --in-memory-size (the centre square), and
-            cropped, resized as PIL resizes (within 1.1 of 255 levels) and flipped in batches on the device (README).
-
-Read top to bottom: the model and its losses, the data, main() (build, then the training loop), the inputs and their
-one-line errors (student, teacher, --init), and an appendix of plumbing that is the same text in every method script.
+Plumbing every script shares (bf16, DDP, the global batch, saves and exact resume, NaN checks, --in-memory): README,
+"What every script does the same way".
 """
 import argparse
 import contextlib
@@ -84,10 +80,11 @@ def patch_nce(pred, target, ids_masked, tau=0.2, negatives="image"):
         loss_bi = -log [ exp(p_bi . t_bi / tau) / sum_(c, j) exp(p_bi . t_cj / tau) ]
     over candidates (c, j) = the M removed positions of image b ("image") or all B*M of the local batch ("batch");
     the mean over all B*M removed positions."""
-    with torch.autocast(pred.device.type, enabled=False):  # fp32 logits: .float() alone does not stop autocast's bf16 matmul
+    with torch.autocast(pred.device.type, enabled=False):  # fp32 logits; .float() alone leaves autocast's bf16 matmul
         idx = ids_masked[:, :, None]
-        p = F.normalize(torch.gather(pred.float(), 1, idx.expand(-1, -1, pred.shape[2])), dim=-1)  # (B, M, C); fp32:
-        t = F.normalize(torch.gather(target.float(), 1, idx.expand(-1, -1, target.shape[2])), dim=-1)  # normalize, softmax
+        # (B, M, C) each; fp32: normalization and the softmax are precision-sensitive
+        p = F.normalize(torch.gather(pred.float(), 1, idx.expand(-1, -1, pred.shape[2])), dim=-1)
+        t = F.normalize(torch.gather(target.float(), 1, idx.expand(-1, -1, target.shape[2])), dim=-1)
         B, M, _ = p.shape
         if negatives == "image":
             logits = p @ t.transpose(1, 2) / tau  # (B, M, M): row i against the removed patches of its own image
@@ -101,7 +98,7 @@ def image_nce(q, k, tau=0.2):
     teacher global features of this rank's n images. Logits (n, N) against the teacher features of the GLOBAL batch;
     the positive of image i of rank r is n*r + i. The mean over the local images: the mean over ranks (DDP's gradient
     average) is then the loss of one process on the whole batch, since k carries no gradient."""
-    with torch.autocast(q.device.type, enabled=False):  # fp32 logits: .float() alone does not stop autocast's bf16 matmul
+    with torch.autocast(q.device.type, enabled=False):  # fp32 logits; .float() alone leaves autocast's bf16 matmul
         q = F.normalize(q.float(), dim=1)  # fp32: normalization and the softmax are precision-sensitive
         k = all_gather_nograd(F.normalize(k.float(), dim=1))  # (N, C), N = n * world_size
         rank = dist.get_rank() if dist.is_initialized() else 0
@@ -122,16 +119,18 @@ class MimCo(nn.Module):
         assert patch_negatives in ("image", "batch") and teacher_feature in ("cls", "mean")
         self.encoder = encoder  # state_dict keys encoder.* (what graft.py expects of a MimCo checkpoint)
         self.teacher = teacher.requires_grad_(False).eval()  # frozen, and run under no_grad besides
-        self.mask_ratio, self.patch_tau, self.image_tau, self.image_weight = mask_ratio, patch_tau, image_tau, image_weight
+        self.mask_ratio, self.image_weight = mask_ratio, image_weight
+        self.patch_tau, self.image_tau = patch_tau, image_tau
         self.patch_negatives, self.teacher_feature = patch_negatives, teacher_feature
         D, Dt = encoder.embed_dim, teacher.embed_dim
 
         # Decoder as MAE's (mae.py), but predicting a teacher feature (Dt) per patch instead of pixels.
         self.decoder_embed = nn.Linear(D, decoder_embed_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
-        self.decoder_pos_embed = nn.Parameter(vit.sincos_pos_embed(decoder_embed_dim, encoder.patch_embed.grid_size)[None],
-                                              requires_grad=False)  # (1, 1+L, Dd)
-        self.decoder_blocks = nn.ModuleList([vit.Block(decoder_embed_dim, decoder_num_heads) for _ in range(decoder_depth)])
+        pos_embed = vit.sincos_pos_embed(decoder_embed_dim, encoder.patch_embed.grid_size)[None]  # (1, 1+L, Dd)
+        self.decoder_pos_embed = nn.Parameter(pos_embed, requires_grad=False)
+        self.decoder_blocks = nn.ModuleList([vit.Block(decoder_embed_dim, decoder_num_heads)
+                                             for _ in range(decoder_depth)])
         self.decoder_norm = nn.LayerNorm(decoder_embed_dim, eps=1e-6)
         self.decoder_pred = nn.Linear(decoder_embed_dim, Dt)
         # Image-level head: student CLS (D) -> teacher dim (Dt). No BatchNorm: the loss stays per sample.
@@ -175,7 +174,7 @@ class MimCo(nn.Module):
         mask = torch.gather(mask, 1, ids_restore)  # (B, L), 1 = removed, in the original patch order
         return ids_keep, ids_restore, mask
 
-    # copy of mae.py (MaskedAutoencoder.forward_decoder); here decoder_pred gives a teacher feature (B, L, Dt), not pixels
+    # copy of mae.py (MaskedAutoencoder.forward_decoder); decoder_pred gives a teacher feature (B, L, Dt), not pixels
     def forward_decoder(self, latent, ids_restore):
         x = self.decoder_embed(latent)  # (B, 1+K, Dd)
         B, L = ids_restore.shape
@@ -223,7 +222,8 @@ def train_transform_batch(x, args):
 # ------------------------------------------------------------------------------------------------------- main
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="MimCo pre-training (Zhou et al. 2022)", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description="MimCo pre-training (Zhou et al. 2022)",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_common_args(p, output_dir="runs/mimco", model="vit_small", epochs=100, warmup_epochs=10, batch_size=4096,
                     blr=1.5e-4, weight_decay=0.05)  # paper: ViT-S, 100 epochs; the rest is MAE's recipe (ours)
     p.add_argument("--teacher", required=True, help="stage-1 contrastive encoder: moco.py's encoder.pt or an official "
@@ -232,8 +232,8 @@ def get_args(argv=None):
     p.add_argument("--teacher-num-heads", type=int, default=None,
                    help="teacher heads (default: 12 for vit_small, MoCo v3's ViT-S; the model's otherwise)")
     p.add_argument("--num-heads", type=int, default=None, help="student heads (default: the model's; vit_small: 6)")
-    p.add_argument("--teacher-feature", default="cls", choices=["cls", "mean"],
-                   help="teacher global feature for the image level: CLS or mean patch token, after the final norm (ours)")
+    p.add_argument("--teacher-feature", default="cls", choices=["cls", "mean"], help="teacher global feature for the "
+                   "image level: CLS or mean patch token, after the final norm (ours)")
     p.add_argument("--mask-ratio", type=float, default=0.75, help="fraction of patches removed (ours: MAE's 0.75)")
     p.add_argument("--patch-tau", type=float, default=0.2, help="patch-level InfoNCE temperature (ours)")
     p.add_argument("--image-tau", type=float, default=0.2, help="image-level InfoNCE temperature (ours)")
@@ -259,7 +259,8 @@ def build_model(args, verbose=True):
     if verbose:
         L = encoder.patch_embed.num_patches
         print0(f"student {args.model} ({args.num_heads} heads) sees {int(L * (1 - args.mask_ratio))} of {L} patches; "
-               f"teacher {args.teacher_model} ({args.teacher_num_heads} heads, {teacher.embed_dim}-d) frozen, full image")
+               f"teacher {args.teacher_model} ({args.teacher_num_heads} heads, {teacher.embed_dim}-d) frozen, "
+               f"full image")
     if args.init:  # the student encoder; the decoder and the head start as initialized
         load_init(encoder, args.init, verbose)
     return model
@@ -279,7 +280,6 @@ def main(argv=None):
     run = Run(args, nan_suspects=("patch_tau", "image_tau", "mask_ratio"))
     loader = run.loader(build_dataset(args, train_transform(args)), train_transform_batch)
     model = build_model(args, verbose=run.is_main).to(run.device)  # the teacher too: a registered submodule
-    check_checkpoint_teacher(run.ckpt_path, args)
     optimizer = build_optimizer(model, args, run.device)
     scaler = torch.amp.GradScaler("cuda", enabled=args.amp == "fp16" and run.device.type == "cuda")
     epochs = run.resume(model, optimizer, scaler)  # the student only: MimCo.state_dict leaves out the teacher
@@ -337,7 +337,8 @@ def load_teacher(args, verbose=True):
     try:
         sd = torch.load(args.teacher, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise StopRun(f"--teacher {args.teacher}: cannot read it as a PyTorch checkpoint ({type(e).__name__})") from None
+        raise StopRun(f"--teacher {args.teacher}: cannot read it as a PyTorch checkpoint "
+                      f"({type(e).__name__})") from None
     if not isinstance(sd, dict):
         raise StopRun(f"--teacher {args.teacher}: holds a {type(sd).__name__}, not a state dict")
     method = sd.get("method") or ("mae" if any(k.startswith("decoder_") for k in sd.get("model", sd)) else "moco")
@@ -352,7 +353,7 @@ def load_teacher(args, verbose=True):
         raise StopRun(f"--teacher-model {args.teacher_model}: {e}") from None
     args.teacher_num_heads = teacher.blocks[0].attn.num_heads
     name = f"--teacher {args.teacher} (--teacher-model {args.teacher_model}, {args.teacher_num_heads} heads)"
-    # The head count is not in the weights' shapes; the run's args (checkpoint.pt, or args.json beside encoder.pt) say it.
+    # The weights' shapes do not give the head count: the run's args do (checkpoint.pt, or args.json beside encoder.pt).
     meta, side = sd.get("args"), os.path.join(os.path.dirname(args.teacher), "args.json")
     if not isinstance(meta, dict) and os.path.isfile(side):
         with open(side) as f:
@@ -366,19 +367,6 @@ def load_teacher(args, verbose=True):
         raise StopRun(f"{name} does not fit with --patch-size {args.patch_size}: {str(e).split(';')[0]}; pass the "
                       f"teacher's size as --teacher-model") from None
     return teacher
-
-
-def check_checkpoint_teacher(path, args):
-    """checkpoint.pt holds no teacher: a resumed run must use the same teacher targets (the file itself may move)."""
-    if not os.path.isfile(path):
-        return
-    old = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["args"]  # mmap: read the args only
-    for k in ("teacher_model", "teacher_num_heads", "teacher_feature"):
-        if old.get(k) != getattr(args, k):
-            raise StopRun(f"{path} was trained with --{k.replace('_', '-')} {old.get(k)}, not "
-                          f"{getattr(args, k)}; pass the same value or another --output-dir")
-    if old["teacher"] != args.teacher:
-        print0(f"note: {path} was trained with --teacher {old['teacher']}")
 
 
 def load_init(encoder, path, verbose):
@@ -452,6 +440,9 @@ class Seeded(torch.utils.data.Dataset):
     CPU state is restored after): a view depends on the image's place in the epoch, not on workers or restarts."""
     def __init__(self, dataset):
         self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
 
     def __getitem__(self, index_seed):
         with torch.random.fork_rng(devices=[]):
@@ -633,7 +624,8 @@ class Run:
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(self.ckpt_path + ".tmp")  # left by a run killed while saving
         except OSError as e:
-            raise StopRun(f"--output-dir {args.output_dir}: {e.strerror or e}; pass a folder you can write to") from None
+            raise StopRun(f"--output-dir {args.output_dir}: {e.strerror or e}; "
+                          f"pass a folder you can write to") from None
         self.old_handlers = {s: signal.signal(s, self.on_signal) for s in STOP_SIGNALS}
         print0(f"lr = blr {args.blr} x batch {args.batch_size} / 256 = {args.lr:.3g}; {self.world_size} process(es) "
                f"x {args.batch_size // self.world_size} images on {self.device}; torch {torch.__version__}")
@@ -661,7 +653,8 @@ class Run:
     def resume(self, model, optimizer, scaler, may_change=()):
         """Load checkpoint.pt if there is one, refusing one of another run (may_change: the script's own flags that a
         resumed run may change); write args.json. Every save writes these three objects. Returns the epochs to run."""
-        self.model, self.optimizer, self.scaler, self.world_size_before, args = model, optimizer, scaler, None, self.args
+        self.model, self.optimizer, self.scaler, self.world_size_before = model, optimizer, scaler, None
+        args = self.args
         if os.path.isfile(self.ckpt_path):
             self.load(may_change)
         if self.is_main:
@@ -827,9 +820,9 @@ class Run:
 
 def add_common_args(p, **defaults):
     """The command line every method script shares; each script passes its paper defaults."""
-    p.add_argument("--data", required=True, help="ImageNet-layout root (ROOT/train/<class>/*) or cifar10|cifar100|stl10")
+    p.add_argument("--data", required=True, help="ImageNet-layout root (ROOT/train/CLASS/*) or cifar10|cifar100|stl10")
     p.add_argument("--data-root", default="./data", help="download folder for --data cifar10|cifar100|stl10")
-    p.add_argument("--output-dir", default=defaults["output_dir"], help="checkpoint.pt, encoder.pt, args.json, log.jsonl")
+    p.add_argument("--output-dir", default=defaults["output_dir"], help="for checkpoint.pt, encoder.pt, logs")
     p.add_argument("--model", default=defaults["model"], choices=list(vit.MODELS), help="encoder size")
     p.add_argument("--img-size", type=int, default=224, help="input resolution")
     p.add_argument("--patch-size", type=int, default=None, help="patch size (default: the model's, 16 or 14)")
@@ -848,8 +841,8 @@ def add_common_args(p, **defaults):
     p.add_argument("--save-every-minutes", type=float, default=30, help="also save checkpoint.pt this often (0: off)")
     p.add_argument("--save-every-steps", type=int, default=0, help="also save checkpoint.pt every N steps (0: off)")
     p.add_argument("--keep-every-epochs", type=int, default=0, help="keep checkpoint_epochNNNN.pt every K epochs")
-    p.add_argument("--in-memory", action="store_true", help="augment in batches on the device (see its block)")  # --in-memory
-    p.add_argument("--in-memory-size", type=int, default=None, help="with --in-memory: store images at S x S")  # --in-memory
+    p.add_argument("--in-memory", action="store_true", help="decode once, augment on the device")  # --in-memory
+    p.add_argument("--in-memory-size", type=int, help="--in-memory: store images at S x S")  # --in-memory
     return p
 
 

@@ -7,6 +7,7 @@ import json
 import os
 import queue
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -356,6 +357,18 @@ def test_wrong_method_for_stage1_and_micl_process_count(image_root, stage1, tmp_
     torch.save({**ckpt, "world_size": 2}, tmp_path / "c" / "checkpoint.pt")  # as if trained on 2 processes
     code = run_as_main("micl.py", argv("micl", image_root, tmp_path / "c", stage1))
     assert "was trained on 2 process(es), with 15 negatives per image; resume on as many" in code
+    # mimco.py's output folder holding a damaged checkpoint, micl.py's, then its own resumed with another teacher
+    os.makedirs(tmp_path / "m2")
+    (tmp_path / "m2" / "checkpoint.pt").write_text("hello")
+    mimco_argv = argv("mimco", image_root, tmp_path / "m2", stage1, "--max-steps", "1")
+    assert "checkpoint.pt cannot be read (" in run_as_main("mimco.py", mimco_argv)
+    shutil.copy(tmp_path / "c" / "checkpoint.pt", tmp_path / "m2" / "checkpoint.pt")
+    assert "checkpoint.pt was written by micl.py, not mimco.py" in run_as_main("mimco.py", mimco_argv)
+    os.remove(tmp_path / "m2" / "checkpoint.pt")
+    assert run_as_main("mimco.py", mimco_argv) is None
+    shutil.copy(stage1 / "moco_encoder.pt", tmp_path / "other_teacher.pt")
+    code = run_as_main("mimco.py", mimco_argv[:-2] + ["--teacher", str(tmp_path / "other_teacher.pt")])
+    assert "was written with --teacher " in code and "other_teacher.pt; pass the same value" in code
 
 
 def test_sixteen_bit_png_keeps_its_brightness(tmp_path):
