@@ -61,7 +61,7 @@ class Attention(nn.Module):
 
     def forward(self, x, return_attn=False):
         B, N, D = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)  # 3x (B, H, N, d)
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)  # 3x (B, H, N, d)
         if return_attn:  # the slow path, for the analysis tools: materialize softmax(q k^T / sqrt(d))
             attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
             attn = attn.float().softmax(dim=-1).to(q.dtype)  # (B, H, N, N)
@@ -125,7 +125,7 @@ class VisionTransformer(nn.Module):
         self.init_weights()
 
     def init_weights(self):
-        """MAE's init: xavier-uniform Linear layers (the patch conv viewed as a Linear), zero Linear biases, CLS std 0.02."""
+        """MAE's init: xavier-uniform Linear layers (the patch conv viewed as one), zero Linear biases, CLS std 0.02."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
@@ -168,14 +168,15 @@ class VisionTransformer(nn.Module):
 
 # Factories: the standard sizes; any keyword (img_size, patch_size, num_heads, drop_path_rate, ...) overrides.
 # cls: a subclass that *is* a ViT with more parts, e.g. mae.py's MaskedAutoencoder (its own keywords pass through).
+# vit_small has DeiT's 6 heads; MoCo v3's ViT-S has 12 (num_heads=12).
 def vit_tiny(cls=VisionTransformer, **kw): return cls(**{"embed_dim": 192, "depth": 12, "num_heads": 3, **kw})
-def vit_small(cls=VisionTransformer, **kw): return cls(**{"embed_dim": 384, "depth": 12, "num_heads": 6, **kw})  # MoCo v3: 12
+def vit_small(cls=VisionTransformer, **kw): return cls(**{"embed_dim": 384, "depth": 12, "num_heads": 6, **kw})
 def vit_base(cls=VisionTransformer, **kw): return cls(**{"embed_dim": 768, "depth": 12, "num_heads": 12, **kw})
 def vit_large(cls=VisionTransformer, **kw): return cls(**{"embed_dim": 1024, "depth": 24, "num_heads": 16, **kw})
-def vit_huge(cls=VisionTransformer, **kw): return cls(**{"embed_dim": 1280, "depth": 32, "num_heads": 16, "patch_size": 14, **kw})
+def vit_huge(cls=VisionTransformer, **kw): return cls(**{"embed_dim": 1280, "depth": 32, "num_heads": 16,
+                                                         "patch_size": 14, **kw})
 
-MODELS = {"vit_tiny": vit_tiny, "vit_small": vit_small, "vit_base": vit_base, "vit_large": vit_large,
-          "vit_huge": vit_huge}
+MODELS = {f.__name__: f for f in (vit_tiny, vit_small, vit_base, vit_large, vit_huge)}
 
 
 def layer_id(name, depth):
@@ -203,7 +204,8 @@ def load_pretrained(model, path_or_state_dict, verbose=True):
         try:
             sd = torch.load(sd, map_location="cpu", weights_only=True)  # weights_only: a checkpoint never runs code
         except Exception as e:  # not a PyTorch file, cut short, or a pickled object (never unpickled here)
-            raise ValueError(f"cannot read {sd} as a file of weights ({type(e).__name__}); pass a .pt/.pth of tensors") from None
+            raise ValueError(f"cannot read {sd} as a file of weights ({type(e).__name__}); "
+                             "pass a .pt/.pth of tensors") from None
     if not isinstance(sd, dict):
         raise ValueError(f"the checkpoint holds a {type(sd).__name__}, not a dict of weights")
     for key in ("model", "state_dict", "encoder"):  # ours / MAE, MoCo v3, some third-party files

@@ -113,8 +113,7 @@ def in_memory_batches(mod, transform_fn, batch_fn, data, split, batch_size, img_
     run.device = device
     t = time.perf_counter()
     batches = run.loader(mod.build_dataset(args, transform_fn(args), split), batch_fn)
-    images, _, transform = run.memory
-    return batches, lambda idx: transform(images[idx.to(device)], args), time.perf_counter() - t
+    return batches, lambda batch: mod.augment_in_memory(run, batch), time.perf_counter() - t
 
 
 def moco_step(data, split, batch_size, img_size, in_memory, workers, steps=40):
