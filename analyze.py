@@ -2,23 +2,23 @@
 
 Several encoders side by side (any file vit.load_pretrained reads, or `random`), every measurement as numbers (a
 table, and --out DIR/analysis.json) and as one picture per analysis (--out DIR/*.png, the models overlaid):
-  - mean attention distance (pixels), per block: how far each query looks. CL (MoCo v3) attends globally in later
-    blocks, MIM (MAE, SimMIM) stays local.                                                  attention_distance.png
+  - mean attention distance (pixels), per block: how far each query looks. Park et al. report that CL (MoCo v3)
+    attends globally in later blocks and MIM (MAE, SimMIM) stays local.                      attention_distance.png
   - attention NMI, per block: normalized mutual information between query and key positions. Low NMI = "attention
-    collapse": every query attends to the same keys (CL in later blocks).                     attention_nmi.png
+    collapse": every query attends to the same keys (Park et al.: CL in later blocks).        attention_nmi.png
   - Fourier Δlog-amplitude, for the embedding and every block: high-frequency content of the token feature maps
-    relative to the zero frequency. MIM keeps more high frequency (values closer to 0) than CL.        fourier.png
+    relative to the zero frequency (closer to 0 = more; Park et al.: MIM keeps more than CL).          fourier.png
   - attention maps (Park et al. Fig. 2): in one block (--attn-block, default the last), the attention of a few query
-    patches (--queries) over one image, mean over heads. CL maps look alike whatever the query (collapse), MIM maps
-    stay around the query.                                                                  attention_maps.png
-  - per-block k-NN probes (their Fig. 10: MoCo rises to the last block, SimMIM peaks around block 8 and falls): the
+    patches (--queries) over one image, mean over heads. Park et al.: CL maps look alike whatever the query
+    (collapse), MIM maps stay around the query.                                              attention_maps.png
+  - per-block k-NN probes (their Fig. 10 reports MoCo rising to the last block, SimMIM peaking near block 8): the
     weighted k-NN of eval_fewshot.py on each block's features, bank from ROOT/train, scored on ROOT/val.  probes_knn.png
   - linear CKA (Kornblith et al. 2019) between every block of one model and every block of another, on the same val
     images, for every pair of models (one model: itself), as heat maps.                                  cka.png
-  - gradient conflict (--conflict NAME=PATH: hybrid.py checkpoints, or random): Layer Grafted's claim that the naive
-    joint loss has "conflicting gradient directions - more severe as the layers go deeper". Per layer of the shared
-    encoder, cos(grad L_MIM, grad L_CL) on --conflict-batches batches of hybrid.py's own training views, one value per
-    batch, drawn as a distribution per layer (single process; train-mode BN, momentum 1: our choices).  conflict.png
+  - gradient conflict (--conflict NAME=PATH: hybrid.py checkpoints, or random), for Layer Grafted's claim that the
+    naive joint loss has "conflicting gradient directions - more severe as the layers go deeper". Per layer of the
+    shared encoder, cos(grad L_MIM, grad L_CL) on --conflict-batches batches of hybrid.py's own training views, one
+    value per batch, as a distribution per layer (single process; train-mode BN, momentum 1: our choices). conflict.png
 Facts from the official notebooks (naver-ai/cl-vs-mim @ eafe516): CLS row and column dropped and rows renormalized;
 distance in pixels (patch size x grid distance); p(q) uniform; the Fourier value is the last point of the diagonal
 from the centre of the shifted spectrum, minus the centre value, for the embedding and every block output. The
@@ -29,7 +29,9 @@ same number per class and the same images every run; Fourier on 16 of them, agai
 Block features for the probes and CKA: each block's output through the model's final LayerNorm (for the last block
 that is eval_fewshot.py's feature; our resize is bicubic, its bilinear), then the mean of the patch tokens
 (--probe-feature mean) or the CLS token; the probes use --probe-train images of ROOT/train and --probe-val of
-ROOT/val, seeded subsets (--seed), and CKA uses the same val features. Blocks are numbered from 1 (the paper's "block 8"), 0 is the patch embedding.
+ROOT/val, seeded subsets (--seed), and CKA uses the same val features. Blocks are numbered from 1 (the paper's
+"block 8"), 0 is the patch embedding. Every input is checked before any work (one-line errors, --out included), and
+a NaN or inf anywhere (weights, features, a measurement) stops the run: no table or picture shows one.
 `random` is the seed-0 init, the same random encoder as eval_fewshot.py --checkpoint random.
 
 Run (pip install matplotlib for the pictures; without it only the JSON is written):
@@ -42,6 +44,7 @@ import math
 import os
 import platform
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -123,12 +126,11 @@ def knn_accuracy(train_x, train_y, test_x, test_y, k=20, t=0.07, device=None, ch
     """Top-1 accuracy (fraction) of DINO's weighted k-NN (eval_knn.py); k is capped at the number of train features."""
     device = torch.device(device) if device is not None else train_x.device
     X, y = F.normalize(train_x.to(device).float(), dim=1), train_y.to(device).long()
-    num_classes, k = int(max(y.max(), test_y.max())) + 1, min(k, len(X))
-    correct = 0
+    num_classes, k, correct = int(max(y.max(), test_y.max())) + 1, min(k, len(X)), 0
     for xt, yt in zip(test_x.split(chunk), test_y.split(chunk)):  # chunks: a (chunk, n_train) similarity at a time
         sim, idx = (F.normalize(xt.to(device).float(), dim=1) @ X.T).topk(k, dim=1)  # (B, k)
         votes = torch.zeros(len(xt), num_classes, device=device)
-        votes.scatter_add_(1, y[idx], (sim / t).exp())  # (B, C): summed weights per class
+        votes.scatter_add_(1, y[idx], ((sim - sim[:, :1]) / t).exp())  # (B, C): weights / the nearest one's (<= 1)
         correct += (votes.argmax(dim=1).cpu() == yt.cpu()).sum().item()
     return correct / len(test_x)
 
@@ -208,8 +210,8 @@ def pil_loader(path):
 
 
 def eval_transform(img_size):
-    return T.Compose([T.Resize(int(img_size / 0.875), interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(img_size),
-                      T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    resize = T.Resize(int(img_size / 0.875), interpolation=T.InterpolationMode.BICUBIC)
+    return T.Compose([resize, T.CenterCrop(img_size), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
 def image_folder(root, split, img_size, why):
@@ -259,24 +261,26 @@ def probe_sets(root, img_size, n_train, n_val, seed):
 
 # ----------------------------------------------------------------------------------------------------- pictures
 
-CURVES = {  # JSON key -> file, title, what to look for (Park et al.), y label, x of the first value
-    "attention_distance": ("attention_distance.png", "Mean attention distance",
-                           "CL: global in later blocks; MIM: local", "distance (pixels)", 1),
-    "attention_nmi": ("attention_nmi.png", "Attention NMI (query vs key position)",
-                      "low = collapse, every query attends alike (CL, later blocks)", "NMI", 1),
-    "fourier_dlogamp": ("fourier.png", "Fourier Δlog-amplitude at the highest frequency",
-                        "closer to 0 = more high frequency (MIM)", "Δ log amplitude", 0),
+# Each picture's title says what was measured, on what; a paper's finding, where quoted, is labelled as the paper's:
+# these data may or may not show it.
+CURVES = {  # JSON key -> file, what was measured, what Park et al. report, y label, x of the first value
+    "attention_distance": ("attention_distance.png", "Mean attention distance per block (mean over heads and queries)",
+                           "CL global in later blocks, MIM local", "distance (pixels)", 1),
+    "attention_nmi": ("attention_nmi.png", "Attention NMI per block, query vs key position (low: all queries alike)",
+                      "low NMI (collapse) for CL in later blocks", "NMI", 1),
+    "fourier_dlogamp": ("fourier.png", "Fourier Δlog-amplitude at the highest frequency (nearer 0: more of it)",
+                        "MIM keeps more high frequency than CL", "Δ log amplitude", 0),
 }
 
 
-def draw_curve(path, series, title, hint, ylabel, first_x, xlabel="block"):
-    """One line per model: x = block, y = the measurement."""
+def draw_curve(path, series, title, paper, ylabel, first_x, xlabel="block"):
+    """One line per model: x = block, y = the measurement; the title says what was measured, then `paper`'s claim."""
     from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
     fig = Figure(figsize=(6.4, 4.2), dpi=120)
     ax = fig.subplots()
     for name, ys in series.items():
         ax.plot(range(first_x, first_x + len(ys)), ys, marker="o", label=name)
-    ax.set_title(f"{title}\n{hint}", fontsize=10)
+    ax.set_title(f"{title}\n{paper}", fontsize=9)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_xticks(range(first_x, first_x + max(len(ys) for ys in series.values())))
@@ -311,8 +315,8 @@ def draw_attention_maps(path, img, maps, queries, patch_size, block):
             ax.set_xticks([])
             ax.set_yticks([])
     axes[0][0].set_title("image", fontsize=9)
-    fig.suptitle(f"Attention of each query patch in block {block}, mean over heads\n"
-                 "CL: alike for every query (collapse); MIM: local, around the query", fontsize=10)
+    fig.suptitle(f"Attention of each query patch in block {block} of one image, mean over heads\n"
+                 "Park et al. report: CL maps alike for every query (collapse), MIM maps local around it", fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
 
@@ -338,17 +342,19 @@ def draw_cka(path, pairs):
 def draw_pictures(out, report, img, patch_size):
     """Every PNG into `out`; returns their names."""
     results, written = report["results"], []
-    for key, (fname, title, hint, ylabel, first_x) in CURVES.items():
+    for key, (fname, title, paper, ylabel, first_x) in CURVES.items():
+        n = len(report["images"]["fourier" if key == "fourier_dlogamp" else "analysis"])
         xlabel = "block (0 = patch embedding)" if first_x == 0 else "block"
-        draw_curve(os.path.join(out, fname), {n: r[key] for n, r in results.items()}, title, hint, ylabel, first_x, xlabel)
+        draw_curve(os.path.join(out, fname), {name: r[key] for name, r in results.items()}, f"{title}, {n} images",
+                   f"Park et al. report: {paper}", ylabel, first_x, xlabel)
         written.append(fname)
     a = report["attention_maps"]
-    draw_attention_maps(os.path.join(out, "attention_maps.png"), img, {n: r["attention_maps"] for n, r in results.items()},
-                        a["queries"], patch_size, a["block"])
+    maps = {name: r["attention_maps"] for name, r in results.items()}
+    draw_attention_maps(os.path.join(out, "attention_maps.png"), img, maps, a["queries"], patch_size, a["block"])
     p = report["probes"]
     draw_curve(os.path.join(out, "probes_knn.png"), p["top1"], f"k-NN top-1 of each block ({p['n_train']} train, "
-               f"{p['n_val']} val images)", "Park et al. Fig. 10: MoCo rises to the last block, SimMIM peaks near "
-               "block 8", "top-1 (%)", 1)
+               f"{p['n_val']} val images)", "Park et al. report (Fig. 10): MoCo rises to the last block, SimMIM "
+               "peaks near block 8", "top-1 (%)", 1)
     draw_cka(os.path.join(out, "cka.png"), report["cka"]["pairs"])
     written += ["attention_maps.png", "probes_knn.png", "cka.png"]
     if report["conflict"]:
@@ -359,8 +365,9 @@ def draw_pictures(out, report, img, patch_size):
 # ------------------------------------------------------------------------------------------ gradient conflict
 
 def encoder_groups(encoder):
-    """The shared encoder's trainable parameters per layer: "embed" (patch projection, cls token), blocks 1..N, "norm"."""
-    groups = {"embed": [p for n, p in encoder.named_parameters() if n.startswith(("patch_embed", "cls_token", "pos_embed"))]}
+    """The shared encoder's trainable parameters per layer: "embed" (patch projection, tokens), blocks 1..N, "norm"."""
+    embed = ("patch_embed", "cls_token", "pos_embed")
+    groups = {"embed": [p for n, p in encoder.named_parameters() if n.startswith(embed)]}
     groups.update({str(i): list(b.parameters()) for i, b in enumerate(encoder.blocks, 1)})
     groups["norm"] = list(encoder.norm.parameters())
     return {k: [p for p in ps if p.requires_grad] for k, ps in groups.items()}
@@ -397,6 +404,8 @@ def load_hybrid(args, name, path):
     hargs = argparse.Namespace(**{**ckpt["args"], "init": None, "data": args.data})  # the data may have moved
     model = hybrid.build_model(hargs, verbose=False)
     model.load_state_dict(ckpt["model"])
+    if not finite_weights(model):
+        fail(f"--conflict {name}={path}: its weights hold NaN or inf (a diverged run?); pass another checkpoint")
     return model, hargs
 
 
@@ -442,8 +451,9 @@ def draw_conflict(path, conflict):
     ax.set_xticks(range(len(layers)), layers)
     ax.set_xlabel("layer of the shared encoder (embed, blocks, final norm)")
     ax.set_ylabel("cos(grad MIM, grad CL)")
-    ax.set_title("Gradient conflict of the joint loss, per layer (one value per batch)\n"
-                 "Layer Grafted: more conflict (lower cosine) as the layers go deeper", fontsize=10)
+    runs = ", ".join(sorted({f"{c['batches']} x {c['batch_size']} images" for c in conflict.values()}))
+    ax.set_title(f"cos(grad MIM, grad CL) of the joint loss per layer, one value per batch ({runs})\n"
+                 "Layer Grafted reports: more conflict (lower cosine) as the layers go deeper", fontsize=9)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path)
@@ -487,8 +497,10 @@ def get_parser():
     p.add_argument("--seed", type=int, default=0, help="seed of the probe subsets")
     p.add_argument("--batch-size", type=int, default=64, help="feature-extraction batch for the probes")
     p.add_argument("--conflict", action="append", default=[], metavar="NAME=PATH", help="repeatable: a hybrid.py "
-                   "checkpoint.pt (or NAME=random); per layer, the cosine between the gradients of its MIM and CL losses")
-    p.add_argument("--conflict-batches", type=int, default=16, help="batches of hybrid.py's training views, one cosine each")
+                   "checkpoint.pt (or NAME=random); per layer, the cosine between the gradients of its MIM and CL "
+                   "losses")
+    p.add_argument("--conflict-batches", type=int, default=16, help="batches of hybrid.py's training views, one "
+                   "cosine each")
     p.add_argument("--conflict-batch-size", type=int, default=32, help="images per batch of the gradient conflict")
     p.add_argument("--out", default=None, help="folder for analysis.json (every number, versions, device, args) and "
                    "one PNG per analysis; without it only the tables are printed")
@@ -535,6 +547,33 @@ def check_numbers(args):
             fail(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 1")
     if not 0 <= args.attn_image < args.num_images:
         fail(f"--attn-image {args.attn_image}: must be one of the --num-images images, 0 to {args.num_images - 1}")
+    if not 0 <= args.seed < 2**63:
+        fail(f"--seed {args.seed}: must be >= 0 and < 2**63")
+
+
+def check_out(out):
+    """--out before any work, not after it: the folder is made and a test file written (and removed), so a folder
+    under a file, a read-only one or a full disk stops the run in one line."""
+    try:
+        os.makedirs(out, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out) as f:
+            f.write(bytes(65536))
+    except OSError as e:
+        fail(f"--out {out}: cannot write there ({e.strerror or e}); pass another folder")
+
+
+def non_finite(obj, where):
+    """Where the first NaN or inf is in nested dicts and lists of numbers (e.g. 'results.mae.attention_nmi[3]'),
+    else None: no table or picture shows a number that is not one."""
+    if isinstance(obj, dict):
+        return next((w for k, v in obj.items() if (w := non_finite(v, f"{where}.{k}"))), None)
+    if isinstance(obj, (list, tuple)):
+        return next((w for i, v in enumerate(obj) if (w := non_finite(v, f"{where}[{i}]"))), None)
+    return where if isinstance(obj, float) and not math.isfinite(obj) else None
+
+
+def finite_weights(model):
+    return all(v.isfinite().all() for v in model.state_dict().values() if v.is_floating_point())
 
 
 def build_encoder(args, name, path):
@@ -549,6 +588,8 @@ def build_encoder(args, name, path):
             vit.load_pretrained(model, path, verbose=False)
         except ValueError as e:
             fail(f"--checkpoint {name}={path}: {e}")
+    if not finite_weights(model):
+        fail(f"--checkpoint {name}={path}: its weights hold NaN or inf (a diverged run?); pass another checkpoint")
     return model
 
 
@@ -572,19 +613,24 @@ def main(argv=None):
         return run(argv)
     except StopRun as e:  # an unreadable image (pil_loader), also from inside a DataLoader worker
         fail(one_line(e))
+    except KeyboardInterrupt:
+        fail("stopped by Ctrl-C before the analysis was complete: no analysis.json; the same command starts again")
 
 
 def run(argv=None):
     args = get_parser().parse_args(argv)
     check_numbers(args)
     checkpoints = parse_checkpoints(args.checkpoint)
+    if args.out:
+        check_out(args.out)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     # every input error before any long work: the models, the images, the query patches
     models = {name: build_encoder(args, name, path) for name, path in checkpoints.items()}
     first = next(iter(models.values()))
     grid, depth = first.patch_embed.grid_size, len(first.blocks)
-    hybrids = {name: load_hybrid(args, name, path) for name, path in parse_checkpoints(args.conflict, "--conflict").items()}
+    hybrids = {name: load_hybrid(args, name, path)
+               for name, path in parse_checkpoints(args.conflict, "--conflict").items()}
     queries = parse_queries(args.queries, grid)
     block = depth if args.attn_block is None else args.attn_block
     if not 1 <= block <= depth:
@@ -602,8 +648,12 @@ def run(argv=None):
         results[name] = analyze(model, imgs.to(device), args.fourier_images)
         results[name]["attention_maps"] = attention_maps_of(model, imgs[args.attn_image].to(device), block,
                                                             queries).tolist()
-        train_x, train_y = block_features(model, train_set, device, args.batch_size, args.probe_feature, f"{name} train")
+        train_x, train_y = block_features(model, train_set, device, args.batch_size, args.probe_feature,
+                                          f"{name} train")
         val_x, val_y = block_features(model, val_set, device, args.batch_size, args.probe_feature, f"{name} val")
+        if not all(x.isfinite().all() for x in train_x + val_x):  # a k-NN of NaN features scores a chance-like number
+            fail(f"--checkpoint {name}={checkpoints[name]}: its block features hold NaN or inf (the encoder "
+                 f"overflows); nothing of it is reported: pass another checkpoint")
         top1[name] = [100 * knn_accuracy(tx, train_y, vx, val_y, args.knn_k) for tx, vx in zip(train_x, val_x)]
         val_feats[name] = val_x
         model.cpu()
@@ -635,25 +685,36 @@ def run(argv=None):
         "cka": cka,
         "conflict": conflict,
     }
+    bad = non_finite({k: report[k] for k in ("results", "probes", "cka", "conflict")}, "analysis")
+    if bad:  # e.g. CKA of a block whose features do not vary over the images (0 / 0)
+        fail(f"{bad} is NaN or inf, so no table or picture is made; check that encoder (constant or overflowing "
+             f"features?)")
     print_tables(report)
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
         try:
-            import matplotlib  # only the pictures need it: without it the numbers are still written
-        except ImportError:
-            matplotlib = None
-        report["versions"]["matplotlib"], pictures = None, None
-        if matplotlib is not None:
-            report["versions"]["matplotlib"] = matplotlib.__version__
-            pictures = draw_pictures(args.out, report, imgs[args.attn_image], first.patch_size)
-        report["pictures"] = pictures
-        with open(os.path.join(args.out, "analysis.json"), "w") as f:
-            json.dump(report, f, indent=2)
-        if pictures is None:
-            print(f"\nwrote {args.out}/analysis.json; no pictures: matplotlib is not installed (pip install matplotlib)")
-        else:
-            print(f"\nwrote {args.out}/analysis.json and " + ", ".join(pictures))
+            write_out(args.out, report, imgs[args.attn_image], first.patch_size)
+        except OSError as e:  # a disk that filled up during the run: --out was writable at the start
+            fail(f"--out {args.out}: writing the results failed ({e.strerror or e}); the tables above hold the numbers")
     return report
+
+
+def write_out(out, report, img, patch_size):
+    """analysis.json and the pictures (when matplotlib is installed) into `out`."""
+    try:
+        import matplotlib  # only the pictures need it: without it the numbers are still written
+    except ImportError:
+        matplotlib = None
+    report["versions"]["matplotlib"], pictures = None, None
+    if matplotlib is not None:
+        report["versions"]["matplotlib"] = matplotlib.__version__
+        pictures = draw_pictures(out, report, img, patch_size)
+    report["pictures"] = pictures
+    with open(os.path.join(out, "analysis.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    if pictures is None:
+        print(f"\nwrote {out}/analysis.json; no pictures: matplotlib is not installed (pip install matplotlib)")
+    else:
+        print(f"\nwrote {out}/analysis.json and " + ", ".join(pictures))
 
 
 if __name__ == "__main__":

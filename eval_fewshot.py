@@ -11,23 +11,20 @@ Run (first the paper's row; 1percent.txt is SimCLR's imagenet_subsets list):
     torchrun --nproc_per_node 8 eval_fewshot.py ... --percent 1,10 --seeds 0,1,2 --cache feats/   # extraction on 8 GPUs
     python eval_fewshot.py --checkpoint runs/mae_c10/encoder.pt --model vit_tiny --img-size 32 --patch-size 4 \
         --data cifar10 --shots 1,2,5,10 --protocol logreg,knn,linear --json c10.json
-    python eval_fewshot.py --checkpoint vit-s-300ep.pth.tar --model vit_small --num-heads 12 ...   # MoCo v3 ViT-S
-    python eval_fewshot.py --checkpoint random ...                # a random-init encoder: the floor to beat
+    python eval_fewshot.py --checkpoint random ...   # random init: the floor to beat (MoCo v3's ViT-S: --num-heads 12)
 
 Protocols (--protocol): fit on a split of the train set, scored on all of val/; over --seeds, mean +- 95% t-interval.
-  logreg  MSN / Layer Grafted: cyan.preprocess(normalize=True, centering=True, columns=False) (each feature vector minus
-          its own mean, over its L2 norm: no shared statistic, so train and val apart, as officially, is the same), then
-          cyanure's l2 multinomial logistic regression (logreg_accuracy), lambd 2.5e-4 (scikit-learn's C = 1/lambd =
-          4000, fit_intercept=False: the tests check), by full-batch L-BFGS in fp32 to cyanure's duality-gap tol 1e-3.
+  logreg  MSN / Layer Grafted: cyan.preprocess(normalize=True, centering=True, columns=False) (per row: train and val
+          apart, as officially, is the same), cyanure's l2 multinomial logistic regression, lambd 2.5e-4 (sklearn's C =
+          1/lambd = 4000, no intercept: tested), by full-batch fp32 L-BFGS to cyanure's duality-gap tol 1e-3.
   knn     DINO's weighted k-NN: the k = min(--knn-k 20, n_train) cosine-nearest train features vote with exp(sim/0.07).
   linear  MAE's linear-probe head, BatchNorm1d(affine=False, eps 1e-6) + Linear (trunc-normal std 0.01, bias 0), on the
-          cached features (no augmentation); not MAE's LARS (its batch-scaled lr does not transfer to 10-image batches)
-          but SGD momentum 0.9, lr 0.1, no weight decay, per-step cosine to 0 without warm-up, 100 epochs of batches of
-          min(256, n_train), BN statistics from training; seeded by the split seed.
+          cached features; not MAE's LARS (its batch-scaled lr does not transfer to 10-image batches) but SGD momentum
+          0.9, lr 0.1, no weight decay, per-step cosine to 0, 100 epochs of batches of min(256, n_train); split seed.
 Features (Layer Grafted inferFeature): eval(), no_grad, fp32 (--amp bf16: faster, not official), the CLS token after the
 final LayerNorm (--feature mean: the patch tokens' mean), no augmentation: Resize(img_size / 0.875, bilinear, as the
 official code) + CenterCrop, ImageNet mean/std. Under torchrun rank r extracts images r, r+W, ..., gathered in order
-without duplicates (DistributedSampler pads). Only images some split uses are extracted; --cache DIR keeps them.
+without duplicates. Only images some split uses are extracted; --cache DIR keeps them. NaN or inf features stop the run.
 Splits, per class, deterministic in the seed: --percent P (round(P% of each class), at least 1; SimCLR's lists, drawn
 over the whole set, hold 12-13 per class at 1%), --shots K (MSN's 1/2/5 images per class), or --split-file (SimCLR: a
 file name per line, class from its wnid prefix; Layer Grafted's `train/<wnid>/<file> <label>` too): one fixed split,
@@ -85,8 +82,7 @@ def logreg_accuracy(train_x, train_y, test_x, test_y, lambd=2.5e-4, max_iter=100
         loss.backward()
         return loss
 
-    iters, rel_gap = 0, float("inf")
-    old_tf32 = torch.backends.cuda.matmul.allow_tf32
+    iters, rel_gap, old_tf32 = 0, float("inf"), torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False  # TF32's 10-bit mantissa would cost the duality gap its precision
     try:
         while iters < max_iter:
@@ -116,12 +112,11 @@ def knn_accuracy(train_x, train_y, test_x, test_y, k=20, t=0.07, device=None, ch
     """Top-1 accuracy (fraction) of DINO's weighted k-NN (eval_knn.py); k is capped at the number of train features."""
     device = torch.device(device) if device is not None else train_x.device
     X, y = F.normalize(train_x.to(device).float(), dim=1), train_y.to(device).long()
-    num_classes, k = int(max(y.max(), test_y.max())) + 1, min(k, len(X))
-    correct = 0
+    num_classes, k, correct = int(max(y.max(), test_y.max())) + 1, min(k, len(X)), 0
     for xt, yt in zip(test_x.split(chunk), test_y.split(chunk)):  # chunks: a (chunk, n_train) similarity at a time
         sim, idx = (F.normalize(xt.to(device).float(), dim=1) @ X.T).topk(k, dim=1)  # (B, k)
         votes = torch.zeros(len(xt), num_classes, device=device)
-        votes.scatter_add_(1, y[idx], (sim / t).exp())  # (B, C): summed weights per class
+        votes.scatter_add_(1, y[idx], ((sim - sim[:, :1]) / t).exp())  # (B, C): weights / the nearest one's (<= 1)
         correct += (votes.argmax(dim=1).cpu() == yt.cpu()).sum().item()
     return correct / len(test_x)
 
@@ -149,6 +144,8 @@ def linear_accuracy(train_x, train_y, test_x, test_y, epochs=100, lr=0.1, batch_
             loss.backward()
             opt.step()
     head.eval()
+    if not all(v.isfinite().all() for v in head.state_dict().values()):
+        raise StopRun(f"--linear-lr {lr}: the linear probe diverged (NaN or inf weights); use a smaller --linear-lr")
     with torch.no_grad():
         pred = torch.cat([head(xt.to(device).float()).argmax(dim=1).cpu() for xt in test_x.split(8192)])
     return (pred == test_y.cpu()).float().mean().item()
@@ -232,9 +229,11 @@ def cached_features(model, dataset, indices, split, args, device):
                                args.feature, args.amp)
         have_idx, have_x = torch.cat([have_idx, missing]), torch.cat([have_x.reshape(-1, x.shape[1]), x])
         if path and (not dist.is_initialized() or dist.get_rank() == 0):  # rank 0 writes the file
-            os.makedirs(args.cache, exist_ok=True)
-            torch.save({"indices": have_idx, "features": have_x}, path + ".tmp")
-            os.replace(path + ".tmp", path)  # atomic, as save_checkpoint in the training scripts
+            try:
+                torch.save({"indices": have_idx, "features": have_x}, path + ".tmp")
+                os.replace(path + ".tmp", path)  # atomic, as save_checkpoint in the training scripts
+            except (OSError, RuntimeError) as e:  # e.g. a full disk; the features are in memory, the cache is optional
+                print0(f"note: --cache: could not write {path} ({one_line(e)}); going on without it")
     row = torch.full((len(dataset),), -1, dtype=torch.long)  # image index -> row of have_x
     row[have_idx] = torch.arange(len(have_idx))
     return have_x[row[indices]]
@@ -273,9 +272,9 @@ def get_args(argv=None):
     p.add_argument("--data-root", default="./data", help="download folder for --data cifar10|cifar100|stl10")
     p.add_argument("--feature", default="cls", choices=["cls", "mean"], help="final-norm CLS token or patch-token mean")
     p.add_argument("--percent", help="comma list of per-class percentages, e.g. 1,10 (1 if no split option is given)")
-    p.add_argument("--shots", type=int_list, default=None, help="comma list of images per class, e.g. 1,2,5,13 (MSN)")
+    p.add_argument("--shots", help="comma list of images per class, e.g. 1,2,5,13 (MSN)")
     p.add_argument("--split-file", action="append", help="SimCLR's 1percent.txt or Layer Grafted's list; repeatable")
-    p.add_argument("--seeds", type=int_list, default=[0, 1, 2], help="comma list of split seeds (mean +- 95%% CI)")
+    p.add_argument("--seeds", default="0,1,2", help="comma list of split seeds (mean +- 95%% CI)")
     p.add_argument("--protocol", default="logreg,knn", help="comma list of logreg (paper), knn, linear")
     p.add_argument("--lambd", type=float, default=2.5e-4, help="logreg L2 penalty / n_train (MSN); sklearn C = 1/lambd")
     p.add_argument("--max-iter", type=int, default=1000, help="logreg L-BFGS steps at most (stops at duality gap 1e-3)")
@@ -289,27 +288,35 @@ def get_args(argv=None):
     p.add_argument("--amp", default="none", choices=["bf16", "fp16", "none"], help="autocast on CUDA (official: fp32)")
     p.add_argument("--cache", default=None, help="folder that keeps extracted features between runs")
     p.add_argument("--json", default=None, help="write the results, args, versions and device to this file")
-    args = p.parse_args(argv)
-    args.protocol = [s.strip() for s in args.protocol.split(",") if s.strip()]  # argparse's error for a bad option
-    bad = [s for s in args.protocol if s not in ("logreg", "knn", "linear")]
-    if bad or not args.protocol:
-        p.error(f"--protocol: unknown {bad or 'empty'}; choose from logreg, knn, linear")
-    args.percent = [float(v) for v in args.percent.split(",") if v.strip()] if args.percent else None
-    if args.percent is None and args.shots is None and args.split_file is None:
-        args.percent = [1.0]  # the paper's headline split size
-    if any(not 0 < v <= 100 for v in args.percent or []) or any(k < 1 for k in args.shots or []):
-        p.error("--percent takes values in (0, 100], --shots values >= 1")
-    if not args.seeds:
-        p.error("--seeds: give at least one seed")
-    return args
+    a, lists, world = p.parse_args(argv), {}, int(os.environ.get("WORLD_SIZE", 1))
+    a.percent = a.percent if a.percent or a.shots or a.split_file else "1"  # the paper's headline split size
+    for key, kind in (("percent", float), ("shots", int), ("seeds", int), ("protocol", str)):  # comma lists
+        with contextlib.suppress(ValueError):  # not a `kind`: stays None, and a rule below says so
+            lists[key] = [kind(v.strip()) for v in (getattr(a, key) or "").split(",") if v.strip()]
+    percent, shots, seeds, protocols = (lists.get(k) for k in ("percent", "shots", "seeds", "protocol"))
+    rules = [(getattr(a, k) is None or getattr(a, k) >= low, k, f"must be >= {low}") for k, low in (("max_iter", 1),
+             ("knn_k", 1), ("linear_epochs", 1), ("linear_batch_size", 2), ("batch_size", 1), ("num_workers", 0),
+             ("img_size", 1), ("patch_size", 1), ("num_heads", 1))]
+    rules += [(math.isfinite(getattr(a, k)) and getattr(a, k) > 0, k, "must be a positive number")
+              for k in ("lambd", "knn_t", "linear_lr")]
+    rules += [(protocols and set(protocols) <= {"logreg", "knn", "linear"}, "protocol", "takes logreg, knn, linear"),
+              (percent is not None and all(0 < v <= 100 for v in percent), "percent", "takes numbers in (0, 100]"),
+              (shots is not None and all(k >= 1 for k in shots), "shots", "takes integers >= 1"),
+              (seeds and all(0 <= v < 2**63 for v in seeds), "seeds", "takes integers >= 0 and < 2**63"),
+              (a.batch_size % world == 0, "batch_size", f"is global: divide it by the {world} processes"),
+              (not a.patch_size or not a.img_size % a.patch_size, "patch_size", f"must divide --img-size {a.img_size}")]
+    for ok, key, rule in rules:  # the first broken rule stops the run before anything is read or written
+        if not ok:
+            raise StopRun(f"--{key.replace('_', '-')} {getattr(a, key)}: {rule}")
+    a.protocol, a.percent, a.shots, a.seeds = protocols, percent or None, shots or None, seeds
+    return a
 
 
 def make_splits(args, train_set, labels):
     """[(name, {seed: sorted train indices})]: one entry per --percent / --shots / --split-file value."""
-    names = getattr(train_set, "classes", None)
     splits = [(f"{p:g}%", {s: sample_split(labels, s, percent=p) for s in args.seeds}) for p in args.percent or []]
-    splits += [(f"{k}-shot", {s: sample_split(labels, s, shots=k, class_names=names) for s in args.seeds})
-               for k in args.shots or []]
+    splits += [(f"{k}-shot", {s: sample_split(labels, s, shots=k, class_names=getattr(train_set, "classes", None))
+                              for s in args.seeds}) for k in args.shots or []]
     for path in args.split_file or []:
         idx = read_split_file(path, train_set)
         splits.append((os.path.basename(path), {s: idx for s in args.seeds}))  # fixed split: seeds vary the probe only
@@ -320,20 +327,28 @@ def build_encoder(args, verbose):
     """--model, random (seed 0: the same every time) or loaded from --checkpoint (else a one-line error)."""
     torch.manual_seed(0)
     kw = {k: getattr(args, k) for k in ("patch_size", "num_heads") if getattr(args, k)}
-    model = vit.MODELS[args.model](img_size=args.img_size, **kw)
-    args.patch_size, args.num_heads = model.patch_size, model.blocks[0].attn.num_heads
-    if args.checkpoint != "random":
-        try:
+    try:  # vit.py asserts that the sizes divide; a checkpoint not found, unreadable, or of another model: ValueError
+        model = vit.MODELS[args.model](img_size=args.img_size, **kw)
+        if args.checkpoint != "random":
             vit.load_pretrained(model, args.checkpoint, verbose=verbose)
-        except ValueError as e:  # not found, unreadable, or weights for another model
-            raise StopRun(f"--checkpoint {args.checkpoint}: {one_line(e)}") from None
+    except (AssertionError, ValueError) as e:
+        raise StopRun(f"--checkpoint {args.checkpoint} --model {args.model}: {one_line(e)}") from None
+    args.patch_size, args.num_heads = model.patch_size, model.blocks[0].attn.num_heads
     return model
 
 
 def main(argv=None):
     args = get_args(argv)
-    rank, world_size, device = setup_distributed(args)
-    args.world_size, sha = world_size, git_sha()
+    for flag, path in (("--cache", args.cache), ("--json", args.json and os.path.dirname(os.path.abspath(args.json)))):
+        try:  # before any work: a folder under a file fails now (a full disk only when written: one line then too)
+            os.makedirs(path or ".", exist_ok=True)
+        except OSError as e:
+            raise StopRun(f"{flag}: cannot make the folder {path} ({e.strerror or e}); pass another path") from None
+    rank, world_size, device = setup_distributed()
+    args.world_size, sha = world_size, None
+    with contextlib.suppress(Exception):  # the commit, for the record; None without git or outside a checkout
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
+                             capture_output=True, text=True, timeout=10).stdout.strip() or None
     print0(f"eval_fewshot: torch {torch.__version__}, {world_size} process(es) on {device}, git {sha}")
     print0("args: " + ", ".join(f"{k}={v}" for k, v in sorted(vars(args).items())))
 
@@ -349,14 +364,18 @@ def main(argv=None):
     used_x = cached_features(model, train_set, used, "train", args, device)
     val_x = cached_features(model, val_set, torch.arange(len(val_set)), "val", args, device)
     print0(f"features: {used_x.shape[1]}-d, {time.perf_counter() - t0:.1f} s")
+    if not (used_x.isfinite().all() and val_x.isfinite().all()):  # an accuracy from NaN: a number nobody can trust
+        raise StopRun(f"--checkpoint {args.checkpoint}: its features hold NaN or inf (weights of a diverged run, or an "
+                      f"overflow under --amp {args.amp}); no accuracy is computed: pass another checkpoint")
     if world_size > 1:
         dist.barrier()
         dist.destroy_process_group()  # the classifiers run on rank 0 alone
         if rank != 0:
             return None
 
-    # protocols: split x protocol, each over the seeds
+    # protocols: split x protocol, each over the seeds; a row of the report as each is done
     rows = []
+    print0(f"\n{'protocol':<9} {'split':<16} {'n_train':>8} {'top-1 %':>8} {'+-95%':>7} {'seeds':>5} {'seconds':>8}")
     for split_name, per_seed in splits:
         fixed = len({tuple(idx.tolist()) for idx in per_seed.values()}) == 1
         for protocol in args.protocol:
@@ -378,14 +397,8 @@ def main(argv=None):
             rows.append({"protocol": protocol, "split": split_name, "n_train": len(per_seed[seeds[0]]),
                          "n_val": len(val_x), "seeds": seeds, "top1_per_seed": accs, "top1_mean": mean, "top1_ci95": ci,
                          "seconds": round(time.perf_counter() - t0, 2), **({"logreg": infos} if infos else {})})
-            print0(f"{protocol} {split_name}: " + " ".join(f"{a:.2f}" for a in accs))
-
-    # report
-    print0(f"\n{'protocol':<9} {'split':<16} {'n_train':>8} {'top-1 %':>8} {'+-95%':>7} {'seeds':>5} {'seconds':>8}")
-    for r in rows:
-        ci = f"{r['top1_ci95']:.2f}" if r["top1_ci95"] is not None else "n/a"
-        print0(f"{r['protocol']:<9} {r['split']:<16} {r['n_train']:>8} {r['top1_mean']:>8.2f} {ci:>7} "
-               f"{len(r['seeds']):>5} {r['seconds']:>8.1f}")
+            print0(f"{protocol:<9} {split_name:<16} {rows[-1]['n_train']:>8} {mean:>8.2f} "
+                   f"{'n/a' if ci is None else f'{ci:.2f}':>7} {len(seeds):>5} {rows[-1]['seconds']:>8.1f}")
     command = sys.argv if argv is None else ["eval_fewshot.py", *map(str, argv)]
     result = {"rows": rows, "checkpoint": args.checkpoint, "command": command, "args": vars(args),
               "versions": {"python": platform.python_version(), "torch": torch.__version__,
@@ -397,25 +410,17 @@ def main(argv=None):
         result.update(checkpoint_mtime=os.stat(args.checkpoint).st_mtime,
                       checkpoint_bytes=os.path.getsize(args.checkpoint))
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        try:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=2)
+        except OSError as e:
+            raise StopRun(f"--json {args.json}: cannot write it ({e.strerror or e}); the results are printed above")
         print0(f"wrote {args.json}")
     return result
 
 
-def git_sha():
-    with contextlib.suppress(Exception):  # the commit, for the record; None without git or outside a checkout
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
-                              capture_output=True, text=True, timeout=10).stdout.strip() or None
-
-
 # ------------------------------------------------------------------------------- inputs and their one-line errors
-def int_list(s):
-    return [int(v) for v in s.split(",") if v.strip()]
-
-
-def setup_distributed(args):
+def setup_distributed():
     """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain `python` runs one process on cuda:0 or the CPU (gloo for CPU)."""
     rank, world_size, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")) \
         if "RANK" in os.environ else (0, 1, 0)
@@ -425,9 +430,6 @@ def setup_distributed(args):
         dist.init_process_group("nccl", device_id=device)
     elif "RANK" in os.environ:
         dist.init_process_group("gloo")
-    if args.batch_size % world_size:
-        raise StopRun(f"--batch-size {args.batch_size} is global and must be divisible by the {world_size} processes; "
-                      f"use e.g. {args.batch_size // world_size * world_size}")
     torch.backends.cudnn.benchmark = True
     return rank, world_size, device
 
@@ -435,11 +437,9 @@ def setup_distributed(args):
 def eval_datasets(args):
     """(train, val) by the training scripts' build_dataset, but stl10's train is its 5k labelled images only."""
     transform = eval_transform(args.img_size)
-    if args.data == "stl10":
-        val_set = build_dataset(args, transform, "val")  # downloads STL-10's one archive (all splits) if needed
-        train_set = torchvision.datasets.STL10(args.data_root, "train", transform=transform)
-    else:
-        train_set, val_set = build_dataset(args, transform, "train"), build_dataset(args, transform, "val")
+    val_set = build_dataset(args, transform, "val")  # stl10: downloads its one archive (all splits) if needed
+    train_set = torchvision.datasets.STL10(args.data_root, "train", transform=transform) if args.data == "stl10" \
+        else build_dataset(args, transform, "train")
     if getattr(train_set, "classes", None) != getattr(val_set, "classes", None):
         raise StopRun(f"--data {args.data}: train/ and val/ have different class folders; labels would not match")
     return train_set, val_set
@@ -540,3 +540,6 @@ if __name__ == "__main__":
         main()
     except StopRun as e:
         sys.exit(f"error: {one_line(e)}")
+    except KeyboardInterrupt:
+        sys.exit("error: stopped by Ctrl-C before the results; the same command starts again (--cache keeps the "
+                 "features it saved)")
