@@ -39,12 +39,12 @@ Plumbing every script shares (bf16, DDP, the global batch, saves and exact resum
 """
 import argparse
 import contextlib
+import fcntl
 import functools
 import json
 import math
 import os
 import signal
-import socket
 import sys
 import time
 
@@ -418,6 +418,9 @@ def load_init(model, path, verbose):
     checkpoint.pt restores everything. Otherwise the heads start as initialized, MAE's decoder included."""
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True) if os.path.isfile(path) else None
+    except Exception as e:  # damaged, truncated, or not a PyTorch file
+        raise StopRun(f"--init {path}: cannot read it as a PyTorch checkpoint ({type(e).__name__})") from None
+    try:
         if isinstance(sd, dict) and sd.get("method") == METHOD and "optimizer" in sd:
             model.load_state_dict(sd["model"])
             return print0(f"--init {path}: every weight (a hybrid.py checkpoint)")
@@ -428,8 +431,6 @@ def load_init(model, path, verbose):
     except RuntimeError as e:  # a hybrid checkpoint of other sizes
         raise StopRun(f"--init {path} does not fit ({str(e).strip().splitlines()[-1].strip()}); pass the flags of the "
                       f"run that wrote it") from None
-    except Exception as e:
-        raise StopRun(f"--init {path}: cannot read it as a PyTorch checkpoint ({type(e).__name__})") from None
 
 
 # ================================================================= appendix: the same text in every method script
@@ -621,34 +622,23 @@ def ignore_stop_signals(worker_id):
         signal.signal(s, signal.SIG_IGN)
 
 
-def take_lock(path, args):
-    """run.lock holds this run's host and pid: a second live run in the folder stops. A lock is taken over when its
-    run is gone: its pid is dead (same host), or (another host, e.g. a requeued job's old node) it was not touched
-    by a save for 2 x --save-every-minutes + 10 minutes; an empty or unreadable lock belongs to no run."""
-    host, pid = socket.gethostname(), os.getpid()
-    with contextlib.suppress(OSError, ValueError):
-        with open(path) as f:
-            other_host, other_pid = f.read().split()
-        if other_host == host:
-            live = int(other_pid) != pid and pid_alive(int(other_pid))
-        else:
-            live = time.time() - os.path.getmtime(path) < 2 * 60 * args.save_every_minutes + 600
-        if live:
-            raise StopRun(f"--output-dir {args.output_dir} is in use by another run (host {other_host}, pid "
-                          f"{other_pid}); wait for it or pass another --output-dir (delete {path} if that run is gone)")
-    with open(path + ".tmp", "w") as f:
-        f.write(f"{host} {pid}")
-    os.replace(path + ".tmp", path)  # never an empty lock, also on a full disk
-
-
-def pid_alive(pid):
+def take_lock(path):
+    """run.lock, locked by the operating system while its run lives: a second run in the folder stops; a crash or a
+    kill -9 releases it (no stale lock; over NFS too). Returns the open file: the lock lasts until it is closed."""
+    f, me = open(path, "a+"), f"host {os.uname().nodename}, pid {os.getpid()}"
     try:
-        os.kill(pid, 0)  # signal 0 only asks whether the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it does, under another user
-        pass
-    return True
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "a run that has not written its name yet"
+        if holder != me:  # (held by this very process: an earlier run in it stopped on an error before letting go)
+            f.close()
+            raise StopRun(f"--output-dir {os.path.dirname(path)} is in use by another run ({holder}); wait for it "
+                          f"or pass another --output-dir") from None
+    f.truncate(0)
+    f.write(me)
+    f.flush()
+    return f
 
 
 class Run:
@@ -675,7 +665,7 @@ class Run:
         try:
             os.makedirs(args.output_dir, exist_ok=True)
             if self.is_main:
-                take_lock(self.lock_path, args)
+                self.lock = take_lock(self.lock_path)
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(self.ckpt_path + ".tmp")  # left by a run killed while saving
         except OSError as e:
@@ -839,8 +829,6 @@ class Run:
             try:
                 for path in [self.ckpt_path] + [epoch_path] * keep:
                     save_checkpoint(state, path)
-                with contextlib.suppress(OSError):
-                    os.utime(self.lock_path)  # a lock that stops being touched belongs to a dead run (take_lock)
             except StopRun as e:
                 error = str(e)
         if self.world_size > 1:
@@ -868,6 +856,7 @@ class Run:
                 self.log_file.close()
             with contextlib.suppress(FileNotFoundError):
                 os.remove(self.lock_path)
+            self.lock.close()  # the next run may take the folder
         for s, handler in self.old_handlers.items():
             signal.signal(s, handler)
         return StopRun(message)

@@ -3,6 +3,7 @@ steps drawn from a seed, a run resumed with the same command ends with the same 
 several processes stop together and torchrun's restarts resume; no non-finite weights are ever saved; every bad input
 of the catalogue is one line that names the flag or file and the fix."""
 import contextlib
+import fcntl
 import json
 import os
 import queue
@@ -235,6 +236,7 @@ BAD_FLAGS = [  # (extra flags, what the one line must say), for every training s
     (["--patch-size", "0"], "--patch-size 0: must be >= 1"), (["--img-size", "30"], "--patch-size \\d: .*divide --img-size 30"),
     (["--log-every", "0"], "--log-every 0: must be >= 1"), (["--max-steps", "0"], "--max-steps 0: must be >= 1"),
     (["--num-workers", "-1"], "--num-workers -1"), (["--save-every-minutes", "-1"], "--save-every-minutes -1.0"),
+    (["--seed", "1180591620717411303424"], "--seed 1180591620717411303424: must be >= 0 and < 2\\*\\*63"),
 ]
 OWN_BAD_FLAGS = {
     "mae": [(["--mask-ratio", "1.0"], "--mask-ratio 1.0: must lie in \\(0, 1\\)"), (["--mask-ratio", "1.5"], "--mask-ratio 1.5"),
@@ -242,7 +244,8 @@ OWN_BAD_FLAGS = {
             (["--vis-every", "0"], "--vis-every 0: must be >= 1")],
     "moco": [(["--moco-t", "0"], "--moco-t 0.0: must be > 0"), (["--batch-size", "1"], "BatchNorm .* needs 2 or more")],
     "graft": [(["--lower-lr-ratio", "-1"], "--lower-lr-ratio -1.0"), (["--moco-m", "2"], "--moco-m 2.0: must lie in")],
-    "mimco": [(["--batch-size", "1"], "--batch-size 1: must be >= 2"), (["--image-tau", "0"], "--image-tau 0.0")],
+    "mimco": [(["--batch-size", "1"], "--batch-size 1: must be >= 2"), (["--image-tau", "0"], "--image-tau 0.0"),
+              (["--head-hidden-dim", "0"], "--head-hidden-dim 0: must be >= 1")],
     "hybrid": [(["--lam", "1.5"], "--lam 1.5: must lie in \\[0, 1\\]"), (["--mask-ratio", "1"], "--mask-ratio 1.0"),
                (["--batch-size", "1"], "BatchNorm .* needs 2 or more")],
     "micl": [(["--batch-size", "1"], "--batch-size 1: on 1 process\\(es\\) leaves each image no negative"),
@@ -256,12 +259,15 @@ def test_bad_input_catalogue_one_line_each(script, image_root, stage1, tmp_path)
     (tmp_path / "file").write_text("")
     pickled = tmp_path / "pickled.pt"
     torch.save(argparse_namespace(), pickled)  # weights_only refuses it: never unpickled
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes((stage1 / "moco_encoder.pt").read_bytes()[:1000])
     init_flag = {"graft": "--mim-checkpoint", "mimco": "--teacher"}.get(script, "--init")
     rows = BAD_FLAGS + OWN_BAD_FLAGS[script] + [
         (["--data", tmp_path / "nope"], "--data .*nope: no such folder"),
         (["--output-dir", tmp_path / "file" / "o"], "--output-dir .*file/o: Not a directory; pass a folder you can write"),
         ([init_flag, tmp_path / "missing.pt"], "no such file|not found"),
         ([init_flag, pickled], "cannot read .*pickled.pt as a file of weights|cannot read it as a PyTorch checkpoint"),
+        ([init_flag, truncated], "cannot read"),
     ]
     for extra, message in rows:
         out = tmp_path / "o"
@@ -269,6 +275,20 @@ def test_bad_input_catalogue_one_line_each(script, image_root, stage1, tmp_path)
         assert isinstance(code, str) and code.startswith("error: ") and "\n" not in code, (extra, code)
         assert __import__("re").search(message, code), (extra, code)
         assert not os.path.exists(out / "checkpoint.pt"), extra
+
+
+def test_max_steps_ends_the_epoch_loop(image_root, stage1, tmp_path, monkeypatch):
+    """--epochs 1000000000 --max-steps 2: the loop ends after the epoch that holds step 2 (it used to go through
+    every remaining epoch, each ending at once: minutes of nothing)."""
+    torch.set_num_threads(1)
+    epochs, batches = [], mae.Run.batches
+
+    def counted(self, loader, epoch):
+        epochs.append(epoch)
+        return batches(self, loader, epoch)
+    monkeypatch.setattr(mae.Run, "batches", counted)
+    mae.main(argv("mae", image_root, tmp_path, stage1, "--epochs", "1000000000", "--max-steps", "2"))
+    assert epochs == [0] and torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 2
 
 
 def argparse_namespace():
@@ -283,21 +303,17 @@ def test_output_folder_faults(image_root, stage1, tmp_path):
     run = lambda *extra: run_as_main("mae.py", argv("mae", image_root, out, stage1, *extra))  # noqa: E731
     assert run("--max-steps", "2") is None
     good = (out / "checkpoint.pt").read_bytes()
-    # a second run in the same folder (the lock names a live process on this host), then a dead run's lock
-    (out / "run.lock").write_text(f"{os.uname().nodename} {os.getppid()}")
-    assert "is in use by another run" in run("--max-steps", "3")
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    (out / "run.lock").write_text(f"{os.uname().nodename} {dead.stdout.strip()}")
+    # a second run in the same folder while another process holds run.lock (the OS lock), then once it let go
+    with open(out / "run.lock", "w") as holder:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        holder.write("host some-node, pid 1234")
+        holder.flush()
+        assert "is in use by another run (host some-node, pid 1234); wait for it" in run("--max-steps", "3")
     (out / "checkpoint.pt.tmp").write_bytes(b"left by a kill during a save")
     assert run("--max-steps", "3") is None and not os.path.exists(out / "checkpoint.pt.tmp")
     log = [json.loads(line) for line in open(out / "log.jsonl")]
     assert {"resumed_at_step": 2} in log  # the marker of a restart: steps after it may repeat logged ones
-    (out / "run.lock").write_text("")  # left empty by a full disk: no run holds it
-    assert run("--max-steps", "3") is None
-    # another host's lock (a requeued job on a new node): live while its run touches it, stale after 2 intervals
-    (out / "run.lock").write_text("some-other-node 1234")
-    assert "in use by another run (host some-other-node" in run("--max-steps", "4")
-    os.utime(out / "run.lock", (0, os.path.getmtime(out / "run.lock") - 2 * 30 * 60 - 601))
+    (out / "run.lock").write_text("")  # an empty lock file (left by a full disk) is no run's
     assert run("--max-steps", "4") is None
     # another method's checkpoint, a damaged one, another data set
     torch.save({**torch.load(out / "checkpoint.pt", weights_only=True), "method": "moco"}, out / "checkpoint.pt")
