@@ -19,9 +19,11 @@ Pipelines (each timed for --seconds per worker count, after its first batch, whi
                  end to end: moco.py's main() for 40 steps of ViT-T/4 with each loader, img/s of its log lines
                  (default only on CUDA: on a CPU the model, not the loader, is the bottleneck).
     mae-decode-on-device
-                 workers only read the JPEG files' bytes; the main process decodes the batch with
-                 torchvision.io.decode_jpeg(list of byte tensors, device=--device) (nvJPEG on a GPU) and does the
-                 RandomResizedCrop (same scale, ratio and bicubic antialiased resize) + flip + normalization there.
+                 workers only read the JPEG files' bytes; the main process decodes the batch with TorchCodec's
+                 decode_jpeg(list of byte tensors, device=--device) (nvJPEG on a GPU) when torchcodec is installed,
+                 else with PIL on the CPU (the "decode" column says which), and does the RandomResizedCrop (same
+                 scale, ratio and bicubic antialiased resize) + flip + normalization on --device. torchvision.io's
+                 decoders, which this used, are deprecated since torchvision 0.29 in favour of TorchCodec's.
                  Default only when the device is CUDA (--pipelines mae-decode-on-device runs it on a CPU too).
 The scripts' loader restarts its workers every epoch (persistent_workers off), and a run of --seconds spans epochs on
 a small folder: that cost is part of what the scripts pay, so it is part of the figure.
@@ -49,6 +51,14 @@ import mae  # noqa: E402
 
 IMAGENETTE_TAR = os.path.join(ROOT, "..", "shared", "data", "imagenette.tar")
 PIPELINES = ["mae", "moco", "mae-in-memory", "moco-in-memory", "mae-decode-on-device", "moco-step", "moco-step-in-memory"]
+
+
+SCRATCH = []  # temporary folders (output dirs, decoded caches of --in-memory), removed when main() ends
+
+
+def scratch(prefix):
+    SCRATCH.append(tempfile.mkdtemp(prefix=prefix))
+    return SCRATCH[-1]
 
 
 def provenance(device, argv):
@@ -92,11 +102,12 @@ def sync(device):
 def script_loader(mod, transform_fn, data, split, batch_size, workers, img_size, device):
     """The method script's own dataset and loader (its appendix's Run.loader, one process), built from its own
     command-line defaults; the output folder Run makes is a temporary one."""
-    import tempfile
     args = mod.get_args(["--data", data, "--img-size", str(img_size), "--batch-size", str(batch_size),
-                         "--num-workers", str(workers), "--output-dir", tempfile.mkdtemp(prefix="bench_data_")])
+                         "--num-workers", str(workers), "--output-dir", scratch("bench_data_")])
     dataset = mod.build_dataset(args, transform_fn(args), split)
-    loader = mod.Run(args).loader(dataset)  # the PIL path (without --in-memory the batched transform is unused)
+    run = mod.Run(args)
+    loader = run.loader(dataset)  # the PIL path (without --in-memory the batched transform is unused)
+    run.stop("loader built")  # the folder's lock closed, this process's signal handlers restored
     loader.pin_memory = device.type == "cuda"  # Run pins whenever CUDA exists; --device cpu measures an unpinned one
     return loader
 
@@ -105,27 +116,25 @@ def in_memory_batches(mod, transform_fn, batch_fn, data, split, batch_size, img_
     """--in-memory as the scripts run it: Run.loader decodes the split once (into a temporary --data-root, so the
     decode is timed too), then each batch of indices is augmented on `device` by the script's batched transform,
     from torch's RNG, as Run.batches does. Returns (batches, consume, seconds the decode took)."""
-    import tempfile
     args = mod.get_args(["--data", data, "--img-size", str(img_size), "--batch-size", str(batch_size), "--in-memory",
-                         "--data-root", tempfile.mkdtemp(prefix="bench_cache_"),
-                         "--output-dir", tempfile.mkdtemp(prefix="bench_data_")])
+                         "--data-root", scratch("bench_cache_"), "--output-dir", scratch("bench_data_")])
     run = mod.Run(args)
     run.device = device
     t = time.perf_counter()
     batches = run.loader(mod.build_dataset(args, transform_fn(args), split), batch_fn)
+    run.stop("loader built")  # the folder's lock closed, this process's signal handlers restored
     return batches, lambda batch: mod.augment_in_memory(run, batch), time.perf_counter() - t
 
 
 def moco_step(data, split, batch_size, img_size, in_memory, workers, steps=40):
     """End to end: moco.py's own main() for `steps` steps of ViT-T/4 (tiny heads: the loader is the question), the
     img/s of its log lines after the first (start-up, compilation of kernels)."""
-    import tempfile
     import moco
-    out = tempfile.mkdtemp(prefix="bench_step_")
+    out = scratch("bench_step_")
     argv = ["--data", data, "--img-size", str(img_size), "--batch-size", str(batch_size), "--model", "vit_tiny",
             "--patch-size", "4", "--moco-mlp-dim", "1024", "--num-workers", str(workers), "--output-dir", out,
             "--max-steps", str(steps), "--log-every", "10", "--save-every-minutes", "0", "--epochs", "100",
-            "--warmup-epochs", "1", "--data-root", tempfile.mkdtemp(prefix="bench_cache_")] + (["--in-memory"] if in_memory else [])
+            "--warmup-epochs", "1", "--data-root", scratch("bench_cache_")] + (["--in-memory"] if in_memory else [])
     t = time.perf_counter()
     moco.main(argv)
     with open(os.path.join(out, "log.jsonl")) as f:
@@ -158,23 +167,32 @@ def bytes_loader(data, split, batch_size, workers, device):
 
 
 class DecodeOnDevice:
-    """A batch of JPEG byte tensors -> (B, 3, S, S) float on `device`, normalized: decode_jpeg on the device, then per
-    image MAE's RandomResizedCrop (scale 0.2-1, ratio 3/4-4/3, bicubic, antialiased) and a horizontal flip with p 0.5."""
+    """A batch of JPEG bytes -> (B, 3, S, S) float on `device`, normalized: TorchCodec's decode_jpeg on the device
+    (PIL on the CPU without torchcodec), then per image MAE's RandomResizedCrop (scale 0.2-1, ratio 3/4-4/3, bicubic,
+    antialiased) and a horizontal flip with p 0.5."""
     def __init__(self, img_size, device):
         import torchvision.transforms as T
-        self.size, self.device, self.cpu_fallbacks = img_size, device, 0
+        try:
+            from torchcodec.decoders import decode_jpeg
+        except ImportError:  # an optional dependency: PIL, as the scripts' loader
+            decode_jpeg = None
+        self.decode_jpeg, self.size, self.device, self.cpu_fallbacks = decode_jpeg, img_size, device, 0
+        on_device = f"torchcodec decode_jpeg on {device.type}" + (" (nvJPEG)" if device.type == "cuda" else "")
+        self.decoder = on_device if decode_jpeg else "PIL on the CPU, in the main process (torchcodec is not installed)"
         self.rrc = T.RandomResizedCrop(img_size, scale=(0.2, 1.0), interpolation=T.InterpolationMode.BICUBIC)
         self.mean = torch.tensor(mae.IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(mae.IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
 
     def __call__(self, batch):
-        import torchvision.io as io
         import torchvision.transforms.v2.functional as TF
-        data = [torch.frombuffer(b, dtype=torch.uint8) for b in batch]  # 1-D uint8 views of the file bytes
-        try:
-            imgs = io.decode_jpeg(data, mode=io.ImageReadMode.RGB, device=self.device)  # list of (3, H, W) uint8
-        except RuntimeError:  # a JPEG the device decoder rejects (e.g. CMYK on nvJPEG): those images on the CPU
-            imgs = [self.decode_one(d) for d in data]
+        if self.decode_jpeg is None:
+            imgs = [self.pil(b) for b in batch]
+        else:
+            data = [torch.frombuffer(b, dtype=torch.uint8) for b in batch]  # 1-D uint8 views of the file bytes
+            try:
+                imgs = self.decode_jpeg(data, mode="RGB", device=self.device)  # list of (3, H, W) uint8
+            except RuntimeError:  # a JPEG the device decoder rejects (e.g. CMYK on nvJPEG): those images by PIL
+                imgs = [self.decode_one(d, b) for d, b in zip(data, batch)]
         out = []
         for img in imgs:
             i, j, h, w = self.rrc.get_params(img, self.rrc.scale, self.rrc.ratio)
@@ -184,13 +202,22 @@ class DecodeOnDevice:
         x = torch.stack(out).clamp_(0, 255)  # bicubic overshoots, as PIL's does before it rounds to uint8
         return (x - self.mean) / self.std
 
-    def decode_one(self, data):
-        import torchvision.io as io
+    def decode_one(self, data, raw):
         try:
-            return io.decode_jpeg(data, mode=io.ImageReadMode.RGB, device=self.device)
+            return self.decode_jpeg(data, mode="RGB", device=self.device)
         except RuntimeError:
             self.cpu_fallbacks += 1
-            return io.decode_image(data, mode=io.ImageReadMode.RGB).to(self.device)
+            return self.pil(raw)
+
+    def pil(self, raw):
+        """JPEG bytes -> (3, H, W) uint8 on the device, decoded by PIL as the scripts' loader does (RGB)."""
+        import io
+
+        import numpy as np
+        from PIL import Image
+        with Image.open(io.BytesIO(raw)) as img:
+            pixels = np.array(img.convert("RGB"))  # a writable copy: torch.from_numpy then warns about nothing
+        return torch.from_numpy(pixels).permute(2, 0, 1).to(self.device)
 
 # ------------------------------------------------------------------------------------------------------ timing
 
@@ -272,8 +299,9 @@ def main(argv=None):
     try:
         run(args, device, report)
     finally:
-        if tmp:
-            shutil.rmtree(tmp, ignore_errors=True)
+        for folder in filter(None, [tmp, *SCRATCH]):
+            shutil.rmtree(folder, ignore_errors=True)
+        SCRATCH.clear()
     report["ratios"] = ratios(report)
     write_json(report, args.json)
     print("\n" + markdown_table(report), flush=True)
@@ -346,7 +374,7 @@ def run(args, device, report):
                 else:
                     loader = bytes_loader(args.data, args.split, args.batch_size, w, device)
                     consume = DecodeOnDevice(args.img_size, device)
-                    decode = f"torchvision.io.decode_jpeg on {device.type}" + (" (nvJPEG)" if device.type == "cuda" else "")
+                    decode = consume.decoder
                 n_images = len(loader.dataset)
                 if len(loader) == 0:
                     raise ValueError(f"{n_images} images in {args.split}, fewer than one --batch-size {args.batch_size}")

@@ -53,6 +53,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: the scripts run from here
@@ -250,6 +251,20 @@ def device_name():
     return f"cpu: {model}, {os.cpu_count()} cores, torch {torch.get_num_threads()} threads"
 
 
+def damaged(path):
+    """Why the training scripts could not resume from checkpoint.pt (their own test: torch.load of tensors, then the
+    keys they read first), or None when it reads, or is not there."""
+    if not os.path.isfile(path):
+        return None
+    import torch
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # mmap: no copy of a large file
+        ckpt["step"], ckpt["method"], ckpt["args"], ckpt["images"]
+    except Exception as e:  # noqa: BLE001 (cut short, not a zip, not ours: all are "damaged" to a resume)
+        return f"{type(e).__name__}: {str(e).strip().splitlines()[0][:120] if str(e).strip() else 'unreadable'}"
+    return None
+
+
 def loadavg():
     try:
         return round(os.getloadavg()[0], 2)
@@ -265,7 +280,8 @@ def read_log(out_dir):
             lines = [json.loads(line) for line in f if line.strip()]
     except (OSError, ValueError):
         pass
-    rates = [x["img_per_s"] for x in lines[1:] if "img_per_s" in x] or [x["img_per_s"] for x in lines if "img_per_s" in x]
+    rates = [x["img_per_s"] for x in lines[1:] if "img_per_s" in x] or \
+        [x["img_per_s"] for x in lines if "img_per_s" in x]
     return (lines[-1].get("step") if lines else None, lines[-1].get("loss") if lines else None,
             statistics.median(rates) if rates else None)
 
@@ -305,16 +321,19 @@ class Table:
                           in_memory=self.args.in_memory, scale_rules=scale_rules(p),
                           evaluation="eval_fewshot.py on the frozen encoder (CLS after the final norm, Resize + "
                           "CenterCrop, no augmentation): weighted 20-NN (DINO) with all train images as the bank; "
-                          f"logistic regression (MSN / Layer Grafted) on 1% and 10 per class, split seeds {p['seeds']}, "
-                          "mean +- 95% t-interval; every accuracy on all of val/",
+                          "logistic regression (MSN / Layer Grafted) on 1% and 10 per class, split seeds "
+                          f"{p['seeds']}, mean +- 95% t-interval; every accuracy on all of val/",
                           harness=shown(["experiments/table.py", "--preset", self.args.preset, "--data", self.data],
                                         self.data, self.runs),
                           updated=time.strftime("%Y-%m-%d %H:%M:%S"))
-        os.makedirs(os.path.dirname(os.path.abspath(self.args.json)), exist_ok=True)
         tmp = self.args.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.state, f, indent=1)
-        os.replace(tmp, self.args.json)
+        try:
+            with open(tmp, "w") as f:
+                json.dump(self.state, f, indent=1)
+            os.replace(tmp, self.args.json)
+        except OSError as e:  # e.g. the disk filled up during the run: the old JSON is still whole
+            raise Stop(f"--json {self.args.json}: cannot write it ({e.strerror or e}); free space, then the same "
+                       f"command resumes from what the JSON held before") from None
 
     # -------------------------------------------------------------------------------------- commands
     def commands(self, row):
@@ -418,16 +437,26 @@ class Table:
         pre["steps"], pre["final_loss"], pre["img_per_s_median"] = read_log(out)
         pre["done"] = rc == 0 and os.path.isfile(os.path.join(out, "encoder.pt"))
         if pre["done"] and NEEDS[row]:  # graft and mimco: also with the row they start from
-            pre["seconds_with_start_row"] = round(pre["seconds"] + self.state["rows"][NEEDS[row]]["pretrain"]["seconds"], 1)
+            start_row = self.state["rows"][NEEDS[row]]["pretrain"]["seconds"]
+            pre["seconds_with_start_row"] = round(pre["seconds"] + start_row, 1)
         rec["status"] = "pre-trained" if pre["done"] else ("interrupted" if self.signal else "failed")
         self.save()
         if pre["done"]:
             return None
-        why = f"stopped ({self.signal})" if self.signal else f"failed (status {rc}; its last lines above say why)"
-        if not self.signal:
-            self.stop_children("another row failed")  # the others save and stop; their progress is kept
-        return (f"row {row}: {SCRIPT[row]} {why} after {launch['seconds']:.0f} s; {out}/checkpoint.pt keeps its "
-                f"progress and the same command resumes it")
+        ran, ckpt = f"row {row}: {SCRIPT[row]}", os.path.join(out, "checkpoint.pt")
+        if self.signal:
+            return f"{ran} stopped ({self.signal}) after {launch['seconds']:.0f} s; {ckpt} keeps its progress and " \
+                   f"the same command resumes it"
+        self.stop_children("another row failed")  # the others save and stop; their progress is kept
+        damage = damaged(ckpt)
+        if damage:
+            return (f"{ran} failed (status {rc}): its {ckpt} is damaged ({damage}), so no run can resume from it; "
+                    f"move it away (the row then starts from step 0) or pass --redo {row}")
+        if os.path.isfile(ckpt):
+            return (f"{ran} failed (status {rc}; its last lines above say why) after {launch['seconds']:.0f} s; "
+                    f"{ckpt} keeps its progress: once that is fixed, the same command resumes it")
+        return (f"{ran} failed (status {rc}; its last lines above say why) after {launch['seconds']:.0f} s, before "
+                f"its first save: the same command starts the row again")
 
     def stop_children(self, why):
         self.signal = self.signal or why
@@ -526,9 +555,13 @@ class Table:
             new = old[:old.index(start)] + start + "\n" + text + end + old[old.index(end) + len(end):]
         else:
             new = old.rstrip("\n") + "\n\n" + start + "\n" + text + end + "\n"
-        with open(path + ".tmp", "w") as f:
-            f.write(new)
-        os.replace(path + ".tmp", path)
+        try:
+            with open(path + ".tmp", "w") as f:
+                f.write(new)
+            os.replace(path + ".tmp", path)
+        except OSError as e:
+            raise Stop(f"--markdown {path}: cannot write it ({e.strerror or e}); the results are in {self.args.json}") \
+                from None
 
 
 METRICS = [("knn_full", "k-NN, full train bank"), ("logreg_1pct", "logreg, 1% labels"),
@@ -682,10 +715,12 @@ def measure(t, seconds):
     rate = n / (time.monotonic() - t0)
     report["eval"] = {"forward_img_per_s": round(rate, 1), "images": n_train + n_val,
                       "estimate_min_per_row": round((n_train + n_val) / rate / 60 + 0.5, 1)}  # + load, logreg, kNN
-    total = sum(r["estimate_min"] for r in report["rows"].values()) + len(t.args.rows) * report["eval"]["estimate_min_per_row"]
+    total = sum(r["estimate_min"] for r in report["rows"].values()) + \
+        len(t.args.rows) * report["eval"]["estimate_min_per_row"]
     report["estimate_total_min"] = round(total, 1)
     print(f"[measure] eval: {rate:.0f} img/s forward -> ~{report['eval']['estimate_min_per_row']} min per row "
-          f"({n_train + n_val} images)\n[measure] estimated total for {len(t.args.rows)} rows: {total:.0f} min", flush=True)
+          f"({n_train + n_val} images)\n[measure] estimated total for {len(t.args.rows)} rows: {total:.0f} min",
+          flush=True)
     with open(os.path.join(out, "measure.json"), "w") as f:
         json.dump(report, f, indent=1)
     return report
@@ -693,9 +728,14 @@ def measure(t, seconds):
 
 # --------------------------------------------------------------------------------------------------------- main
 
+def fail(message):
+    raise Stop(message)
+
+
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="The results table: every method trained and evaluated the same way",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.error = fail  # argparse's own errors (a missing --data, --jobs abc) in one line too, as ours below
     p.add_argument("--preset", required=True, choices=list(PRESETS), help="the table's scale")
     p.add_argument("--data", required=True, help="ImageNet-layout folder (ROOT/train/<class>/*, ROOT/val/<class>/*)")
     p.add_argument("--runs-dir", default=None, help="checkpoints and features (default: runs/table_<preset>)")
@@ -736,15 +776,24 @@ def get_args(argv=None):
         args.in_memory = PRESETS[args.preset]["in_memory"]
     if args.max_steps is not None:
         if args.max_steps < 1:
-            p.error("--max-steps must be >= 1")
+            p.error(f"--max-steps {args.max_steps}: must be >= 1")
         if args.json == os.path.abspath(default_json) or args.markdown == os.path.join(HERE, "README.md"):
             p.error("--max-steps is a smoke test: pass --json and --markdown outside the repository's defaults, so "
                     "the table's results are not overwritten")
         PRESETS[args.preset] = {**PRESETS[args.preset], "max_steps": args.max_steps}
     if args.jobs < 1:
-        p.error("--jobs must be >= 1")
-    if args.max_minutes is not None and args.max_minutes <= 0:
-        p.error("--max-minutes must be > 0")
+        p.error(f"--jobs {args.jobs}: must be >= 1")
+    for flag in ("max_minutes", "measure"):  # nan would never stop; 0 or less would stop before anything ran
+        v = getattr(args, flag)
+        if v is not None and not (math.isfinite(v) and v > 0):
+            p.error(f"--{flag.replace('_', '-')} {v}: must be a positive number")
+    for flag, path in (("--json", args.json), ("--markdown", args.markdown)):
+        try:  # before anything runs, not after a row trained: a folder under a file, read-only or on a full disk
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with tempfile.TemporaryFile(dir=os.path.dirname(path)) as f:
+                f.write(bytes(4096))
+        except OSError as e:
+            p.error(f"{flag} {path}: cannot write there ({e.strerror or e}); pass another path")
     return args
 
 
@@ -769,3 +818,5 @@ if __name__ == "__main__":
         main()
     except Stop as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:  # outside a run (which passes Ctrl-C on to the training script): --measure, --dry-run
+        sys.exit("error: stopped by Ctrl-C; what is done stays in the JSON")

@@ -165,7 +165,7 @@ def test_cli_end_to_end(image_root, saved_encoder, tmp_path):
     out = tmp_path / "out"
     res = analyze.main(["--data", image_root, *MINI, "--checkpoint", f"ours={path}", "--checkpoint", "rand=random",
                         "--out", str(out)])
-    saved = json.load(open(out / "analysis.json"))
+    saved = json.loads((out / "analysis.json").read_text())
     assert saved == json.loads(json.dumps(res))
     for key in ("versions", "device", "args", "command", "images", "results", "probes", "cka", "attention_maps"):
         assert key in saved, key
@@ -173,7 +173,7 @@ def test_cli_end_to_end(image_root, saved_encoder, tmp_path):
     assert saved["versions"]["matplotlib"] is not None and saved["pictures"] == PICTURES
     for name in PICTURES:
         assert (out / name).stat().st_size > 5000, name  # a drawn figure, not an empty file
-        assert open(out / name, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert list(saved["results"]) == ["ours", "rand"]
 
     # the CLI's numbers are the functions' numbers on the images it names
@@ -213,7 +213,7 @@ def test_cli_without_matplotlib_writes_json_and_says_so(image_root, tmp_path, mo
     out = tmp_path / "out"
     res = analyze.main(["--data", image_root, *MINI, "--checkpoint", "rand=random", "--out", str(out)])
     assert sorted(os.listdir(out)) == ["analysis.json"]
-    saved = json.load(open(out / "analysis.json"))
+    saved = json.loads((out / "analysis.json").read_text())
     assert saved["pictures"] is None and saved["versions"]["matplotlib"] is None
     assert saved["cka"]["pairs"][0]["a"] == saved["cka"]["pairs"][0]["b"] == "rand"  # a lone model: itself
     assert saved["cka"]["pairs"][0]["matrix"][1][1] == pytest.approx(1.0)
@@ -277,9 +277,111 @@ def test_bad_input_one_line_errors(image_root, saved_encoder, bad_roots, tmp_pat
         ([*ok, "--checkpoint", "a=random", "--attn-block", "4"], "blocks 1 to 3"),
         ([*ok, "--checkpoint", "a=random", "--attn-image", "12"], "--attn-image 12"),
         ([*ok, "--checkpoint", "a=random", "--patch-size", "5"], "not a multiple"),
+        ([*ok, "--checkpoint", "a=random", "--seed", "1180591620717411303424"],
+         "--seed 1180591620717411303424: must be >= 0 and < 2**63"),
+        ([*ok, "--checkpoint", "a=random", "--seed", "-1"], "--seed -1: must be >= 0 and < 2**63"),
     ]
     for argv, expected in cases:
         assert expected in exit_message(argv), (argv, expected)
+
+
+def test_out_is_checked_before_any_work(image_root, tmp_path, monkeypatch):
+    """--out under a file, or on a full disk, used to fail only after the whole analysis: now before any image is
+    read; a disk that fills up during the run still gives one line (after the tables)."""
+    (tmp_path / "file").write_text("a file, not a folder")
+    argv = ["--data", image_root, *MINI, "--checkpoint", "r=random"]
+
+    def too_late(*a, **kw):
+        raise AssertionError("the analysis started before --out was checked")
+    with monkeypatch.context() as m:
+        m.setattr(analyze, "fixed_batch", too_late)
+        assert "--out" in exit_message([*argv, "--out", str(tmp_path / "file" / "out")])
+        assert "cannot write there" in exit_message([*argv, "--out", str(tmp_path / "file" / "out")])
+
+        def full(*a, **kw):
+            raise OSError(28, "No space left on device")
+        m.setattr(analyze.tempfile, "TemporaryFile", full)
+        assert exit_message([*argv, "--out", str(tmp_path / "out")]) == \
+            f"error: --out {tmp_path / 'out'}: cannot write there (No space left on device); pass another folder"
+
+    def full_later(*a, **kw):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(analyze, "draw_pictures", full_later)
+    message = exit_message([*argv, "--out", str(tmp_path / "out2")])
+    assert message.endswith("writing the results failed (No space left on device); the tables above hold the numbers")
+    assert not (tmp_path / "out2" / "analysis.json").exists()
+
+
+def test_ctrl_c_is_one_line(image_root, monkeypatch):
+    def interrupted(*a, **kw):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(analyze, "fixed_batch", interrupted)
+    message = exit_message(["--data", image_root, *MINI, "--checkpoint", "r=random"])
+    assert message.startswith("error: stopped by Ctrl-C"), message
+
+
+def test_non_finite_numbers_are_never_reported(image_root, tmp_path, capsys):
+    """An all-NaN checkpoint printed nan tables and an 18% k-NN, status 0: now one line and no table. A finite one
+    whose numbers are not (all-zero weights: every block's feature is the same vector, CKA = 0 / 0) stops too."""
+    enc = vit.MODELS["vit_mini"](img_size=32, patch_size=8)
+    torch.save({k: torch.full_like(v, math.nan) for k, v in enc.state_dict().items()}, tmp_path / "nan.pt")
+    torch.save({k: torch.zeros_like(v) for k, v in enc.state_dict().items()}, tmp_path / "zero.pt")
+    argv = ["--data", image_root, *MINI, "--out", str(tmp_path / "out")]
+    message = exit_message([*argv, "--checkpoint", f"bad={tmp_path / 'nan.pt'}"])
+    assert message == f"error: --checkpoint bad={tmp_path / 'nan.pt'}: its weights hold NaN or inf (a diverged run?); " \
+                      f"pass another checkpoint"
+    capsys.readouterr()
+    message = exit_message([*argv, "--checkpoint", f"zero={tmp_path / 'zero.pt'}"])
+    assert message.startswith("error: analysis.cka.pairs[0].matrix[0][0] is NaN or inf, so no table or picture"), message
+    assert "linear CKA" not in capsys.readouterr().out and not (tmp_path / "out" / "analysis.json").exists()
+    hybrid_nan = tmp_path / "hybrid.pt"
+    import hybrid
+    hargs = hybrid.get_args(["--data", image_root, "--model", "vit_mini", "--img-size", "32", "--patch-size", "8",
+                             "--decoder-embed-dim", "32", "--decoder-depth", "1", "--decoder-num-heads", "2",
+                             "--moco-dim", "16", "--moco-mlp-dim", "32"])
+    model = hybrid.build_model(hargs, verbose=False)
+    torch.save({"model": {k: torch.full_like(v, math.nan) if v.is_floating_point() else v
+                          for k, v in model.state_dict().items()},
+                "optimizer": {}, "method": "hybrid", "step": 0, "args": vars(hargs)}, hybrid_nan)
+    assert "its weights hold NaN or inf" in exit_message([*argv, "--checkpoint", "r=random", "--conflict",
+                                                         f"h={hybrid_nan}"])
+
+
+def test_non_finite_finder():
+    assert analyze.non_finite({"a": [1.0, 2.0], "b": {"c": [[0.5, float("inf")]]}}, "x") == "x.b.c[0][1]"
+    assert analyze.non_finite({"a": [1.0, "text", None, 3], "b": {"c": [[0.5]]}}, "x") is None
+    assert analyze.non_finite([float("nan")], "x") == "x[0]"
+
+
+def test_pictures_say_what_was_measured_and_label_the_papers_claims(monkeypatch, tmp_path):
+    """Each picture's title says what was measured, on how many images; a paper's finding is only ever quoted as the
+    paper's (the CPU demo's data show no such trend: the title must not state it as what is drawn)."""
+    from matplotlib.figure import Figure
+    titles = {}
+
+    def record(fig, path, *a, **kw):
+        texts = [ax.get_title() for ax in fig.axes if ax.get_title()]
+        titles[os.path.basename(path)] = texts + ([fig._suptitle.get_text()] if fig._suptitle else [])
+    monkeypatch.setattr(Figure, "savefig", record)
+    blocks = {"attention_distance": [10.0, 12.0], "attention_nmi": [0.2, 0.1], "fourier_dlogamp": [-3.0, -2.0, -1.0],
+              "attention_maps": [[[0.25, 0.25], [0.25, 0.25]]]}
+    report = {"results": {"a": blocks, "b": blocks}, "images": {"analysis": ["x"] * 60, "fourier": ["x"] * 16},
+              "attention_maps": {"queries": [[0, 0]], "block": 2}, "cka": {"pairs": [{"a": "a", "b": "b",
+              "matrix": [[1.0, 0.5], [0.5, 1.0]]}]}, "probes": {"top1": {"a": [20.0, 30.0], "b": [25.0, 28.0]},
+              "n_train": 200, "n_val": 100},
+              "conflict": {"h": {"layers": ["embed", "1", "2", "norm"], "cosine_per_batch": [[0.1, 0.0, -0.1, 0.2]] * 3,
+                                 "lam": 0.2, "batches": 3, "batch_size": 8}}}
+    written = analyze.draw_pictures(str(tmp_path), report, torch.zeros(3, 16, 16), 8)
+    assert sorted(titles) == sorted(written) == sorted(PICTURES + ["conflict.png"])
+    claims = ("CL", "MIM", "MoCo", "SimMIM", "deeper", "collapse")
+    for name, texts in titles.items():
+        lines = [line for text in texts for line in text.splitlines()]
+        for line in lines:  # a line that states a finding names whose it is
+            if any(word in line for word in claims):
+                assert line.startswith(("Park et al. report", "Layer Grafted reports")) or "grad CL" in line, (name, line)
+    assert "60 images" in titles["attention_distance.png"][0] and "16 images" in titles["fourier.png"][0]
+    assert "200 train, 100 val images" in titles["probes_knn.png"][0]
+    assert "3 x 8 images" in titles["conflict.png"][0]
 
 
 def test_gradient_conflict_cosines_and_cli(image_root, tmp_path):

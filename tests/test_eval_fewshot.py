@@ -2,17 +2,18 @@
 penalty, k-NN against a slow loop), the split samplers, DDP feature extraction without duplicates, the command line
 end to end on real images with checkpoints written by mae.py, and one-line errors for bad input."""
 import json
+import math
 import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision.datasets as datasets
 
 import eval_fewshot as ef
 import mae
 import vit
 from helpers import free_port, run_as_main, run_ddp
-
 
 
 def clusters(n_train, n_test, num_classes=10, dim=64, spread=1.0, seed=0):
@@ -66,6 +67,22 @@ def test_knn_equals_slow_loop():
     assert ef.knn_accuracy(x, y, xt, yt, k=k, t=t) == correct / len(yt)
     # k larger than the train set is capped at its size, not an error
     assert ef.knn_accuracy(x[:3], y[:3], xt, yt, k=20, t=t) == ef.knn_accuracy(x[:3], y[:3], xt, yt, k=3, t=t)
+
+
+def test_knn_small_temperature_is_the_nearest_neighbour():
+    """exp(sim / t) overflows float32 once sim / t > 88 (t = 1e-3: 17% here, chance-like, from inf votes); the weights
+    relative to the nearest neighbour give the same vote at any t, and t -> 0 is the 1-NN classifier."""
+    x, y, xt, yt = clusters(10, 50, spread=0.5)
+    one_nn = (y[(F.normalize(xt, dim=1) @ F.normalize(x, dim=1).T).argmax(dim=1)] == yt).float().mean().item()
+    assert 0.6 < one_nn < 0.9, one_nn  # neither trivial nor hopeless
+    for t in (1e-3, 1e-5):
+        assert abs(ef.knn_accuracy(x, y, xt, yt, t=t) - one_nn) <= 0.004, t  # at most one image of 500 (a near-tie)
+
+
+def test_diverged_linear_probe_is_refused():
+    x, y, xt, yt = clusters(10, 20)
+    with pytest.raises(ef.StopRun, match=r"--linear-lr 1e\+38: the linear probe diverged .*use a smaller --linear-lr"):
+        ef.linear_accuracy(x, y, xt, yt, epochs=5, lr=1e38)
 
 
 def test_split_sampler_deterministic_and_balanced():
@@ -257,6 +274,105 @@ def test_cli_checkpoint_of_another_model_is_one_line(image_root, mae_run):
     code = run_as_main("eval_fewshot.py", [*eval_args(image_root, mae_run / "encoder.pt"), "--model", "vit_small"])
     assert isinstance(code, str) and "\n" not in code, code
     assert code.startswith("error: --checkpoint") and "another model" in code, code
+
+
+# Flag values no evaluation can use: each stops in get_args, before anything is read, with the flag, its value and
+# the rule. Before, --knn-t 0 / nan, --knn-k 0 and --lambd nan printed a top-1 of 10.00 (chance) and exited 0.
+BAD_FLAGS = [
+    (["--knn-t", "0"], "--knn-t 0.0: must be a positive number"),
+    (["--knn-t", "nan"], "--knn-t nan: must be a positive number"),
+    (["--knn-k", "0"], "--knn-k 0: must be >= 1"),
+    (["--protocol", "logreg", "--lambd", "nan"], "--lambd nan: must be a positive number"),
+    (["--lambd", "0"], "--lambd 0.0: must be a positive number"),
+    (["--max-iter", "0"], "--max-iter 0: must be >= 1"),
+    (["--linear-lr", "inf"], "--linear-lr inf: must be a positive number"),
+    (["--linear-epochs", "0"], "--linear-epochs 0: must be >= 1"),
+    (["--linear-batch-size", "1"], "--linear-batch-size 1: must be >= 2"),
+    (["--batch-size", "0"], "--batch-size 0: must be >= 1"),
+    (["--num-workers", "-1"], "--num-workers -1: must be >= 0"),
+    (["--img-size", "30", "--patch-size", "4"], "--patch-size 4: must divide --img-size 30"),
+    (["--patch-size", "0"], "--patch-size 0: must be >= 1"),
+    (["--num-heads", "0"], "--num-heads 0: must be >= 1"),
+    (["--percent", "abc"], "--percent abc: takes numbers in (0, 100]"),
+    (["--percent", "1,150"], "--percent 1,150: takes numbers in (0, 100]"),
+    (["--shots", "2,x"], "--shots 2,x: takes integers >= 1"),
+    (["--shots", "0"], "--shots 0: takes integers >= 1"),
+    (["--seeds", "abc"], "--seeds abc: takes integers >= 0 and < 2**63"),
+    (["--seeds", "1180591620717411303424"], "--seeds 1180591620717411303424: takes integers >= 0 and < 2**63"),
+    (["--seeds", "-1"], "--seeds -1: takes integers >= 0 and < 2**63"),
+    (["--seeds", ","], "--seeds ,: takes integers >= 0 and < 2**63"),
+    (["--protocol", "knn,svm"], "--protocol knn,svm: takes logreg, knn, linear"),
+]
+
+
+def test_bad_flags_one_line_errors(monkeypatch):
+    base = ["--checkpoint", "random", "--data", "unused"]
+    for extra, message in BAD_FLAGS:
+        with pytest.raises(ef.StopRun) as e:
+            ef.get_args(base + extra)
+        assert str(e.value) == message, (extra, str(e.value))
+    monkeypatch.setenv("WORLD_SIZE", "3")  # under torchrun: --batch-size is global
+    with pytest.raises(ef.StopRun, match="--batch-size 256: is global: divide it by the 3 processes"):
+        ef.get_args(base)
+    monkeypatch.delenv("WORLD_SIZE")
+    args = ef.get_args([*base, "--seeds", " 0, 5 ", "--protocol", "knn, linear", "--shots", "1,2"])  # the good ones
+    assert args.seeds == [0, 5] and args.protocol == ["knn", "linear"] and args.shots == [1, 2] and args.percent is None
+    assert ef.get_args(base).percent == [1.0] and ef.get_args(base).seeds == [0, 1, 2]  # the defaults
+    # through the script: one line, "error: ..."
+    assert run_as_main("eval_fewshot.py", [*base, "--knn-t", "0"]) == "error: --knn-t 0.0: must be a positive number"
+    assert run_as_main("eval_fewshot.py", [*base, "--percent", "abc"]) == \
+        "error: --percent abc: takes numbers in (0, 100]"
+
+
+def test_sizes_the_model_cannot_take_are_one_line(image_root):
+    """--img-size 30 with the model's own patch size (16): vit.py's assertion, as one line."""
+    with pytest.raises(ef.StopRun, match="--model vit_tiny: img_size 30 is not a multiple of patch_size 16"):
+        ef.main(["--checkpoint", "random", "--model", "vit_tiny", "--img-size", "30", "--data", image_root])
+
+
+def test_non_finite_features_report_no_accuracy(image_root, tmp_path):
+    """An all-NaN checkpoint (a diverged run) used to give 10.00 (chance) and exit 0: now no number, one line."""
+    enc = vit.vit_tiny(img_size=32, patch_size=8)
+    torch.save({k: torch.full_like(v, math.nan) for k, v in enc.state_dict().items()}, tmp_path / "nan.pt")
+    with pytest.raises(ef.StopRun, match=r"nan.pt: its features hold NaN or inf .*no accuracy is computed"):
+        ef.main(eval_args(image_root, tmp_path / "nan.pt", "--shots", "1", "--seeds", "0", "--protocol", "knn",
+                          "--json", str(tmp_path / "nan.json")))
+    assert not (tmp_path / "nan.json").exists()
+
+
+def test_output_paths_one_line_errors(image_root, tmp_path, monkeypatch, capsys):
+    quick = ["--shots", "1", "--seeds", "0", "--protocol", "knn"]
+    (tmp_path / "file").write_text("a file, not a folder")
+    # a folder under a file: refused before the model, the images or any feature
+    for flag in ("--cache", "--json"):
+        with pytest.raises(ef.StopRun, match=f"^{flag}: cannot make the folder .*file.*; pass another path"):
+            ef.main(eval_args(image_root, "random", *quick, flag, str(tmp_path / "file" / "x" / "y")))
+    assert "features" not in capsys.readouterr().out
+    # a full disk under --json (/dev/full): the results are printed, then one line instead of a traceback
+    if os.path.exists("/dev/full"):
+        with pytest.raises(ef.StopRun, match="--json /dev/full: cannot write it .*; the results are printed above"):
+            ef.main(eval_args(image_root, "random", *quick, "--json", "/dev/full"))
+        assert "knn       1-shot" in capsys.readouterr().out
+
+    # a full disk under --cache: torch.save's RuntimeError (inline_container) is a note; the features are in memory
+    def full(obj, path, *a, **kw):
+        with open(path, "wb") as f:
+            f.write(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file")
+    monkeypatch.setattr(torch, "save", full)
+    res = ef.main(eval_args(image_root, "random", *quick, "--cache", str(tmp_path / "c")))
+    out = capsys.readouterr().out
+    assert out.count("note: --cache: could not write") == 2 and "PytorchStreamWriter failed" in out  # train, val
+    assert res["rows"][0]["protocol"] == "knn" and 0 <= res["rows"][0]["top1_mean"] <= 100
+    assert not [f for f in os.listdir(tmp_path / "c") if f.endswith(".pt")]  # nothing half-written under the name
+
+
+def test_ctrl_c_is_one_line(monkeypatch):
+    def interrupted(**kw):
+        raise KeyboardInterrupt
+    monkeypatch.setitem(vit.MODELS, "vit_tiny", interrupted)  # Ctrl-C while the model is built
+    code = run_as_main("eval_fewshot.py", ["--checkpoint", "random", "--model", "vit_tiny", "--data", "unused"])
+    assert code.startswith("error: stopped by Ctrl-C") and "\n" not in code, code
 
 
 def test_download_failure_is_one_line(tmp_path, monkeypatch):
