@@ -185,8 +185,8 @@ class GraftedMoCo(MoCo):
     def l1_distance(self):
         """sum |theta - theta_MIM| over the recorded weights (official L1Regularizer: torch.norm(p=1) per tensor)."""
         params = dict(self.base_encoder.named_parameters())
-        return sum(((params[n].float() - ref.float()).abs().sum() for n, ref in self.l1_ref.items()),
-                   self.base_encoder.norm.weight.new_zeros((), dtype=torch.float32))
+        return sum(((params[n] - ref).abs().sum() for n, ref in self.l1_ref.items()),
+                   self.base_encoder.norm.weight.new_zeros(()))  # in the weights' dtype, as the release
 
     @torch.no_grad()
     def update_momentum_encoder(self, m):
