@@ -709,8 +709,10 @@ def write_out(out, report, img, patch_size):
         report["versions"]["matplotlib"] = matplotlib.__version__
         pictures = draw_pictures(out, report, img, patch_size)
     report["pictures"] = pictures
-    with open(os.path.join(out, "analysis.json"), "w") as f:
+    path = os.path.join(out, "analysis.json")
+    with open(path + ".tmp", "w") as f:  # then renamed: a full disk leaves no analysis.json cut short
         json.dump(report, f, indent=2)
+    os.replace(path + ".tmp", path)
     if pictures is None:
         print(f"\nwrote {out}/analysis.json; no pictures: matplotlib is not installed (pip install matplotlib)")
     else:

@@ -69,9 +69,8 @@ def logreg_accuracy(train_x, train_y, test_x, test_y, lambd=2.5e-4, max_iter=100
     return_info: also return {'iterations', 'rel_gap'}."""
     device = torch.device(device) if device is not None else train_x.device
     X, Xt = preprocess(train_x.to(device, dtype)), preprocess(test_x.to(device, dtype))
-    y, yt = train_y.to(device).long(), test_y.to(device).long()
+    y, yt, lam = train_y.to(device).long(), test_y.to(device).long(), lambd / len(X)  # MSN: lambd /= n_train
     n, num_classes, rows = len(X), int(max(y.max(), yt.max())) + 1, torch.arange(len(X), device=device)
-    lam = lambd / n  # MSN / Layer Grafted: lambd /= len(features_train)
     W = torch.zeros(X.shape[1], num_classes, device=device, dtype=dtype, requires_grad=True)  # (D, C)
     opt = torch.optim.LBFGS([W], lr=1, max_iter=10, history_size=100, tolerance_grad=1e-9, tolerance_change=1e-12,
                             line_search_fn="strong_wolfe")
@@ -101,6 +100,8 @@ def logreg_accuracy(train_x, train_y, test_x, test_y, lambd=2.5e-4, max_iter=100
             stalled, iters = done - iters < chunk, done
             if rel_gap < tol or stalled:  # stalled: L-BFGS stopped early on its own gradient / change tolerance
                 break
+        if not math.isfinite(rel_gap):  # NaN or inf weights (a huge lambd), or an inf gap (a tiny one)
+            raise StopRun(f"--lambd {lambd}: the logistic regression's duality gap is {rel_gap}; try MSN's 2.5e-4")
         acc = ((Xt @ W.detach()).argmax(dim=1) == yt).float().mean().item()
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old_tf32
@@ -125,8 +126,7 @@ def linear_accuracy(train_x, train_y, test_x, test_y, epochs=100, lr=0.1, batch_
     """Top-1 accuracy (fraction) of MAE's linear-probe head on fixed features, with our SGD recipe (see the top)."""
     device = torch.device(device) if device is not None else train_x.device
     X, y = train_x.to(device).float(), train_y.to(device).long()
-    num_classes, n = int(max(y.max(), test_y.max())) + 1, len(X)
-    g = torch.Generator().manual_seed(seed)
+    num_classes, n, g = int(max(y.max(), test_y.max())) + 1, len(X), torch.Generator().manual_seed(seed)
     linear = nn.Linear(X.shape[1], num_classes)
     nn.init.trunc_normal_(linear.weight, std=0.01, generator=g)  # MAE main_linprobe.py
     nn.init.zeros_(linear.bias)
@@ -514,7 +514,8 @@ def build_dataset(args, transform, split="train"):
         if args.data in named:
             return named[args.data](args.data_root, train=train, transform=transform, download=True)
         if args.data == "stl10":
-            return datasets.STL10(args.data_root, "train+unlabeled" if train else "test", transform=transform, download=True)
+            split_name = "train+unlabeled" if train else "test"
+            return datasets.STL10(args.data_root, split_name, transform=transform, download=True)
     except (OSError, RuntimeError) as e:  # no network, a partial download, a full disk
         raise StopRun(f"--data {args.data}: could not download into --data-root {args.data_root} ({e}); "
                       f"download it by hand into that folder, or pass an ImageFolder root") from None
@@ -527,7 +528,8 @@ def build_dataset(args, transform, split="train"):
     try:
         return datasets.ImageFolder(folder, transform=transform, loader=pil_loader)
     except FileNotFoundError as e:
-        raise StopRun(f"--data {args.data}: {folder} holds no class folders with images ({e}); expected {layout}") from None
+        raise StopRun(f"--data {args.data}: {folder} holds no class folders with images ({e}); "
+                      f"expected {layout}") from None
 
 
 def print0(*a, **kw):

@@ -261,7 +261,8 @@ def damaged(path):
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # mmap: no copy of a large file
         ckpt["step"], ckpt["method"], ckpt["args"], ckpt["images"]
     except Exception as e:  # noqa: BLE001 (cut short, not a zip, not ours: all are "damaged" to a resume)
-        return f"{type(e).__name__}: {str(e).strip().splitlines()[0][:120] if str(e).strip() else 'unreadable'}"
+        first = (str(e).strip().splitlines() or ["unreadable"])[0].split(". ")[0]  # torch's messages run on
+        return f"{type(e).__name__}: {first[:100]}"
     return None
 
 
@@ -547,21 +548,24 @@ class Table:
 
     # ----------------------------------------------------------------------------------------- markdown
     def write_markdown(self):
-        picture(self.state, self.p["title"], os.path.splitext(self.args.json)[0] + ".png")
-        path, text = self.args.markdown, markdown_section(self)
-        start, end = f"<!-- table:{self.args.preset}:start -->", f"<!-- table:{self.args.preset}:end -->"
-        old = open(path).read() if os.path.isfile(path) else "# Results tables (issue #17)\n\n"
-        if start in old and end in old:
-            new = old[:old.index(start)] + start + "\n" + text + end + old[old.index(end) + len(end):]
-        else:
-            new = old.rstrip("\n") + "\n\n" + start + "\n" + text + end + "\n"
-        try:
+        path, png = self.args.markdown, os.path.splitext(self.args.json)[0] + ".png"
+        try:  # a disk that filled up during the run: one line, and the JSON holds every result
+            picture(self.state, self.p["title"], png)
+            text, old = markdown_section(self), "# Results tables (issue #17)\n\n"
+            if os.path.isfile(path):
+                with open(path) as f:
+                    old = f.read()
+            start, end = f"<!-- table:{self.args.preset}:start -->", f"<!-- table:{self.args.preset}:end -->"
+            if start in old and end in old:
+                new = old[:old.index(start)] + start + "\n" + text + end + old[old.index(end) + len(end):]
+            else:
+                new = old.rstrip("\n") + "\n\n" + start + "\n" + text + end + "\n"
             with open(path + ".tmp", "w") as f:
                 f.write(new)
             os.replace(path + ".tmp", path)
         except OSError as e:
-            raise Stop(f"--markdown {path}: cannot write it ({e.strerror or e}); the results are in {self.args.json}") \
-                from None
+            raise Stop(f"--markdown {path}: cannot write it or {png} ({e.strerror or e}); the results are in "
+                       f"{self.args.json}") from None
 
 
 METRICS = [("knn_full", "k-NN, full train bank"), ("logreg_1pct", "logreg, 1% labels"),
@@ -793,7 +797,7 @@ def get_args(argv=None):
             with tempfile.TemporaryFile(dir=os.path.dirname(path)) as f:
                 f.write(bytes(4096))
         except OSError as e:
-            p.error(f"{flag} {path}: cannot write there ({e.strerror or e}); pass another path")
+            p.error(f"{flag} {path}: cannot write there ({e.strerror or e}: {e.filename}); pass another path")
     return args
 
 

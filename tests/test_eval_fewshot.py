@@ -4,6 +4,7 @@ end to end on real images with checkpoints written by mae.py, and one-line error
 import json
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -79,10 +80,15 @@ def test_knn_small_temperature_is_the_nearest_neighbour():
         assert abs(ef.knn_accuracy(x, y, xt, yt, t=t) - one_nn) <= 0.004, t  # at most one image of 500 (a near-tie)
 
 
-def test_diverged_linear_probe_is_refused():
+def test_diverged_probes_are_refused():
+    """Weights gone NaN used to score class 0 for every image: 10% on 10 classes, reported as a result."""
     x, y, xt, yt = clusters(10, 20)
     with pytest.raises(ef.StopRun, match=r"--linear-lr 1e\+38: the linear probe diverged .*use a smaller --linear-lr"):
         ef.linear_accuracy(x, y, xt, yt, epochs=5, lr=1e38)
+    for lambd, gap in ((1e30, "nan"), (1e-300, "inf")):  # NaN weights; an infinite duality gap (lambda n^2 = 0)
+        message = f"--lambd {lambd}: the logistic regression's duality gap is {gap}; try MSN's 2.5e-4"
+        with pytest.raises(ef.StopRun, match=re.escape(message)):
+            ef.logreg_accuracy(x, y, xt, yt, lambd=lambd, max_iter=50)
 
 
 def test_split_sampler_deterministic_and_balanced():
@@ -371,7 +377,10 @@ def test_ctrl_c_is_one_line(monkeypatch):
     def interrupted(**kw):
         raise KeyboardInterrupt
     monkeypatch.setitem(vit.MODELS, "vit_tiny", interrupted)  # Ctrl-C while the model is built
-    code = run_as_main("eval_fewshot.py", ["--checkpoint", "random", "--model", "vit_tiny", "--data", "unused"])
+    try:
+        code = run_as_main("eval_fewshot.py", ["--checkpoint", "random", "--model", "vit_tiny", "--data", "unused"])
+    except KeyboardInterrupt:  # a traceback; raised on, it would also end pytest's session
+        pytest.fail("Ctrl-C came out as a KeyboardInterrupt traceback, not one line")
     assert code.startswith("error: stopped by Ctrl-C") and "\n" not in code, code
 
 

@@ -1,12 +1,17 @@
 """experiments/table.py end to end at toy size: every row trained (2 steps of ViT-T/8 on a few CIFAR images) and
 evaluated with its commands in the JSON, a done row skipped, a --max-minutes stop and a stale command refused in one
-line, the markdown written. The numbers of a toy table mean nothing; the harness must not rot."""
+line, the markdown written. The numbers of a toy table mean nothing; the harness must not rot. In-process (no
+training): its flags' one-line errors, and what it says of a row whose training script failed."""
+import importlib.util
 import json
 import math
 import os
 import subprocess
 import sys
 import time
+
+import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TABLE = os.path.join(ROOT, "experiments", "table.py")
@@ -23,7 +28,72 @@ def table(*args, timeout=280):
 
 def in_memory_everywhere():
     """--in-memory (issue #16) once every training script has it, so the toy runs the path the real presets run."""
-    return all('"--in-memory"' in open(os.path.join(ROOT, f"{r}.py")).read() for r in TRAINED)
+    def has_flag(row):
+        with open(os.path.join(ROOT, f"{row}.py")) as f:
+            return '"--in-memory"' in f.read()
+    return all(has_flag(r) for r in TRAINED)
+
+
+def load_table():
+    spec = importlib.util.spec_from_file_location("experiments_table", TABLE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bad_flags_one_line_errors(image_root, tmp_path):
+    """Each is refused in get_args, before anything runs, as one line (table.py prints it as `error: ...`)."""
+    t = load_table()
+    (tmp_path / "file").write_text("a file, not a folder")
+    common = ["--preset", "toy", "--data", image_root, "--json", str(tmp_path / "r.json"), "--markdown",
+              str(tmp_path / "r.md")]
+    cases = [(["--measure", "-1"], "--measure -1.0: must be a positive number"),  # was a ZeroDivisionError
+             (["--measure", "0"], "--measure 0.0: must be a positive number"),  # was: the table ran instead
+             (["--max-minutes", "nan"], "--max-minutes nan: must be a positive number"),  # was accepted: never stops
+             (["--max-minutes", "0"], "--max-minutes 0.0: must be a positive number"),
+             (["--jobs", "0"], "--jobs 0: must be >= 1"),
+             (["--jobs", "abc"], "argument --jobs: invalid int value: 'abc'"),  # argparse's own: one line too
+             (["--markdown", str(tmp_path / "file" / "t.md")], f"--markdown {tmp_path / 'file' / 't.md'}: cannot "
+              f"write there (File exists: {tmp_path / 'file'}); pass another path"),
+             (["--json", str(tmp_path / "file" / "x")], f"--json {tmp_path / 'file' / 'x'}: cannot write there (File "
+              f"exists: {tmp_path / 'file'}); pass another path")]
+    for extra, message in cases:
+        with pytest.raises(t.Stop) as e:
+            t.get_args(common + extra)
+        assert str(e.value) == message, (extra, str(e.value))
+    with pytest.raises(t.Stop, match="the following arguments are required: --data"):
+        t.get_args(["--preset", "toy"])
+    args = t.get_args([*common, "--markdown", str(tmp_path / "new" / "t.md")])  # a missing folder is made
+    assert os.path.isdir(tmp_path / "new") and os.listdir(tmp_path / "new") == []  # the test write left nothing
+    assert args.markdown == str(tmp_path / "new" / "t.md")
+
+
+def test_failed_row_says_what_its_checkpoint_can_do(image_root, tmp_path):
+    """A training script that failed: with a damaged checkpoint.pt the table used to say it "keeps its progress and
+    the same command resumes it"; it names the damage and the way out instead."""
+    t = load_table()
+    args = t.get_args(["--preset", "toy", "--data", image_root, "--runs-dir", str(tmp_path / "runs"), "--json",
+                       str(tmp_path / "r.json"), "--markdown", str(tmp_path / "r.md")])
+    table = t.Table(args)
+    out = tmp_path / "runs" / "mae"
+    os.makedirs(out)
+
+    def fail(rc=1):  # a fresh failure: the first one also stops the other rows (table.signal)
+        table.state["rows"]["mae"], table.signal = {}, None
+        return table.finish("mae", rc, {"started": "now", "device": "cpu"}, time.monotonic())
+    (out / "checkpoint.pt").write_bytes(b"PK\x03\x04 cut short by a full disk")
+    message = fail()
+    assert message.startswith(f"row mae: mae.py failed (status 1): its {out / 'checkpoint.pt'} is damaged (")
+    assert message.endswith("move it away (the row then starts from step 0) or pass --redo mae"), message
+    assert "keeps its progress" not in message
+    torch.save({"step": 3, "method": "mae", "args": {}, "images": 120, "model": {}}, out / "checkpoint.pt")
+    message = fail()
+    assert message.endswith(f"{out / 'checkpoint.pt'} keeps its progress: once that is fixed, the same command "
+                            "resumes it"), message
+    os.remove(out / "checkpoint.pt")
+    assert fail().endswith("before its first save: the same command starts the row again")
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert saved["rows"]["mae"]["status"] == "failed" and len(saved["rows"]["mae"]["pretrain"]["launches"]) == 1
 
 
 def test_toy_table(image_root, tmp_path):
