@@ -28,12 +28,13 @@ Deviations from the release, on purpose:
     - Seed 0 (release: 42); checkpoints as in every script (release: every 40 epochs).
     - The patch embedding of each image is computed twice, once per view (see MiCL.forward); the release embeds once.
     - The release's PRETRAIN.md is MAE's (mask 0.75, 800 epochs); the code defaults above are what it runs.
-Plumbing every script shares (bf16, DDP, the global batch, saves and exact resume, NaN checks, --in-memory): README,
-"What every script does the same way".
-"""
+Plumbing as in every script (bf16, DDP, global batch, exact resume, NaN checks, --in-memory): README, "What every
+script does the same way"."""
 import argparse
 import contextlib
+import datetime
 import fcntl
+import hashlib
 import json
 import math
 import os
@@ -131,7 +132,7 @@ def train_transform(args):
 # checked copy of mae.py (tests/test_shared_blocks.py)
 def train_transform_batch(x, args):
     """train_transform on a batch of uint8 images on the device (--in-memory): the appendix's ops, a draw per image."""
-    return normalize(resized_crop(x, args.img_size, (0.2, 1.0), "bicubic"))  # the flip included
+    return T.functional.normalize(resized_crop(x, args.img_size, (0.2, 1.0), "bicubic"), IMAGENET_MEAN, IMAGENET_STD)
 
 
 # ------------------------------------------------------------------------------------------------------- main
@@ -486,6 +487,8 @@ class Run:
         self.old_handlers = {s: signal.signal(s, self.on_signal) for s in STOP_SIGNALS}
         print0(f"lr = blr {args.blr} x batch {args.batch_size} / 256 = {args.lr:.3g}; {self.world_size} process(es) "
                f"x {args.batch_size // self.world_size} images on {self.device}; torch {torch.__version__}")
+        if self.device.type == "cpu" and torch.get_num_threads() > 1:  # (idle OpenMP threads spin, taking turns)
+            print0(f"note: {torch.get_num_threads()} CPU threads; with other work running, OMP_NUM_THREADS=1 is faster")
 
     def on_signal(self, signum, frame):
         if not self.signal:
@@ -703,18 +706,13 @@ def add_common_args(p, **defaults):
 
 
 # ============================================ --in-memory: an optional block, the same text in every method script
-# The train split decoded once into one uint8 tensor on the training device; each step's batch augmented there by
-# torchvision's transforms, a draw per image from torch's CPU RNG, which Run.batches seeds before every step (exact
-# resume). To drop --in-memory from a copy, delete this block and every line that ends in "# --in-memory".
+# The train split decoded once into a uint8 tensor on the device, each batch augmented there (a draw per image, seeded
+# by Run.batches). A copy without it deletes this block and the lines that end in "# --in-memory".
 
 def in_memory_loader(run, dataset, sampler, batch_transform):
-    """run.memory: every training image as uint8 (3, S, S) on the device (S: --in-memory-size, or the images' own
-    size), the labels and batch_transform; cached in --data-root/in_memory/ by rank 0, keyed by the files, their sizes
-    and times. Returns batches of the sampler's (index, seed) pairs (Run.batches hands them to augment_in_memory)."""
-    import datetime
-    import hashlib
-    # the others wait for rank 0's decoding, maybe longer than NCCL's 10 minutes: a gloo group that waits a day,
-    # made before anything can fail, so that a rank that stops is seen by the others at once
+    """run.memory: the training images as uint8 (3, S, S) on the device, the labels, batch_transform; cached by rank 0
+    in --data-root/in_memory/ (keyed by the files, sizes, times). Returns batches of the sampler's (index, seed)."""
+    # a gloo group that waits a day for rank 0's decoding (NCCL: 10 minutes), made before anything can fail
     wait = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=1)) if run.world_size > 1 else None
     a, S, files = run.args, run.args.in_memory_size, getattr(dataset, "samples", None)
     stamp = [(p, os.path.getsize(p), os.path.getmtime(p)) for p, _ in files] if files else [type(dataset).__name__]
@@ -724,11 +722,15 @@ def in_memory_loader(run, dataset, sampler, batch_transform):
     resize = [T.Resize(S, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(S)] if S else []
     dataset.transform = T.Compose([*resize, T.PILToTensor()])
     shape = torch.Size((3, S, S)) if S else dataset[0][0].shape  # (no 40000 px test image is ever made)
-    need, free = len(dataset) * shape.numel(), free_memory(run.device)
+    ram = math.inf  # (unknown outside Linux)
+    with contextlib.suppress(OSError, StopIteration, ValueError), open("/proc/meminfo") as f:
+        ram = int(next(line for line in f if line.startswith("MemAvailable")).split()[1]) * 1024
+    free = ram / int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # this process's share of the RAM, and half a GPU's
+    free = min(free, torch.cuda.mem_get_info(run.device)[0] / 2) if run.device.type == "cuda" else free
+    need = len(dataset) * shape.numel()
     if need > 0.8 * free:
         raise StopRun(f"--in-memory: {len(dataset)} images of {'x'.join(map(str, shape))} need {need / 1e9:.1f} GB, "
-                      f"more than the RAM or the GPU can spare ({free / 1e9:.1f} GB); pass a smaller --in-memory-size, "
-                      f"or drop --in-memory (the PIL loader reads the files as it goes)")
+                      f"more than the {free / 1e9:.1f} GB free; pass a smaller --in-memory-size or drop --in-memory")
     if run.is_main:  # rank 0 first: it decodes and caches, then the others load its file
         images, labels = load_or_decode(run, dataset, shape, path)
     if wait is not None:
@@ -739,15 +741,6 @@ def in_memory_loader(run, dataset, sampler, batch_transform):
         dist.destroy_process_group(wait)
     run.memory = images.to(run.device), labels.to(run.device), batch_transform
     return torch.utils.data.BatchSampler(sampler, a.batch_size // run.world_size, drop_last=False)
-
-
-def free_memory(device):
-    """Bytes this process may fill: its share of the machine's RAM (Linux's MemAvailable), and half a GPU's."""
-    ram = math.inf
-    with contextlib.suppress(OSError, StopIteration, ValueError), open("/proc/meminfo") as f:
-        ram = int(next(line for line in f if line.startswith("MemAvailable")).split()[1]) * 1024
-    ram /= int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    return min(ram, torch.cuda.mem_get_info(device)[0] / 2) if device.type == "cuda" else ram
 
 
 def load_or_decode(run, dataset, shape, path):
@@ -764,40 +757,45 @@ def load_or_decode(run, dataset, shape, path):
             raise StopRun(f"--in-memory: image {k} of --data is {'x'.join(map(str, image.shape))}, image 0 is "
                           f"{'x'.join(map(str, shape))}; pass --in-memory-size S to store all at S x S")
         images[k], labels[k] = image, label
-    if run.is_main:  # one writer (the other ranks only decode themselves when rank 0 could not cache)
-        try:
+    print0(f"--in-memory: {len(images)} images decoded, to be cached in {path}")
+    if run.is_main:  # one writer; a cache that cannot be written only makes the next run decode again
+        with contextlib.suppress(OSError, StopRun):
             os.makedirs(os.path.dirname(path), exist_ok=True)
             save_checkpoint((images, labels), path)
-            print0(f"--in-memory: {len(images)} images decoded, cached in {path}")
-        except (OSError, StopRun) as e:
-            print0(f"--in-memory: {len(images)} images decoded; not cached ({one_line(e)})")
     return images, labels
 
 
-def augment_in_memory(run, batch):
-    """A batch of (index, seed) pairs: its images augmented on the device by the script's batch_transform."""
+def augment_in_memory(run, batch):  # a batch of (index, seed): its images augmented by the script's batch_transform
     images, labels, batch_transform = run.memory
     index = torch.tensor([i for i, _ in batch], device=run.device)
     return batch_transform(images[index], run.args), labels[index]
 
 
 def resized_crop(x, size, scale, interpolation, flip_p=0.5):
-    """RandomResizedCrop(size, scale, interpolation) + RandomHorizontalFlip(flip_p) on uint8 images (B, 3, H, W) by
-    torchvision's tensor ops, an image at a time (antialiased, rounded to uint8 as PIL is); float in [0, 1] out."""
-    out, mode = [], T.InterpolationMode(interpolation)
-    for image in x:
-        image = T.functional.resized_crop(image, *T.RandomResizedCrop.get_params(image, scale, (3 / 4, 4 / 3)),
-                                          [size, size], mode, antialias=True)
-        out.append(image.flip(-1) if torch.rand(1).item() < flip_p else image)
-    return torch.stack(out).float() / 255
+    """RandomResizedCrop + RandomHorizontalFlip on uint8 (B, 3, H, W), float out: torchvision's draws per image, then
+    rows @ image @ cols^T in batches (the horizontal pass first and clipped, as PIL's is; a flip reverses cols)."""
+    draws = [T.RandomResizedCrop.get_params(im, scale, (3 / 4, 4 / 3)) + (torch.rand(1).item() < flip_p,) for im in x]
+    i, j, h, w, flips = zip(*draws)  # torchvision's draws, an image at a time: get_params, then the flip
+    rows = resize_matrices(i, h, x.shape[2], size, interpolation, x.device)
+    cols = resize_matrices(j, w, x.shape[3], size, interpolation, x.device)
+    cols = torch.where(torch.tensor(flips, device=x.device)[:, None, None], cols.flip(1), cols)
+    x = (x.float() / 255 @ cols[:, None].transpose(-1, -2)).clamp_(0, 1)
+    return (rows[:, None] @ x).clamp_(0, 1)
+
+
+def resize_matrices(starts, lengths, in_size, size, interpolation, device):
+    """(B, size, in_size): torch's antialiased resize (PIL's filters) of each [start, start + length), as matrices."""
+    lengths, n_max = torch.tensor(lengths), max(lengths)
+    unique, which = lengths.unique(return_inverse=True)
+    weights = torch.stack([F.pad(F.interpolate(torch.eye(n, device=device)[None, None], (size, n), mode=interpolation,
+                                               antialias=True)[0, 0], (0, n_max - n)) for n in unique.tolist()])
+    cols = (torch.tensor(starts)[:, None] + torch.arange(n_max)).clamp(max=in_size - 1).to(device)
+    m = torch.zeros(len(starts), size, in_size, device=device)
+    return m.scatter_add_(2, cols[:, None].expand(-1, size, -1), weights[which.to(device)])
 
 
 def gray(x):  # torchvision's rgb_to_grayscale
     return 0.2989 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
-
-
-def blend(a, b, factor):
-    return (factor[:, None, None, None] * a + (1 - factor[:, None, None, None]) * b).clamp(0, 1)
 
 
 def adjust_hue(x, shift):
@@ -815,6 +813,8 @@ def adjust_hue(x, shift):
 def color_jitter(x, brightness, contrast, saturation, hue, p):
     """RandomApply([ColorJitter(brightness, contrast, saturation, hue)], p): each image its own factors and its own
     order of the four adjustments, drawn as ColorJitter.get_params draws them; each adjustment as torchvision's."""
+    def blend(a, b, factor):
+        return (factor[:, None, None, None] * a + (1 - factor[:, None, None, None]) * b).clamp(0, 1)
     B = len(x)
     on = torch.rand(B) < p
     low = [max(0, 1 - brightness), max(0, 1 - contrast), max(0, 1 - saturation), -hue]
@@ -827,8 +827,7 @@ def color_jitter(x, brightness, contrast, saturation, hue, p):
     for slot in range(4):
         for a in range(4):
             sel = (on & (order[:, slot] == a)).nonzero()[:, 0]
-            if len(sel):
-                x[sel.to(x.device)] = adjust[a](x[sel.to(x.device)], factors[a][sel].to(x.device))
+            x[sel.to(x.device)] = adjust[a](x[sel.to(x.device)], factors[a][sel].to(x.device))
     return x
 
 
@@ -837,12 +836,17 @@ def random_grayscale(x, p):
 
 
 def gaussian_blur(x, sigma, p):
-    """RandomApply([GaussianBlur(kernel 2 * ceil(3 sigma) + 1, sigma ~ U(sigma))], p): torchvision's op per image."""
-    out = x.clone()
-    for b, (s, on) in enumerate(zip(torch.empty(len(x)).uniform_(*sigma).tolist(), torch.rand(len(x)) < p)):
-        if on:
-            out[b] = T.functional.gaussian_blur(x[b], 2 * math.ceil(3 * s) + 1, s)
-    return out
+    """RandomApply([GaussianBlur(2 * ceil(3 sigma) + 1, sigma ~ U(sigma))], p): torchvision's, a kernel per image."""
+    B, C, H, W = x.shape
+    s, on = torch.empty(B).uniform_(*sigma).double(), torch.rand(B) < p
+    r = min(math.ceil(3 * sigma[1]), H - 1, W - 1)  # the widest kernel's radius; narrower ones are zero-padded
+    t = torch.arange(-r, r + 1, dtype=torch.float64)
+    k = torch.exp(-0.5 * (t / s[:, None]) ** 2) * (t.abs() <= (3 * s).ceil()[:, None])
+    k = torch.where(on[:, None], k / k.sum(1, keepdim=True), (t == 0).double())  # off: the identity kernel
+    k = k.float().repeat_interleave(C, 0).to(x.device)  # (B*C, 2r+1): one kernel per image and channel
+    y = F.pad(x.reshape(1, B * C, H, W), (r, r, r, r), mode="reflect")
+    y = F.conv2d(F.conv2d(y, k[:, None, None, :], groups=B * C), k[:, None, :, None], groups=B * C)
+    return y.reshape(B, C, H, W)
 
 
 def random_solarize(x, p, threshold=128 / 255):  # RandomSolarize(128, p) on PIL: pixels >= 128 of 255 inverted
@@ -850,8 +854,6 @@ def random_solarize(x, p, threshold=128 / 255):  # RandomSolarize(128, p) on PIL
     return torch.where(on & (x >= threshold), 1 - x, x)
 
 
-def normalize(x, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-    return (x - x.new_tensor(mean)[:, None, None]) / x.new_tensor(std)[:, None, None]
 # ====================================================================================================== end appendix
 
 

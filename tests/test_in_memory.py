@@ -23,33 +23,21 @@ def real(image_root):
     return torch.stack([TF.pil_to_tensor(Image.open(f).convert("RGB")) for f in files])
 
 
-def replayed_crops(x, size, scale, interpolation, seed, pil=False):
-    """resized_crop's draws replayed one image at a time (get_params, then the flip), applied by torchvision to the
-    uint8 tensor, or (pil=True) to the PIL image as the PIL path does."""
-    torch.manual_seed(seed)
-    out, mode = [], T.InterpolationMode(interpolation)
-    for image in x:
-        i, j, h, w = T.RandomResizedCrop.get_params(image, scale, (3 / 4, 4 / 3))
-        flip = torch.rand(1).item() < 0.5
-        source = TF.to_pil_image(image) if pil else image
-        crop = TF.resized_crop(source, i, j, h, w, [size, size], mode, antialias=True)
-        crop = TF.hflip(crop) if flip else crop
-        out.append(TF.pil_to_tensor(crop) if pil else crop)
-    return torch.stack(out).float() / 255
-
-
 @pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
 @pytest.mark.parametrize("size", [16, 32, 56])  # shrinking (antialiased), about the same size, enlarging
-def test_resized_crop_is_torchvision_and_near_the_pil_path(real, interpolation, size):
-    """resized_crop draws RandomResizedCrop.get_params and the flip for each image in turn and applies torchvision's
-    tensor resized_crop: equal to that, replayed. Against PIL's resize of the same crops (the PIL path): bilinear
-    within 1 of 255 levels; bicubic within 8 (PIL clips its first pass to uint8, torch does not: a few overshooting
-    edge pixels differ, measured at most 6 on these images) and within 0.3 levels on average."""
+def test_resized_crop_draws_as_torchvision_and_resizes_as_pil(real, interpolation, size):
+    """resized_crop draws RandomResizedCrop.get_params and then the flip for each image in turn; with those draws
+    replayed, torchvision's resized_crop + hflip of the PIL image (the PIL path) is within 1.1 of 255 levels (PIL
+    rounds each of its two passes to uint8; we keep floats)."""
     torch.manual_seed(1)
     out = mae.resized_crop(real, size, (0.08, 1.0), interpolation)
-    assert torch.equal(out, replayed_crops(real, size, (0.08, 1.0), interpolation, seed=1))
-    diff = (out - replayed_crops(real, size, (0.08, 1.0), interpolation, seed=1, pil=True)).abs() * 255
-    assert diff.max() <= (1.0 if interpolation == "bilinear" else 8.0) + 1e-4 and diff.mean() < 0.3
+    torch.manual_seed(1)
+    for b in range(len(real)):
+        i, j, h, w = T.RandomResizedCrop.get_params(real[b], (0.08, 1.0), (3 / 4, 4 / 3))
+        flip = torch.rand(1).item() < 0.5
+        pil = TF.resized_crop(TF.to_pil_image(real[b]), i, j, h, w, [size, size], T.InterpolationMode(interpolation))
+        ref = TF.pil_to_tensor(TF.hflip(pil) if flip else pil).float()
+        assert (out[b] * 255 - ref).abs().max() < 1.1
 
 
 def test_flip_jitter_grey_blur_solarize_rates():
@@ -89,7 +77,7 @@ def test_color_jitter_equals_torchvision_ops_in_drawn_order(real):
         assert (out[b] - ref).abs().max() < 1e-5
 
 
-def test_blur_grey_solarize_normalize_equal_torchvision(real):
+def test_blur_grey_solarize_equal_torchvision(real):
     x = real.float() / 255
     torch.manual_seed(3)
     out = mae.gaussian_blur(x, (0.1, 2.0), p=0.5)
@@ -101,7 +89,6 @@ def test_blur_grey_solarize_normalize_equal_torchvision(real):
     assert torch.equal(mae.random_grayscale(x, p=1.0), TF.rgb_to_grayscale(x, 3))
     solar = torch.stack([TF.pil_to_tensor(TF.solarize(TF.to_pil_image(im), 128)) for im in real]) / 255
     assert (mae.random_solarize(x, p=1.0) - solar).abs().max() < 1e-6
-    assert (mae.normalize(x) - TF.normalize(x, mae.IMAGENET_MEAN, mae.IMAGENET_STD)).abs().max() < 1e-6
 
 
 def small_run(data, out, cache, script, *extra):
@@ -120,7 +107,7 @@ def test_in_memory_run_resumes_exactly(script, image_root, tmp_path, capsys):
     torch.set_num_threads(1)
     module = {"moco": moco, "hybrid": hybrid}[script]
     run_as_main(f"{script}.py", small_run(image_root, tmp_path / "ref", tmp_path / "cache", script) + ["--num-workers", "2"])
-    assert "160 images decoded, cached in" in capsys.readouterr().out  # decoded by 2 workers
+    assert "160 images decoded, to be cached in" in capsys.readouterr().out  # decoded by 2 workers
     cut = small_run(image_root, tmp_path / "cut", tmp_path / "cache", script)
     run_as_main(f"{script}.py", cut + ["--max-steps", "3"])
     assert "--in-memory: 160 images loaded from" in capsys.readouterr().out
@@ -170,7 +157,7 @@ def test_in_memory_two_processes_decode_once(image_root, tmp_path):
     argv = small_run(image_root, tmp_path / "o", tmp_path / "cache", "mae") + ["--max-steps", "2"]
     run_ddp(_two_ranks, argv, str(tmp_path / "stdout"))
     logs = [(tmp_path / f"stdout_{r}.txt").read_text() for r in (0, 1)]
-    assert "160 images decoded, cached in" in logs[0] and "cache there: [False]; decoded: 160;" in logs[0]
+    assert "160 images decoded, to be cached in" in logs[0] and "cache there: [False]; decoded: 160;" in logs[0]
     assert "cache there: [True]; decoded: 0;" in logs[1]  # rank 1 came after rank 0 had written the file, and read it
     assert all("group timeouts: [86400.0]" in log for log in logs)
     assert len(os.listdir(tmp_path / "cache" / "in_memory")) == 1
