@@ -605,7 +605,16 @@ class Run:
         print0(f"resumed from {path} at step {step} (epoch {step // spe}, batch {step % spe} of {spe})")
 
     def wrap(self, model):
-        """--compile and, with several processes, DDP around the model (the module itself stays as it is)."""
+        """--compile and, with several processes, DDP around the model (the module itself stays as it is). First a
+        step that cannot fit stops: its activations take at least 10 bytes per image, patch, width and block."""
+        enc = next((m for m in model.modules() if isinstance(m, vit.VisionTransformer)), None)  # (MoCo: the base)
+        images = self.args.batch_size // self.world_size
+        need = 0 if enc is None else 10 * images * enc.patch_embed.num_patches * enc.embed_dim * enc.depth
+        have = (torch.cuda.get_device_properties(self.device).total_memory if self.device.type == "cuda"
+                else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+        if need > have:
+            raise StopRun(f"--img-size {self.args.img_size}: a step needs more than {need / 1e9:.0f} GB, the "
+                          f"{self.device} has {have / 1e9:.0f} GB; lower --img-size or --batch-size")
         model = torch.compile(model) if self.args.compile else model
         if self.world_size > 1:
             model = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)

@@ -242,7 +242,9 @@ OWN_BAD_FLAGS = {
     "mae": [(["--mask-ratio", "1.0"], "--mask-ratio 1.0: must lie in \\(0, 1\\)"), (["--mask-ratio", "1.5"], "--mask-ratio 1.5"),
             (["--mask-ratio", "0"], "--mask-ratio 0.0: must lie in"), (["--mask-ratio", "0.99"], "keeps 0 of 16 patches"),
             (["--vis-every", "0"], "--vis-every 0: must be >= 1")],
-    "moco": [(["--moco-t", "0"], "--moco-t 0.0: must be > 0"), (["--batch-size", "1"], "BatchNorm .* needs 2 or more")],
+    "moco": [(["--moco-t", "0"], "--moco-t 0.0: must be > 0"), (["--batch-size", "1"], "BatchNorm .* needs 2 or more"),
+             (["--img-size", "4096", "--patch-size", "4", "--batch-size", "160"],  # 1M patches: >= 322 GB a step
+              "--img-size 4096: a step needs more than 322 GB, the cpu has \\d+ GB; lower --img-size or --batch-size")],
     "graft": [(["--lower-lr-ratio", "-1"], "--lower-lr-ratio -1.0"), (["--moco-m", "2"], "--moco-m 2.0: must lie in")],
     "mimco": [(["--batch-size", "1"], "--batch-size 1: must be >= 2"), (["--image-tau", "0"], "--image-tau 0.0"),
               (["--head-hidden-dim", "0"], "--head-hidden-dim 0: must be >= 1")],
