@@ -131,9 +131,6 @@ class VisionTransformer(nn.Module):
                 nn.init.xavier_uniform_(m.weight)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
         w = self.patch_embed.proj.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # its bias keeps PyTorch's default init, as in MAE
         nn.init.normal_(self.cls_token, std=0.02)
@@ -169,6 +166,8 @@ class VisionTransformer(nn.Module):
 # Factories: the standard sizes; any keyword (img_size, patch_size, num_heads, drop_path_rate, ...) overrides.
 # cls: a subclass that *is* a ViT with more parts, e.g. mae.py's MaskedAutoencoder (its own keywords pass through).
 # vit_small has DeiT's 6 heads; MoCo v3's ViT-S has 12 (num_heads=12).
+# vit_cpu: a 128-d x 6-block encoder for the CPU table (experiments/table.py --preset cpu: 32 px, patch 8).
+def vit_cpu(cls=VisionTransformer, **kw): return cls(**{"embed_dim": 128, "depth": 6, "num_heads": 4, **kw})
 def vit_tiny(cls=VisionTransformer, **kw): return cls(**{"embed_dim": 192, "depth": 12, "num_heads": 3, **kw})
 def vit_small(cls=VisionTransformer, **kw): return cls(**{"embed_dim": 384, "depth": 12, "num_heads": 6, **kw})
 def vit_base(cls=VisionTransformer, **kw): return cls(**{"embed_dim": 768, "depth": 12, "num_heads": 12, **kw})
@@ -176,7 +175,7 @@ def vit_large(cls=VisionTransformer, **kw): return cls(**{"embed_dim": 1024, "de
 def vit_huge(cls=VisionTransformer, **kw): return cls(**{"embed_dim": 1280, "depth": 32, "num_heads": 16,
                                                          "patch_size": 14, **kw})
 
-MODELS = {f.__name__: f for f in (vit_tiny, vit_small, vit_base, vit_large, vit_huge)}
+MODELS = {f.__name__: f for f in (vit_cpu, vit_tiny, vit_small, vit_base, vit_large, vit_huge)}
 
 
 def layer_id(name, depth):

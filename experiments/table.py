@@ -6,7 +6,7 @@ recorded), then evaluates the encoder with eval_fewshot.py: DINO's weighted 20-N
 per class over 5 split seeds (mean +- 95% t-interval). Results go to a JSON in the repository and a markdown table
 between markers in experiments/README.md.
 
-    python experiments/table.py --preset cpu --data /path/to/cifar10          # CIFAR-10, ViT-T/8: every method learns?
+    python experiments/table.py --preset cpu --data /path/to/cifar10          # CIFAR-10, vit_cpu: every method learns?
     python experiments/table.py --preset gpu-cifar10 --data /path/to/cifar10  # CIFAR-10, ViT-T/4, 200 epochs
     python experiments/table.py --preset gpu-imagenette --data /path/to/imagenette   # ViT-S/16 at 128 px, 200 epochs
     python experiments/table.py --preset cpu --data D --dry-run               # print the commands, run nothing
@@ -15,11 +15,14 @@ between markers in experiments/README.md.
 --data is an ImageNet-layout folder (ROOT/train/<class>/*, ROOT/val/<class>/*); CIFAR-10 and Imagenette in that
 layout are in ../shared/data (see its README). Checkpoints go to --runs-dir (default runs/table_<preset>, ignored by
 git); results to --json (default experiments/results_<preset>.json) and --markdown (default experiments/README.md).
-The cpu preset pre-trains on the first 3000 images of each class (30k of CIFAR-10's 50k, linked into RUNS/; the
-evaluation uses all of --data): on 2 cores one epoch of all 50k images would not fit the 60-90 minutes it aims at.
+The cpu preset (issue #23) pre-trains vit_cpu (128-d x 6 blocks x 4 heads, patch 8 at 32 px) on the first 4500
+images of each class (linked into RUNS/); the next 500 of each class are held out for tuning, never pre-trained on
+(split_files): the lr sweep and the learning curves score DINO's 20-NN on them (tuning_knn), so val/ is only ever
+used for the table. Each row's epochs are as many as ~40 min of one thread hold at its measured img/s (plan_epochs).
 On a CPU shared with other work, run with OMP_NUM_THREADS=1 (two 2-thread processes on 2 cores spin-wait).
 
 Rows (in this order; each is independent except where it starts from another row's encoder):
+    pixels  eval_fewshot's k-NN and logistic regression on the normalized pixels, no encoder (pixel_metrics)
     random  eval_fewshot.py --checkpoint random: the floor every pre-trained row must clear
     mae     mae.py
     moco    moco.py
@@ -27,11 +30,14 @@ Rows (in this order; each is independent except where it starts from another row
     mimco   mimco.py --teacher RUNS/moco/encoder.pt (MimCo's stage 2; its teacher is the moco row)
     micl    micl.py
     hybrid  hybrid.py (lam at its default, 0.2)
-Every row gets the same encoder, images, epochs and batch, each script's paper defaults otherwise, except what the
-scale forces, by one rule for every row (written into the JSON and the markdown, see `scale_rules`): lr = blr x batch /
-256 with each script's own blr; warm-up = round(epochs x paper warm-up / paper epochs); decoders (MAE, hybrid, MimCo)
-keep MAE ViT-B's proportions (width 2/3 of the encoder's, 32-d heads, the script's depth); MiCL keeps 2 patches (one
-per view) where its 10% would keep fewer. Nothing is tuned per row.
+Every row gets the same encoder, images and batch, each script's paper defaults otherwise, except what the scale
+forces, by one rule for every row (written into the JSON and the markdown, see `scale_rules`): epochs the preset's,
+or planned from a time budget (plan_epochs); lr = blr x batch / 256 with each script's own blr, or (presets with a
+`sweep`) the blr its lr sweep chose on the held-out split (Table.sweep, run first); warm-up = round(epochs x paper
+warm-up / paper epochs), at least 1; decoders (MAE, hybrid, MimCo) keep MAE ViT-B's proportions (width 2/3 of the
+encoder's, 32-d heads, the script's depth x encoder depth / 12); MiCL keeps 2 patches (one per view) where its 10%
+would keep fewer. Evaluation: CLS and mean-pooled patch tokens (k-NN, 1% logreg); learning curves (Table.curve) from
+the checkpoints each row keeps (--keep-every-epochs), drawn next to the table picture (curves_picture).
 
 Resuming: the JSON keeps what is done. A done row is skipped; an interrupted one runs its same command again and the
 training script resumes from RUNS/<row>/checkpoint.pt; a row whose recorded command differs from the preset's now is
@@ -40,7 +46,8 @@ refused (--redo ROW starts it over). So a table can be filled over several short
 trains without evaluating. SIGTERM or Ctrl-C to this script is passed on to the training script once, which saves
 and stops; the time run so far is recorded. The pre-training wall-clock of a row is the sum over its launches
 (process start included); graft and mimco also report the total with the row they start from. Evaluation runs in
-this process (eval_fewshot.main with the recorded argv: one torch start for all rows).
+this process (eval_fewshot.main with the recorded argv: one torch start for all rows). On a fresh machine, a done row
+whose encoder.pt graft or mimco needs and that is gone is trained again by its recorded command (remake_start).
 """
 import argparse
 import json
@@ -58,25 +65,37 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: the scripts run from here
 HERE = os.path.dirname(os.path.abspath(__file__))
-EMBED_DIM = {"vit_tiny": 192, "vit_small": 384, "vit_base": 768, "vit_large": 1024, "vit_huge": 1280}
-HEADS = {"vit_tiny": 3, "vit_small": 6, "vit_base": 12, "vit_large": 16, "vit_huge": 16}  # vit.py's factories
+EMBED_DIM = {"vit_cpu": 128, "vit_tiny": 192, "vit_small": 384, "vit_base": 768, "vit_large": 1024, "vit_huge": 1280}
+HEADS = {"vit_cpu": 4, "vit_tiny": 3, "vit_small": 6, "vit_base": 12, "vit_large": 16, "vit_huge": 16}  # vit.py's
+DEPTH = {"vit_cpu": 6, "vit_tiny": 12, "vit_small": 12, "vit_base": 12, "vit_large": 24, "vit_huge": 32}
 
 # ------------------------------------------------------------------------------------------------------ presets
 # Everything a table depends on. train_per_class: pre-train on the first N images of each class (sorted file names,
-# linked into RUNS/train_<N>_per_class/; evaluation always uses all of --data). `extra` adds flags to one script's
-# command and `eval_extra` to both evaluation commands (the toy's light heads, short solver, no loader workers).
+# linked into RUNS/train_<N>_per_class/; evaluation always uses all of --data). heldout_per_class: the next H images
+# of each class are never pre-trained on: the tuning split (the lr sweep and the learning curves score a k-NN on them,
+# with the first bank_per_class pre-training images of each class as the bank). epochs: one number for every row, or
+# (budget) planned per row from img_per_s: the img/s of each training script measured with one thread while the other
+# core was busy (see plan_epochs). sweep: each trained row's blr chosen among paper blr x factors, each candidate run
+# for `fraction` of the row's epochs. `extra` adds flags to one script's command and `eval_extra` to every evaluation
+# command (the toy's light heads, short solver, no loader workers).
 PRESETS = {
     "toy": dict(
         title="toy: the harness end to end in seconds (tests/test_experiments.py); the numbers mean nothing",
-        train_per_class=12, model="vit_tiny", img_size=32, patch_size=8, batch_size=16, epochs=1, max_steps=2,
-        num_workers=0, in_memory=False, save_every_minutes=0, log_every=1, seeds="0,1,2,3,4",
+        train_per_class=12, heldout_per_class=4, bank_per_class=12, classes=10, model="vit_tiny", img_size=32,
+        patch_size=8, batch_size=16, epochs=1, max_steps=2, num_workers=0, in_memory=False, save_every_minutes=0,
+        log_every=1, seeds="0,1,2,3,4", sweep=dict(factors=(1, 10), fraction=1), curve_points=10,
         eval_extra=["--num-workers", "0", "--max-iter", "20"],
         extra={"moco": ["--moco-mlp-dim", "64"], "graft": ["--moco-mlp-dim", "64"], "hybrid": ["--moco-mlp-dim", "64"],
                "mimco": ["--head-hidden-dim", "64"]}),
     "cpu": dict(
-        title="CPU: CIFAR-10, ViT-T/8 at 32 px, 1 epoch over 30k images, batch 256 (does every method learn?)",
-        train_per_class=3000, model="vit_tiny", img_size=32, patch_size=8, batch_size=256, epochs=1, max_steps=None,
-        num_workers=2, in_memory=True, save_every_minutes=10, log_every=20, seeds="0,1,2,3,4", eval_extra=[], extra={}),
+        title="CPU: CIFAR-10, a 128-d x 6-block ViT (vit_cpu) at 32 px, patch 8, batch 256, ~40 min of one thread "
+              "per row (does every method learn?)",
+        train_per_class=4500, heldout_per_class=500, bank_per_class=1000, classes=10, model="vit_cpu", img_size=32,
+        patch_size=8, batch_size=256, budget_minutes=40, max_steps=None, num_workers=2, in_memory=True,
+        save_every_minutes=5, log_every=20, seeds="0,1,2,3,4", sweep=dict(factors=(1, 10 ** 0.5, 10), fraction=1 / 8),
+        curve_points=10, small_heads=True, eval_extra=[], extra={},
+        # img/s, one thread, the other core busy, batch 256, --in-memory, 2026-12-02 (experiments/README.md)
+        img_per_s={"mae": 665, "moco": 166, "graft": 174, "mimco": 615, "micl": 1564, "hybrid": 146}),
     "gpu-cifar10": dict(
         title="GPU: CIFAR-10, ViT-T/4 at 32 px, 200 epochs, batch 256 (the papers' orderings)",
         train_per_class=None, model="vit_tiny", img_size=32, patch_size=4, batch_size=256, epochs=200, max_steps=None,
@@ -89,27 +108,66 @@ PRESETS = {
 }
 
 # (row, label, script, the row it starts from). The order is the run order: a row comes after the one it needs.
-ROWS = [("random", "random init", None, None), ("mae", "MAE", "mae.py", None), ("moco", "MoCo v3", "moco.py", None),
-        ("graft", "Layer Grafted", "graft.py", "mae"), ("mimco", "MimCo", "mimco.py", "moco"),
-        ("micl", "MiCL", "micl.py", None), ("hybrid", "hybrid (lam 0.2)", "hybrid.py", None)]
+ROWS = [("pixels", "raw pixels", None, None), ("random", "random init", None, None), ("mae", "MAE", "mae.py", None),
+        ("moco", "MoCo v3", "moco.py", None), ("graft", "Layer Grafted", "graft.py", "mae"),
+        ("mimco", "MimCo", "mimco.py", "moco"), ("micl", "MiCL", "micl.py", None),
+        ("hybrid", "hybrid (lam 0.2)", "hybrid.py", None)]
 LABEL = {r: label for r, label, _, _ in ROWS}
 SCRIPT = {r: s for r, _, s, _ in ROWS}
 NEEDS = {r: n for r, _, _, n in ROWS}
+UNTRAINED = ("pixels", "random")
 
 # The paper (or release) epochs and warm-up epochs of each script's defaults: warm-up keeps its share of the run.
 PAPER_WARMUP = {"mae": (40, 800), "moco": (40, 300), "graft": (40, 300), "mimco": (10, 100), "micl": (10, 200),
                 "hybrid": (40, 300)}
+PAPER_BLR = {"mae": 1.5e-4, "moco": 1.5e-4, "graft": 1.5e-4, "mimco": 1.5e-4, "micl": 5e-5, "hybrid": 1.5e-4}
+MOCO_HEADS = {"moco": "--moco-mlp-dim", "graft": "--moco-mlp-dim", "hybrid": "--moco-mlp-dim",
+              "mimco": "--head-hidden-dim"}
+
+
+def n_pretrain(p):
+    return p["train_per_class"] * p["classes"]
+
+
+def plan_epochs(p, row):
+    """The row's epochs: the preset's number, or as many whole epochs as budget_minutes at the measured img/s hold
+    (at least 1): the same time for every row, so a cheap step (MAE sees 1/4 of the patches) buys more epochs."""
+    if "budget_minutes" not in p:
+        return p["epochs"]
+    return max(1, int(p["budget_minutes"] * 60 * p["img_per_s"][row] / n_pretrain(p)))
+
+
+def sweep_epochs(p, row):
+    return max(1, round(plan_epochs(p, row) * p["sweep"]["fraction"]))
 
 
 def warmup_epochs(row, epochs):
+    """round(epochs x the paper's warm-up share), at least 1 where the run has 2 epochs or more, and < epochs."""
     w, e = PAPER_WARMUP[row]
-    return min(round(epochs * w / e), epochs - 1)
+    return max(min(1, epochs - 1), min(round(epochs * w / e), epochs - 1))
+
+
+def keep_every(p, row):
+    """Keep a checkpoint every K epochs (the learning curve's points): about curve_points of them per row."""
+    return max(1, round(plan_epochs(p, row) / p["curve_points"])) if p.get("curve_points") else 0
+
+
+def sweep_blrs(p, row):
+    return [float(f"{PAPER_BLR[row] * f:.2g}") for f in p["sweep"]["factors"]]
+
+
+def heads_flags(p, row):
+    """small_heads: MoCo v3's 4096-d projector / predictor hidden layer is ViT-B's (16/3 x 768); 8 x the encoder's
+    width instead (1024 at 128-d, the pilot's), for MoCo v3, Layer Grafted, hybrid and MimCo's image head alike."""
+    return [MOCO_HEADS[row], str(8 * EMBED_DIM[p["model"]])] if p.get("small_heads") and row in MOCO_HEADS else []
 
 
 def decoder_flags(model, depth=None):
     """MAE ViT-B's decoder proportions for any encoder: width 2/3 of the encoder's (512 for 768; MimCo's default 256
-    for ViT-S's 384 is the same rule) rounded to 32, 32-d heads (512 / 16), the script's own depth."""
+    for ViT-S's 384 is the same rule) rounded to 32, 32-d heads (512 / 16), the script's own depth x encoder depth /
+    12 (8 and 4 blocks behind a 12-block encoder)."""
     width = max(32, round(2 / 3 * EMBED_DIM[model] / 32) * 32)
+    depth = depth and max(1, round(depth * DEPTH[model] / 12))
     return ["--decoder-embed-dim", str(width), "--decoder-num-heads", str(width // 32)] + \
         (["--decoder-depth", str(depth)] if depth else [])
 
@@ -122,32 +180,62 @@ def micl_mask_ratio(p):
 
 def scale_rules(p):
     """The settings the scale forces, one rule each, as written into the JSON and the markdown."""
-    L, dec = (p["img_size"] // p["patch_size"]) ** 2, decoder_flags(p["model"])
-    warm = ", ".join(f"{r} {warmup_epochs(r, p['epochs'])}" for r in PAPER_WARMUP)
-    rules = [f"same for every row: --model {p['model']} --img-size {p['img_size']} --patch-size {p['patch_size']} "
-             f"({L} patches), --batch-size {p['batch_size']}, --epochs {p['epochs']}"
-             + (f", --max-steps {p['max_steps']}" if p["max_steps"] else "") + ", seed 0, "
-             + (f"the first {p['train_per_class']} train images of each class (sorted file names; table.py links them "
-                f"into $RUNS/train_{p['train_per_class']}_per_class/, train/ and val/)" if p["train_per_class"] else
-                "all train images"),
-             f"lr = blr x {p['batch_size']} / 256 with each script's paper blr (MAE, MoCo v3, Layer Grafted, MimCo, "
-             f"hybrid 1.5e-4; MiCL 5e-5): no lr is tuned",
-             f"warm-up = round(epochs x paper warm-up / paper epochs): {warm} epochs",
-             f"MAE / hybrid decoder {dec[1]}-d x 8 blocks x {dec[3]} heads, MimCo decoder {dec[1]}-d x 4 blocks x "
-             f"{dec[3]} heads (MAE ViT-B's proportions: width 2/3 of the encoder's, 32-d heads; the paper's 512-d "
-             f"decoder is for ViT-B/L)",
-             f"MiCL --mask-ratio {micl_mask_ratio(p):g}"
-             + (" (the release's 0.9)" if micl_mask_ratio(p) == 0.9 else
-                f" (the release's 0.9 keeps int({L} x 0.1) = {int(L * 0.1)} patch(es), fewer than one per view; "
-                f"this keeps 2, one per view)"),
-             f"MimCo's teacher is the moco row's encoder (--teacher-model {p['model']} --teacher-num-heads "
-             f"{HEADS[p['model']]}); Layer Grafted starts from the mae row's encoder and trains for the moco row's "
-             "epochs",
-             *([f"ViT-S with vit.py's 6 heads in every row (MoCo v3's ViT-S has 12; one encoder shape for all rows, "
-                f"since Layer Grafted starts from MAE's and MimCo's teacher is MoCo's)"] if p["model"] == "vit_small"
-               else []),
-             "each script's other flags at their paper defaults (MoCo v3 heads 4096-d, tau 0.2; MiCL tau 0.07; hybrid "
-             "lam 0.2; graft: lower 2/3 of the blocks at 1/10 of the lr)"]
+    L, dec, trained = (p["img_size"] // p["patch_size"]) ** 2, decoder_flags(p["model"], 8), list(PAPER_WARMUP)
+    epochs = ", ".join(f"{r} {plan_epochs(p, r)}" for r in trained)
+    warm = ", ".join(f"{r} {warmup_epochs(r, plan_epochs(p, r))}" for r in trained)
+    data = (f"the first {p['train_per_class']} train images of each class (sorted file names; table.py links them "
+            f"into $RUNS/train_{p['train_per_class']}_per_class/, train/ and val/)" if p["train_per_class"] else
+            "all train images")
+    rules = [f"same for every row: --model {p['model']} ({EMBED_DIM[p['model']]}-d x {DEPTH[p['model']]} blocks x "
+             f"{HEADS[p['model']]} heads) --img-size {p['img_size']} --patch-size {p['patch_size']} ({L} patches), "
+             f"--batch-size {p['batch_size']}" + (f", --max-steps {p['max_steps']}" if p["max_steps"] else "")
+             + f", seed 0, {data}"]
+    if p.get("heldout_per_class"):
+        rules.append(f"held out for tuning, never pre-trained on: the next {p['heldout_per_class']} train images of "
+                     f"each class (sorted file names); the tuning k-NN (DINO's weighted 20-NN) classifies them with "
+                     f"the first {p['bank_per_class']} pre-training images of each class as the bank; val/ is "
+                     "used for the table only")
+    if "budget_minutes" in p:
+        rules.append(f"epochs = as many as {p['budget_minutes']} min hold at the script's img/s measured on one "
+                     f"thread with the other core busy ({', '.join(f'{r} {v:g}' for r, v in p['img_per_s'].items())}"
+                     f" img/s), at least 1: {epochs} epochs of {n_pretrain(p)} images; cosine over them")
+    else:
+        rules.append(f"--epochs {p['epochs']} for every row")
+    rules.append(f"warm-up = round(epochs x paper warm-up / paper epochs), at least 1 where a run has 2 epochs or more:"
+                 f" {warm} epochs")
+    if p.get("sweep"):
+        f = p["sweep"]
+        rules.append(f"lr = blr x {p['batch_size']} / 256, blr chosen per row among the script's paper blr (MAE, "
+                     f"MoCo v3, Layer Grafted, MimCo, hybrid 1.5e-4; MiCL 5e-5) x "
+                     f"{', '.join(f'{x:.3g}' for x in f['factors'])} by a sweep: each candidate pre-trained for "
+                     f"{f['fraction']:.3g} of the row's epochs (at least 1; warm-up and cosine by the rules above), "
+                     "scored by the tuning k-NN, the best of CLS and mean-pooled tokens; graft's and mimco's "
+                     "candidates start from the best mae / moco candidate")
+    else:
+        rules.append(f"lr = blr x {p['batch_size']} / 256 with each script's paper blr (MAE, MoCo v3, Layer Grafted, "
+                     "MimCo, hybrid 1.5e-4; MiCL 5e-5): no lr is tuned")
+    rules.append(f"MAE / hybrid decoder {dec[1]}-d x {dec[5]} blocks x {dec[3]} heads, MimCo decoder {dec[1]}-d x "
+                 f"{decoder_flags(p['model'], 4)[5]} blocks x {dec[3]} heads (MAE ViT-B's proportions: width 2/3 of "
+                 "the encoder's, 32-d heads, the script's depth x encoder depth / 12)")
+    if heads_flags(p, "moco"):
+        rules.append(f"MoCo v3 / Layer Grafted / hybrid projector and predictor hidden {heads_flags(p, 'moco')[1]}-d, "
+                     f"MimCo image head hidden {heads_flags(p, 'mimco')[1]}-d: 8 x the encoder's width (the papers' "
+                     "4096-d heads are ViT-B's); output 256-d as the papers")
+    rules += [f"MiCL --mask-ratio {micl_mask_ratio(p):g}"
+              + (" (the release's 0.9)" if micl_mask_ratio(p) == 0.9 else
+                 f" (the release's 0.9 keeps int({L} x 0.1) = {int(L * 0.1)} patch(es), fewer than one per view; "
+                 f"this keeps 2, one per view)"),
+              f"MimCo's teacher is the moco row's encoder (--teacher-model {p['model']} --teacher-num-heads "
+              f"{HEADS[p['model']]}); Layer Grafted starts from the mae row's encoder; each second stage gets its own "
+              "row's budget, so with its first stage it had twice a single-stage row's",
+              *([f"ViT-S with vit.py's 6 heads in every row (MoCo v3's ViT-S has 12; one encoder shape for all rows, "
+                 f"since Layer Grafted starts from MAE's and MimCo's teacher is MoCo's)"] if p["model"] == "vit_small"
+                else []),
+              "each script's other flags at their paper defaults (MoCo v3 tau 0.2; MiCL tau 0.07; hybrid lam 0.2; "
+              "graft: lower 2/3 of the blocks at 1/10 of the lr)"]
+    if p.get("curve_points"):
+        rules.append("learning curves: each trained row keeps a checkpoint every max(1, round(epochs / "
+                     f"{p['curve_points']})) epochs (--keep-every-epochs), scored by the tuning k-NN")
     if p["extra"] or p["eval_extra"]:
         rules.append("toy only, to stay fast: " + "; ".join(f"{r} {' '.join(f)}" for r, f in p["extra"].items())
                      + (f"; eval_fewshot.py {' '.join(p['eval_extra'])}" if p["eval_extra"] else ""))
@@ -161,18 +249,28 @@ def pretrain_data(p, data, runs):
     return os.path.join(runs, f"train_{p['train_per_class']}_per_class") if p["train_per_class"] else data
 
 
+def split_files(p, data):
+    """{class: sorted file names} of DATA/train for the pre-training images (the first train_per_class), the tuning
+    bank (the first bank_per_class of those) and the held-out tuning images (the next heldout_per_class): the same
+    every time, and the held-out ones never among the pre-training ones."""
+    n, h, b = p["train_per_class"], p.get("heldout_per_class") or 0, p.get("bank_per_class") or 0
+    pre, bank, held = {}, {}, {}
+    for cls in sorted(os.listdir(os.path.join(data, "train"))):
+        files = sorted(os.listdir(os.path.join(data, "train", cls)))
+        if len(files) < n + h:
+            raise Stop(f"--data {data}: class {cls} has {len(files)} train images, the preset takes {n} per class"
+                       + (f" to pre-train and {h} more to hold out" if h else ""))
+        pre[cls], bank[cls], held[cls] = files[:n], files[:min(b, n)], files[n:n + h]
+    return pre, bank, held
+
+
 def link_subset(p, data, runs):
-    """RUNS/train_<N>_per_class/train/<class>/: links to the first N files (sorted) of each class of DATA/train;
-    val/ links to DATA/val. Made once; an existing folder must hold exactly these links."""
+    """RUNS/train_<N>_per_class/train/<class>/: links to the pre-training files of each class of DATA/train (see
+    split_files); val/ links to DATA/val. Made once; an existing folder must hold exactly these links."""
     root = pretrain_data(p, data, runs)
     if root == data:
         return
-    n, want = p["train_per_class"], {}
-    for cls in sorted(os.listdir(os.path.join(data, "train"))):
-        files = sorted(os.listdir(os.path.join(data, "train", cls)))
-        if len(files) < n:
-            raise Stop(f"--data {data}: class {cls} has {len(files)} train images, the preset takes {n} per class")
-        want[cls] = files[:n]
+    n, want = p["train_per_class"], split_files(p, data)[0]
     if os.path.isdir(root):
         have = {c: sorted(os.listdir(os.path.join(root, "train", c))) for c in os.listdir(os.path.join(root, "train"))}
         if have != want or os.path.realpath(os.path.join(root, "val")) != os.path.realpath(os.path.join(data, "val")):
@@ -189,14 +287,21 @@ def link_subset(p, data, runs):
     print(f"[table] linked the first {n} train images of each class of {data} into {root}", flush=True)
 
 
-def pretrain_argv(row, p, data, runs, in_memory):
-    """The training command of a row, as an argv list (without the interpreter)."""
-    out = os.path.join(runs, row)
+def pretrain_argv(row, p, data, runs, in_memory, blr=None, epochs=None, out=None, start=None, keep=True):
+    """The training command of a row, as an argv list (without the interpreter). blr: the swept one (None: the
+    script's default; "?" before the sweep has chosen); epochs, out, start: a sweep candidate's (a fraction of the
+    row's epochs, its own folder, the encoder it starts from); keep: the learning curve's kept checkpoints."""
+    out = out or os.path.join(runs, row)
+    epochs = epochs or plan_epochs(p, row)
     argv = [SCRIPT[row], "--data", pretrain_data(p, data, runs), "--output-dir", out, "--model", p["model"],
             "--img-size", str(p["img_size"]),
-            "--patch-size", str(p["patch_size"]), "--batch-size", str(p["batch_size"]), "--epochs", str(p["epochs"]),
-            "--warmup-epochs", str(warmup_epochs(row, p["epochs"])), "--num-workers", str(p["num_workers"]),
+            "--patch-size", str(p["patch_size"]), "--batch-size", str(p["batch_size"]), "--epochs", str(epochs),
+            "--warmup-epochs", str(warmup_epochs(row, epochs)), "--num-workers", str(p["num_workers"]),
             "--log-every", str(p["log_every"]), "--save-every-minutes", str(p["save_every_minutes"])]
+    if blr is not None:
+        argv += ["--blr", blr if isinstance(blr, str) else f"{blr:g}"]
+    if keep and keep_every(p, row):
+        argv += ["--keep-every-epochs", str(keep_every(p, row))]
     if p["max_steps"]:
         argv += ["--max-steps", str(p["max_steps"])]
     if in_memory:  # issue #16; the decoded train split is cached under --data-root, shared by every row
@@ -205,27 +310,33 @@ def pretrain_argv(row, p, data, runs, in_memory):
         argv += decoder_flags(p["model"], depth=8)
     if row == "mimco":
         # the teacher's heads said explicitly: mimco.py's default for vit_small is MoCo v3's 12, our moco row has 6
-        argv += ["--teacher", os.path.join(runs, "moco", "encoder.pt"), "--teacher-model", p["model"],
+        argv += ["--teacher", start or os.path.join(runs, "moco", "encoder.pt"), "--teacher-model", p["model"],
                  "--teacher-num-heads", str(HEADS[p["model"]])]
         argv += decoder_flags(p["model"], depth=4)
     if row == "graft":
-        argv += ["--mim-checkpoint", os.path.join(runs, "mae", "encoder.pt")]
+        argv += ["--mim-checkpoint", start or os.path.join(runs, "mae", "encoder.pt")]
     if row == "micl" and micl_mask_ratio(p) != 0.9:
         argv += ["--mask-ratio", f"{micl_mask_ratio(p):g}"]
-    return argv + p["extra"].get(row, [])
+    return argv + heads_flags(p, row) + p["extra"].get(row, [])
+
+
+EVALS = [("knn", "cls", ["--protocol", "knn", "--percent", "100", "--seeds", "0"]),
+         ("logreg", "cls", ["--protocol", "logreg", "--percent", "1", "--shots", "10", "--seeds", None]),
+         ("knn_mean", "mean", ["--protocol", "knn", "--percent", "100", "--seeds", "0"]),
+         ("logreg_mean", "mean", ["--protocol", "logreg", "--percent", "1", "--seeds", None])]
 
 
 def eval_argvs(row, p, data, runs):
-    """The two eval_fewshot.py commands of a row: k-NN on the full train bank, then logistic regression on 1% and
-    10 per class over the seeds. They share one feature cache, so the second extracts nothing."""
+    """The eval_fewshot.py commands of a row: k-NN on the full train bank, then logistic regression on 1% and 10 per
+    class over the seeds, on the CLS token; then k-NN and 1% logreg on the mean-pooled patch tokens. Each feature
+    shares one cache, so the second command of each extracts nothing."""
     ckpt = "random" if row == "random" else os.path.join(runs, row, "encoder.pt")
     base = ["eval_fewshot.py", "--checkpoint", ckpt, "--model", p["model"], "--img-size", str(p["img_size"]),
             "--patch-size", str(p["patch_size"]), "--data", data, "--cache", os.path.join(runs, row, "features")]
     base += p["eval_extra"]
-    return {"knn": base + ["--protocol", "knn", "--percent", "100", "--seeds", "0",
-                           "--json", os.path.join(runs, row, "eval_knn.json")],
-            "logreg": base + ["--protocol", "logreg", "--percent", "1", "--shots", "10", "--seeds", p["seeds"],
-                              "--json", os.path.join(runs, row, "eval_logreg.json")]}
+    return {name: base + (["--feature", "mean"] if feature == "mean" else [])
+            + [p["seeds"] if a is None else a for a in flags] + ["--json", os.path.join(runs, row, f"eval_{name}.json")]
+            for name, feature, flags in EVALS}
 
 
 def shown(argv, data, runs):
@@ -234,6 +345,114 @@ def shown(argv, data, runs):
         return a.replace(runs, "$RUNS").replace(data, "$DATA") if isinstance(a, str) else a
     return "python " + " ".join(shlex.quote(sub(a)) if not sub(a).startswith(("$RUNS", "$DATA")) else sub(a)
                                 for a in argv)
+
+
+# ------------------------------------------------------------------------------- raw pixels and the tuning k-NN
+
+def load_images(paths, img_size):
+    """uint8 (N, 3, S, S) of these files after eval_fewshot's Resize + CenterCrop (what every encoder sees)."""
+    import numpy as np
+    import torch
+    from PIL import Image
+    import torchvision.transforms as T
+    tf = T.Compose([T.Resize(int(img_size / 0.875)), T.CenterCrop(img_size)])
+    out = torch.empty(len(paths), 3, img_size, img_size, dtype=torch.uint8)
+    for i, path in enumerate(paths):
+        with Image.open(path) as img:
+            out[i] = torch.from_numpy(np.array(tf(img.convert("RGB")))).permute(2, 0, 1)
+    return out
+
+
+def normalized(x):
+    """uint8 images -> float, ImageNet mean / std: eval_fewshot's ToTensor + Normalize."""
+    import torch
+    mean, std = torch.tensor([0.485, 0.456, 0.406])[:, None, None], torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+    return (x.float() / 255 - mean) / std
+
+
+def cached_images(path, make):
+    """make() once, kept in `path` (a torch file) for every later call."""
+    import torch
+    if os.path.isfile(path):
+        return torch.load(path, weights_only=True)
+    value = make()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save(value, path + ".tmp")
+    os.replace(path + ".tmp", path)
+    return value
+
+
+def tuning_split(p, data, runs):
+    """{'bank_x', 'bank_y', 'held_x', 'held_y'}: the tuning k-NN's images (uint8) and labels (see split_files)."""
+    import torch
+
+    def make():
+        _, bank, held = split_files(p, data)
+        out = {}
+        for name, files in (("bank", bank), ("held", held)):
+            paths = [(os.path.join(data, "train", c, f), i) for i, c in enumerate(sorted(files)) for f in files[c]]
+            out[f"{name}_x"] = load_images([a for a, _ in paths], p["img_size"])
+            out[f"{name}_y"] = torch.tensor([y for _, y in paths])
+        return out
+    return cached_images(os.path.join(runs, f"tuning_{p['train_per_class']}_{p['heldout_per_class']}_"
+                                            f"{p['bank_per_class']}.pt"), make)
+
+
+def tuning_knn(p, split, checkpoint, start_row=None):
+    """The tuning k-NN (DINO's weighted 20-NN, eval_fewshot.knn_accuracy) of an encoder on the held-out images:
+    {'cls': top-1 %, 'mean': top-1 % on the mean-pooled patch tokens}. checkpoint: a file any training script wrote
+    (encoder.pt, checkpoint.pt, checkpoint_epochNNNN.pt) or 'random' (eval_fewshot's seed-0 random init)."""
+    import torch
+    sys.path.insert(0, ROOT) if ROOT not in sys.path else None
+    import eval_fewshot
+    import vit
+    torch.manual_seed(0)
+    model = vit.MODELS[p["model"]](img_size=p["img_size"], patch_size=p["patch_size"]).eval()
+    if checkpoint != "random":
+        vit.load_pretrained(model, checkpoint, verbose=False)
+    feats = {}
+    with torch.no_grad():
+        for name in ("bank", "held"):
+            tokens = torch.cat([model.forward_features(normalized(x)) for x in split[f"{name}_x"].split(256)])
+            feats[name] = {"cls": tokens[:, 0], "mean": tokens[:, 1:].mean(dim=1)}
+    return {f: round(100 * eval_fewshot.knn_accuracy(feats["bank"][f], split["bank_y"], feats["held"][f],
+                                                     split["held_y"]), 2) for f in ("cls", "mean")}
+
+
+def pixel_metrics(p, data, runs):
+    """The raw-pixels row: eval_fewshot's protocols (weighted 20-NN on the full train bank, logistic regression on
+    1% and 10 per class over the seeds, its splits) on the normalized pixels (3 x S x S values) instead of features."""
+    import torch
+    sys.path.insert(0, ROOT) if ROOT not in sys.path else None
+    import eval_fewshot
+
+    def make():
+        out = {}
+        for split in ("train", "val"):
+            classes = sorted(os.listdir(os.path.join(data, split)))
+            paths = [(os.path.join(data, split, c, f), i) for i, c in enumerate(classes)
+                     for f in sorted(os.listdir(os.path.join(data, split, c)))]
+            out[f"{split}_x"] = load_images([a for a, _ in paths], p["img_size"])
+            out[f"{split}_y"] = torch.tensor([y for _, y in paths])
+        return out
+    imgs = cached_images(os.path.join(runs, "pixels", f"images_{p['img_size']}.pt"), make)
+    tx, ty = normalized(imgs["train_x"]).flatten(1), imgs["train_y"]
+    vx, vy = normalized(imgs["val_x"]).flatten(1), imgs["val_y"]
+    seeds = [int(s) for s in p["seeds"].split(",")]
+    max_iter = int(p["eval_extra"][p["eval_extra"].index("--max-iter") + 1]) if "--max-iter" in p["eval_extra"] \
+        else 1000
+
+    def metric(accs, n_train):
+        mean, ci = eval_fewshot.mean_ci95([round(100 * a, 4) for a in accs])
+        return {"top1": mean, "ci95": ci, "per_seed": [round(100 * a, 4) for a in accs], "n_train": n_train,
+                "n_val": len(vx)}
+
+    def logreg(**split):
+        idx = {s: eval_fewshot.sample_split(ty, s, **split) for s in seeds}
+        return metric([eval_fewshot.logreg_accuracy(tx[i], ty[i], vx, vy, max_iter=max_iter) for i in idx.values()],
+                      len(idx[seeds[0]]))
+    return {"knn_full": metric([eval_fewshot.knn_accuracy(tx, ty, vx, vy)], len(tx)),
+            "logreg_1pct": logreg(percent=1), "logreg_10shot": logreg(shots=10)}
 
 
 # ------------------------------------------------------------------------------------------------ machine facts
@@ -264,6 +483,14 @@ def damaged(path):
         first = (str(e).strip().splitlines() or ["unreadable"])[0].split(". ")[0]  # torch's messages run on
         return f"{type(e).__name__}: {first[:100]}"
     return None
+
+
+def git_sha():
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def loadavg():
@@ -338,10 +565,19 @@ class Table:
 
     # -------------------------------------------------------------------------------------- commands
     def commands(self, row):
+        if row == "pixels":  # in this process: pixel_metrics
+            return {"eval": ["experiments/table.py", "--preset", self.args.preset, "--data", self.data, "--runs-dir",
+                             self.runs, "--rows", "pixels"]}
         cmds = {} if row == "random" else {"pretrain": pretrain_argv(row, self.p, self.data, self.runs,
-                                                                       self.args.in_memory)}
+                                                                       self.args.in_memory, blr=self.blr(row))}
         cmds.update({f"eval_{k}": v for k, v in eval_argvs(row, self.p, self.data, self.runs).items()})
         return cmds
+
+    def blr(self, row):
+        """The row's blr: the sweep's choice ('?' until it has chosen), or None (the script's paper default)."""
+        if not self.p.get("sweep"):
+            return None
+        return self.state.get("sweep", {}).get(row, {}).get("chosen_blr", "?")
 
     def shown_commands(self, row):
         return {k: shown(v, self.data, self.runs) for k, v in self.commands(row).items()}
@@ -362,7 +598,7 @@ class Table:
     def pretrain(self, rows):
         """Pre-train those of `rows` that are not yet: up to --jobs at once (default 1), each once the row it starts
         from is trained. A training script that fails or is stopped stops the others (they save), then the table."""
-        todo = [r for r in rows if r != "random" and not self.state["rows"][r].get("pretrain", {}).get("done")]
+        todo = [r for r in rows if r not in UNTRAINED and not self.state["rows"][r].get("pretrain", {}).get("done")]
         running, failed = {}, None  # row -> (process, its launch record, start time)
         try:
             while todo or running:
@@ -405,14 +641,15 @@ class Table:
 
     def launch(self, row):
         """Start one row's training script (checked first: the row it starts from, flags, time left)."""
-        argv, need = self.commands(row)["pretrain"], NEEDS[row]
+        argv, need = self.state["rows"].get(row, {}).get("argv", {}).get("pretrain") or \
+            self.commands(row)["pretrain"], NEEDS[row]
         if need:
             if not self.state["rows"].get(need, {}).get("pretrain", {}).get("done"):
                 raise Stop(f"row {row} starts from the {need} row's encoder, which is not trained yet: run --rows "
                            f"{need},{row} (or every row)")
-            if not os.path.isfile(os.path.join(self.runs, need, "encoder.pt")):
-                raise Stop(f"row {row} starts from {self.runs}/{need}/encoder.pt, which is gone; --redo {need} "
-                           f"retrains it (and {row})")
+            if not os.path.isfile(os.path.join(self.runs, need, "encoder.pt")):  # run() re-makes it first
+                raise Stop(f"row {row} starts from {self.runs}/{need}/encoder.pt, which is gone and was not re-made; "
+                           f"run --rows {need},{row} (it re-makes it by its recorded command) or --redo {need}")
         if "--in-memory" in argv and '"--in-memory"' not in open(os.path.join(ROOT, SCRIPT[row])).read():
             raise Stop(f"{SCRIPT[row]} has no --in-memory flag yet (issue #16); pass --no-in-memory to run the table "
                        f"without it (recorded in the commands)")
@@ -441,6 +678,8 @@ class Table:
             start_row = self.state["rows"][NEEDS[row]]["pretrain"]["seconds"]
             pre["seconds_with_start_row"] = round(pre["seconds"] + start_row, 1)
         rec["status"] = "pre-trained" if pre["done"] else ("interrupted" if self.signal else "failed")
+        if pre["done"] and rec.get("eval", {}).get("done"):  # re-made for a row that starts from it
+            rec["status"] = "done"
         self.save()
         if pre["done"]:
             return None
@@ -474,36 +713,159 @@ class Table:
             sys.path.insert(0, ROOT)
         import eval_fewshot  # in this process: one torch start for all rows (the command recorded is the same)
         t0, results = time.monotonic(), {}
-        for name, argv in eval_argvs(row, self.p, self.data, self.runs).items():
+        if row == "pixels":
+            print(f"[table] pixels: eval_fewshot's protocols on the normalized pixels", flush=True)
+            rec["metrics"] = pixel_metrics(self.p, self.data, self.runs)
+            if self.p.get("heldout_per_class"):
+                split = tuning_split(self.p, self.data, self.runs)
+                rec["tuning_knn"] = {"cls": round(100 * eval_fewshot.knn_accuracy(
+                    normalized(split["bank_x"]).flatten(1), split["bank_y"], normalized(split["held_x"]).flatten(1),
+                    split["held_y"]), 2)}
+            results["knn"] = {"device": device_name(), "versions": {"git": git_sha()}}
+        for name, argv in ({} if row == "pixels" else eval_argvs(row, self.p, self.data, self.runs)).items():
             print(f"[table] {row}: {shown(argv, self.data, self.runs)}", flush=True)
             try:
                 results[name] = eval_fewshot.main(argv[1:])
             except eval_fewshot.StopRun as e:
                 raise Stop(f"row {row}: eval_fewshot.py: {eval_fewshot.one_line(e)}") from None
-        by = {(r["protocol"], r["split"]): r for res in results.values() for r in res["rows"]}
 
-        def metric(protocol, split):
-            r = by[(protocol, split)]
+        def metric(name, protocol, split):
+            r = next(r for r in results[name]["rows"] if (r["protocol"], r["split"]) == (protocol, split))
             return {"top1": r["top1_mean"], "ci95": r["top1_ci95"], "per_seed": r["top1_per_seed"],
                     "n_train": r["n_train"], "n_val": r["n_val"]}
-        rec["metrics"] = {"knn_full": metric("knn", "100%"), "logreg_1pct": metric("logreg", "1%"),
-                          "logreg_10shot": metric("logreg", "10-shot")}
+        if row != "pixels":
+            rec["metrics"] = {"knn_full": metric("knn", "knn", "100%"), "logreg_1pct": metric("logreg", "logreg", "1%"),
+                              "logreg_10shot": metric("logreg", "logreg", "10-shot"),
+                              "knn_full_mean": metric("knn_mean", "knn", "100%"),
+                              "logreg_1pct_mean": metric("logreg_mean", "logreg", "1%")}
         rec["eval"] = {"seconds": round(time.monotonic() - t0, 1), "device": results["knn"]["device"],
                        "done": True, "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
                        "git": results["knn"]["versions"]["git"]}
+        if row != "pixels" and self.p.get("curve_points"):
+            self.curve(row, rec)
         rec["status"] = "done"
         self.save()
         print(f"[table] {row}: k-NN {rec['metrics']['knn_full']['top1']:.2f}, logreg 1% "
               f"{rec['metrics']['logreg_1pct']['top1']:.2f}, 10-shot {rec['metrics']['logreg_10shot']['top1']:.2f}",
               flush=True)
 
+    # ---------------------------------------------------------------------------------- learning curves
+    def curve(self, row, rec):
+        """rec['curve']: the tuning k-NN after each kept epoch (epoch 0: the encoder the row starts from, random init
+        or the mae / moco row's) and at the end, and the training loss from log.jsonl (epochs, loss), at most 200
+        points. A point already measured is not measured again."""
+        p, out = self.p, os.path.join(self.runs, row)
+        split, cur = tuning_split(p, self.data, self.runs), rec.setdefault("curve", {"tuning_knn": []})
+        points = [(0, "random" if not NEEDS.get(row) else os.path.join(self.runs, NEEDS[row], "encoder.pt"))]
+        if row not in UNTRAINED:
+            kept = sorted(f for f in os.listdir(out) if f.startswith("checkpoint_epoch") and f.endswith(".pt"))
+            points += [(int(f[len("checkpoint_epoch"):-3]), os.path.join(out, f)) for f in kept]
+            steps = read_log(out)[0] or 0
+            end = round(steps * p["batch_size"] / n_pretrain(p), 3)
+            if end > points[-1][0] + 1e-3:
+                points.append((end, os.path.join(out, "encoder.pt")))
+            log = []
+            with open(os.path.join(out, "log.jsonl")) as f:
+                log = [json.loads(line) for line in f if line.strip()]
+            log = [(round(x["step"] * p["batch_size"] / n_pretrain(p), 4), x["loss"]) for x in log if "loss" in x]
+            cur["loss"] = log[::max(1, math.ceil(len(log) / 200))]
+        have = {pt["epoch"] for pt in cur["tuning_knn"]}
+        for epoch, path in points:
+            if epoch not in have and (path == "random" or os.path.isfile(path)):
+                cur["tuning_knn"].append({"epoch": epoch, **tuning_knn(p, split, path)})
+                print(f"[table] {row}: tuning k-NN after {epoch} epochs: {cur['tuning_knn'][-1]}", flush=True)
+                self.save()
+        cur["tuning_knn"].sort(key=lambda pt: pt["epoch"])
+
+    # ------------------------------------------------------------------------------------------ the lr sweep
+    def run_child(self, key, argv):
+        """Run one training command to its end (or the --max-minutes stop, or a signal: it saves and stops)."""
+        if self.past_deadline():
+            raise Stop(f"--max-minutes {self.args.max_minutes} reached before {key}; the same command resumes")
+        link_subset(self.p, self.data, self.runs)
+        print(f"[table] {key}: {shown(argv, self.data, self.runs)}", flush=True)
+        t0 = time.monotonic()
+        child = subprocess.Popen([sys.executable, *argv], cwd=ROOT, start_new_session=True)
+        self.children[key] = child
+        try:
+            while True:
+                try:
+                    rc = child.wait(timeout=1)
+                    break
+                except subprocess.TimeoutExpired:
+                    if self.past_deadline() and self.signal is None:
+                        print(f"[table] --max-minutes {self.args.max_minutes} reached: stopping {key} (it saves "
+                              f"before it stops)", flush=True)
+                        self.stop_children("deadline")
+        finally:
+            if child.poll() is None:  # an error of ours: never leave a training run behind
+                child.send_signal(signal.SIGTERM)
+                child.wait()
+            self.children.pop(key, None)
+        return rc, round(time.monotonic() - t0, 1)
+
+    def sweep(self, rows):
+        """Choose each trained row's blr (state['sweep'][row]['chosen_blr']): every candidate of sweep_blrs trained
+        for sweep_epochs into RUNS/sweep/<row>_blr<blr>/ and scored by the tuning k-NN (the best of CLS and mean).
+        graft's and mimco's candidates start from the chosen mae / moco candidate's encoder, re-made by its recorded
+        command if it is gone. Resumable candidate by candidate, as the rows."""
+        p, rows = self.p, [r for r in rows if r not in UNTRAINED]
+        if not p.get("sweep") or not rows:
+            return
+        sw = self.state.setdefault("sweep", {})
+        for row in rows:
+            rec, need, start = sw.setdefault(row, {"runs": {}}), NEEDS[row], None
+            if need:
+                self.sweep([need])
+                best = sw[need]["runs"][f"{sw[need]['chosen_blr']:g}"]
+                start = os.path.join(best["argv"][best["argv"].index("--output-dir") + 1], "encoder.pt")
+                if not os.path.isfile(start):
+                    print(f"[table] sweep: {start} is gone; re-making it by its recorded command", flush=True)
+                    rc, _ = self.run_child(f"sweep {need} (re-made)", best["argv"])
+                    if rc != 0 or not os.path.isfile(start):
+                        raise Stop(f"sweep {row}: could not re-make {start} (status {rc}); the same command tries "
+                                   f"again, or --redo sweep starts the sweep over")
+            if rec.get("chosen_blr") is not None:
+                continue
+            for blr in sweep_blrs(p, row):
+                key = f"{blr:g}"
+                out = os.path.join(self.runs, "sweep", f"{row}_blr{key}")
+                argv = pretrain_argv(row, p, self.data, self.runs, self.args.in_memory, blr=blr,
+                                     epochs=sweep_epochs(p, row), out=out, start=start, keep=False)
+                c = rec["runs"].setdefault(key, {})
+                if c.get("command") not in (None, shown(argv, self.data, self.runs)):
+                    raise Stop(f"sweep {row} blr {key} was run with another command than the preset's now (recorded: "
+                               f"{c['command']}); pass --redo sweep to start the sweep over")
+                if c.get("done"):
+                    continue
+                c.update(blr=blr, epochs=sweep_epochs(p, row), command=shown(argv, self.data, self.runs), argv=argv)
+                rc, seconds = self.run_child(f"sweep {row} blr {key}", argv)
+                c["seconds"] = round(c.get("seconds", 0) + seconds, 1)
+                c["steps"], c["final_loss"], c["img_per_s_median"] = read_log(out)
+                if rc != 0 or self.signal or not os.path.isfile(os.path.join(out, "encoder.pt")):
+                    self.save()
+                    raise Stop(f"sweep {row} blr {key}: {SCRIPT[row]} " + (f"stopped ({self.signal})" if self.signal
+                               else f"failed (status {rc}; its last lines above say why)")
+                               + f"; {out}/checkpoint.pt keeps its progress and the same command resumes it")
+                c["tuning_knn"] = tuning_knn(p, tuning_split(p, self.data, self.runs),
+                                             os.path.join(out, "encoder.pt"))
+                c["score"], c["done"] = max(c["tuning_knn"].values()), True
+                print(f"[table] sweep {row} blr {key}: tuning k-NN {c['tuning_knn']}", flush=True)
+                self.save()
+            scored = [rec["runs"][f"{b:g}"] for b in sweep_blrs(p, row)]
+            rec["chosen_blr"] = max(scored, key=lambda c: c["score"])["blr"]
+            print(f"[table] sweep {row}: blr {rec['chosen_blr']:g} chosen", flush=True)
+            self.save()
+
     # ---------------------------------------------------------------------------------------------- run
     def redo(self, rows):
-        """Forget these rows (and rows that start from them); move their run folders aside."""
+        """Forget these rows (and rows that start from them); move their run folders aside. 'sweep': the lr sweep."""
+        if "sweep" in rows:
+            self.state.pop("sweep", None)
         rows = set(rows) | {r for r in NEEDS if NEEDS[r] in rows}
         for row in sorted(rows):
             self.state["rows"].pop(row, None)
-            out = os.path.join(self.runs, row)
+            out = os.path.join(self.runs, row)  # RUNS/sweep for 'sweep'
             if os.path.isdir(out):
                 aside = f"{out}.old-{time.strftime('%Y%m%d-%H%M%S')}"
                 os.replace(out, aside)
@@ -525,19 +887,23 @@ class Table:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self.on_signal)
         try:
+            todo = [r for r in rows if self.state["rows"].get(r, {}).get("status") != "done"]
             for row in rows:
-                if self.state["rows"].get(row, {}).get("status") == "done":
+                if row not in todo:
                     print(f"[table] {row}: done, skipped", flush=True)
-                    continue
+            self.sweep([r for r in todo if r not in UNTRAINED])  # first: the blr of every trained row to run
+            for row in todo:
                 self.state["rows"].setdefault(row, {}).update(label=LABEL[row], commands=self.shown_commands(row),
                                                               argv=self.commands(row))
-            todo = [r for r in rows if self.state["rows"][r].get("status") != "done"]
             if self.args.jobs > 1:  # every training first, several at once; then the evaluations
+                for row in todo:
+                    self.remake_start(row)
                 self.pretrain(todo)
             for row in todo:
+                self.remake_start(row)
                 self.pretrain([row])
                 if self.args.pretrain_only:
-                    print(f"[table] {row}: " + ("nothing to pre-train" if row == "random" else "pre-trained") +
+                    print(f"[table] {row}: " + ("nothing to pre-train" if row in UNTRAINED else "pre-trained") +
                           "; --pretrain-only: not evaluated", flush=True)
                     continue
                 self.evaluate(row, self.state["rows"][row])
@@ -546,11 +912,25 @@ class Table:
             self.save()
             self.write_markdown()
 
+    def remake_start(self, row):
+        """graft / mimco on a fresh machine: the done row they start from has no encoder.pt any more; it is trained
+        again by its recorded command (the script resumes from its checkpoint.pt where that is left)."""
+        need, rec = NEEDS[row], self.state["rows"].get(NEEDS[row] or "", {})
+        if not need or self.state["rows"][row].get("pretrain", {}).get("done") or \
+                not rec.get("pretrain", {}).get("done") or os.path.isfile(os.path.join(self.runs, need, "encoder.pt")):
+            return
+        print(f"[table] {row} starts from {self.runs}/{need}/encoder.pt, which is gone: re-making it by the {need} "
+              f"row's recorded command", flush=True)
+        rec["pretrain"]["done"] = False
+        rec.setdefault("remade", []).append(time.strftime("%Y-%m-%d %H:%M:%S"))
+        self.pretrain([need])
+
     # ----------------------------------------------------------------------------------------- markdown
     def write_markdown(self):
         path, png = self.args.markdown, os.path.splitext(self.args.json)[0] + ".png"
         try:  # a disk that filled up during the run: one line, and the JSON holds every result
             picture(self.state, self.p["title"], png)
+            curves_picture(self.state, self.p["title"], png[:-4] + "_curves.png")
             text, old = markdown_section(self), "# Results tables (issue #17)\n\n"
             if os.path.isfile(path):
                 with open(path) as f:
@@ -570,6 +950,7 @@ class Table:
 
 METRICS = [("knn_full", "k-NN, full train bank"), ("logreg_1pct", "logreg, 1% labels"),
            ("logreg_10shot", "logreg, 10 per class")]
+MEAN_OF = {"knn_full": "knn_full_mean", "logreg_1pct": "logreg_1pct_mean"}  # the same on mean-pooled patch tokens
 
 
 def picture(state, title, path):
@@ -588,15 +969,66 @@ def picture(state, title, path):
     for ax, (key, name) in zip(axes, METRICS):
         top1 = [m[key]["top1"] for _, m in rows]
         ci = [m[key]["ci95"] or 0 for _, m in rows]
-        ax.errorbar(top1, range(len(rows)), xerr=ci, fmt="o", color="#4c72b0", capsize=3 if any(ci) else 0)
-        if rows[0][0] == "random":
-            ax.axvline(top1[0], color="grey", linestyle="--", linewidth=1)
-        ax.set_xlim(min(top1) - max(ci) - 2, max(top1) + max(ci) + 2)
+        ax.errorbar(top1, range(len(rows)), xerr=ci, fmt="o", color="#4c72b0", capsize=3 if any(ci) else 0,
+                    label="CLS")
+        means = [(i, m[MEAN_OF[key]]["top1"]) for i, (_, m) in enumerate(rows) if MEAN_OF.get(key) in m]
+        if means:
+            ax.plot([v for _, v in means], [i for i, _ in means], "D", mfc="none", color="#dd8452",
+                    label="mean-pooled")
+            ax.legend(fontsize=7, loc="lower right")
+        for r, (name, _) in enumerate(rows):
+            if name in UNTRAINED:
+                ax.axvline(top1[r], color="grey", linestyle="--" if name == "random" else ":", linewidth=1)
+        lo = min(top1 + [v for _, v in means]) - max(ci) - 2
+        ax.set_xlim(lo, max(top1 + [v for _, v in means]) + max(ci) + 2)
         ax.grid(axis="x", alpha=0.3)
         ax.set_title(name, fontsize=10)
         ax.set_xlabel("top-1 %")
     axes[0].set_yticks(range(len(rows)), [LABEL[r] for r, _ in rows])
     axes[0].invert_yaxis()
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png", dpi=110)
+    plt.close(fig)
+    os.replace(path + ".tmp.png", path)
+
+
+def curves_picture(state, title, path):
+    """The learning curves, drawn by the code that draws the table: per trained row, the tuning k-NN after each kept
+    epoch (CLS solid, mean-pooled dashed; raw pixels and random init as grey lines) and the training loss over
+    epochs, divided by its first logged value. Written when some row has a curve and matplotlib is installed."""
+    rows = [(r, state["rows"][r]["curve"]) for r, _, _, _ in ROWS if state["rows"].get(r, {}).get("curve")
+            and r not in UNTRAINED]
+    if not rows:
+        return
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, (knn, loss) = plt.subplots(1, 2, figsize=(11, 4))
+    for i, (row, cur) in enumerate(rows):
+        color, pts = f"C{i}", cur["tuning_knn"]
+        knn.plot([p["epoch"] for p in pts], [p["cls"] for p in pts], "o-", color=color, ms=3, label=LABEL[row])
+        knn.plot([p["epoch"] for p in pts], [p["mean"] for p in pts], "s--", color=color, ms=2, mfc="none")
+        if cur.get("loss"):
+            first = cur["loss"][0][1] or 1
+            loss.plot([e for e, _ in cur["loss"]], [v / first for _, v in cur["loss"]], color=color, label=LABEL[row])
+    for ref, style in (("pixels", ":"), ("random", "--")):
+        rec = state["rows"].get(ref, {})
+        value = rec.get("tuning_knn", {}).get("cls") or (rec.get("curve", {}).get("tuning_knn") or [{}])[0].get("cls")
+        if value is not None:
+            knn.axhline(value, color="grey", linestyle=style, linewidth=1, label=f"{LABEL[ref]} (CLS)")
+    knn.set_xlabel("epoch")
+    knn.set_ylabel("tuning k-NN top-1 % (held-out train images)")
+    knn.set_title("k-NN on the held-out split: CLS solid, mean-pooled dashed", fontsize=9)
+    loss.set_xlabel("epoch")
+    loss.set_ylabel("training loss / its first logged value")
+    loss.set_title("training loss", fontsize=9)
+    for ax in (knn, loss):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path + ".tmp.png", dpi=110)
@@ -615,8 +1047,8 @@ def markdown_section(t):
              f"`{shown(['experiments/table.py', '--preset', t.args.preset, '--data', t.data], t.data, t.runs)}`"
              f" (`$DATA`: the dataset in ImageNet layout; results: `{os.path.relpath(t.args.json, ROOT)}`; a done row "
              f"is skipped, an interrupted one resumes)", "",
-             "| row | k-NN top-1, full train bank | logreg 1% labels | logreg 10 per class | pre-training wall-clock | "
-             "device | status |", "|---|---|---|---|---|---|---|"]
+             "| row | k-NN, full train bank (CLS / mean) | logreg 1% labels (CLS / mean) | logreg 10 per class | blr | "
+             "pre-training wall-clock | device | status |", "|---|---|---|---|---|---|---|---|"]
     pending = []
     for row, label, _, need in ROWS:  # every row of the table, also those this invocation did not select
         rec = rows.get(row, {})
@@ -625,29 +1057,50 @@ def markdown_section(t):
             pending.append(row)
 
         def cell(key):
-            if not m:
+            if not m or key not in m:
                 return ""
             ci = m[key]["ci95"]
-            return f"{m[key]['top1']:.1f}" + (f" ± {ci:.1f}" if ci is not None else "")
-        pre = rec.get("pretrain", {})
-        wall = "none" if row == "random" else fmt_minutes(pre.get("seconds"))
+            return f"{m[key]['top1']:.1f}" + (f" ± {ci:.1f}" if ci is not None else "") + \
+                (f" / {cell(MEAN_OF[key])}" if key in MEAN_OF and MEAN_OF[key] in m else "")
+        pre, blr = rec.get("pretrain", {}), t.blr(row) if row not in UNTRAINED else None
+        wall = "none" if row in UNTRAINED else fmt_minutes(pre.get("seconds"))
         if need and pre.get("seconds") is not None:
             wall += f" (+ {LABEL[need]}: {fmt_minutes(pre.get('seconds_with_start_row'))} in all)"
-        device = rec.get("eval", {}).get("device", "") if row == "random" else pre.get("device", "")
+        device = rec.get("eval", {}).get("device", "") if row in UNTRAINED else pre.get("device", "")
         status = rec.get("status", "to run")
-        lines.append(f"| {label} | {cell('knn_full')} | {cell('logreg_1pct')} | {cell('logreg_10shot')} | {wall} | "
-                     f"{device} | {status} |")
+        lines.append(f"| {label} | {cell('knn_full')} | {cell('logreg_1pct')} | {cell('logreg_10shot')} | "
+                     f"{'' if blr is None else blr if isinstance(blr, str) else f'{blr:g}'} | {wall} | {device} | "
+                     f"{status} |")
     done = [rows[r] for r, _, _, _ in ROWS if rows.get(r, {}).get("status") == "done"]
     png = os.path.splitext(t.args.json)[0] + ".png"
     if done and os.path.isfile(png):
         lines += ["", f"![the {t.args.preset} table]({os.path.relpath(png, os.path.dirname(t.args.markdown))})"]
+    curves = png[:-4] + "_curves.png"
+    if os.path.isfile(curves) and any(rows.get(r, {}).get("curve") for r in rows):
+        lines += ["", f"![the {t.args.preset} learning curves]"
+                  f"({os.path.relpath(curves, os.path.dirname(t.args.markdown))})"]
+    sweep = state.get("sweep", {})
+    if sweep:
+        lines += ["", "The lr sweep (tuning k-NN top-1 %, CLS / mean-pooled, on the held-out train images; * chosen):",
+                  "", "| row | " + " | ".join(f"candidate {i + 1}" for i in range(len(p["sweep"]["factors"])))
+                  + " | epochs |", "|---|" + "---|" * (len(p["sweep"]["factors"]) + 1)]
+        for row in [r for r, _, _, _ in ROWS if r in sweep]:
+            cells = []
+            for b in sweep_blrs(p, row):
+                c = sweep[row]["runs"].get(f"{b:g}", {})
+                knn = c.get("tuning_knn")
+                cells.append(f"blr {b:g}: " + (f"{knn['cls']:.1f} / {knn['mean']:.1f}" if knn else "to run")
+                             + (" *" if sweep[row].get("chosen_blr") == b else ""))
+            lines.append(f"| {LABEL[row]} | " + " | ".join(cells) + f" | {sweep_epochs(p, row)} |")
     if done:
         lines += ["", f"In all ({len(done)} rows done): pre-training "
                   f"{fmt_minutes(sum(r.get('pretrain', {}).get('seconds', 0) for r in done))}, evaluation "
                   f"{fmt_minutes(sum(r['eval']['seconds'] for r in done))}."]
     lines += ["", f"Logistic regression: mean ± 95% t-interval over split seeds {p['seeds']}; k-NN: DINO's weighted "
-              "20-NN; every accuracy on all of val/, frozen CLS features (eval_fewshot.py). Pre-training wall-clock: "
-              "the training script's processes, start-up included, summed over launches; evaluation not included."]
+              "20-NN; every accuracy on all of val/, frozen features (eval_fewshot.py): the CLS token, and the mean of "
+              "the patch tokens after the slash; raw pixels: the same protocols on the normalized pixels. "
+              "Pre-training wall-clock: the training script's processes, start-up included, summed over launches; "
+              "evaluation not included."]
     if pending:
         lines += ["", "Still to run: " + ", ".join(pending) + "."]
     lines += ["", "Settings (the same rule for every row):", ""] + [f"- {r}" for r in scale_rules(p)]
@@ -671,10 +1124,10 @@ def measure(t, seconds):
     n_train = sum(len(files) for _, _, files in os.walk(os.path.join(t.data, "train")))
     n_val = sum(len(files) for _, _, files in os.walk(os.path.join(t.data, "val")))
     n_pre = sum(len(files) for _, _, files in os.walk(os.path.join(pretrain_data(p, t.data, t.runs), "train")))
-    steps = p["epochs"] * (n_pre // p["batch_size"])
-    if p["max_steps"]:
-        steps = min(steps, p["max_steps"])
-    for row in [r for r in t.args.rows if r != "random"]:
+    for row in [r for r in t.args.rows if r not in UNTRAINED]:
+        steps = plan_epochs(p, row) * (n_pre // p["batch_size"])
+        if p["max_steps"]:
+            steps = min(steps, p["max_steps"])
         argv = pretrain_argv(row, p, t.data, out, t.args.in_memory)
         argv[argv.index("--data") + 1] = pretrain_data(p, t.data, t.runs)
         argv = [a for i, a in enumerate(argv) if not (a == "--max-steps" or (i and argv[i - 1] == "--max-steps"))]
@@ -770,7 +1223,7 @@ def get_args(argv=None):
     names = [r for r, _, _, _ in ROWS]
     asked = [v.strip() for v in args.rows.split(",") if v.strip()]
     args.redo = [v.strip() for v in args.redo.split(",") if v.strip()] if args.redo else []
-    for v in asked + args.redo:
+    for v in asked + [r for r in args.redo if r != "sweep"]:
         if v not in names:
             p.error(f"unknown row {v!r}; rows: {', '.join(names)}")
     args.rows = [r for r in names if r in asked]  # always in the table's order: a row after the one it starts from

@@ -15,9 +15,9 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TABLE = os.path.join(ROOT, "experiments", "table.py")
-ROWS = ["random", "mae", "moco", "graft", "mimco", "micl", "hybrid"]
-TRAINED = ROWS[1:]
-LABELS = ["random init", "MAE", "MoCo v3", "Layer Grafted", "MimCo", "MiCL", "hybrid (lam 0.2)"]
+ROWS = ["pixels", "random", "mae", "moco", "graft", "mimco", "micl", "hybrid"]
+TRAINED = ROWS[2:]
+LABELS = ["raw pixels", "random init", "MAE", "MoCo v3", "Layer Grafted", "MimCo", "MiCL", "hybrid (lam 0.2)"]
 
 
 def table(*args, timeout=280):
@@ -97,20 +97,22 @@ def test_failed_row_says_what_its_checkpoint_can_do(image_root, tmp_path):
 
 
 def test_toy_table(image_root, tmp_path):
+    t = load_table()
     runs, js, md = tmp_path / "runs", tmp_path / "results.json", tmp_path / "README.md"
     common = ["--preset", "toy", "--data", image_root, "--runs-dir", runs, "--json", js, "--markdown", md]
     common += ["--in-memory"] if in_memory_everywhere() else []
 
-    # a --max-minutes that is over once the random row is evaluated: that row is kept, the next is not started
-    r = table(*common, "--max-minutes", "0.005")
+    # a --max-minutes that is over once the raw-pixels row is evaluated: that row is kept, the next is not started
+    r = table(*common, "--rows", "pixels,random", "--max-minutes", "0.005")
     assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-3000:]
-    assert r.stderr.splitlines()[-1] == "error: --max-minutes 0.005 reached before row mae; the same command resumes"
+    assert r.stderr.splitlines()[-1] == ("error: --max-minutes 0.005 reached before evaluating random; the same "
+                                         "command resumes")
     stopped = json.loads(js.read_text())["rows"]
-    assert stopped["random"]["status"] == "done" and "status" not in stopped["mae"]
-    assert not (runs / "mae").exists()
+    assert stopped["pixels"]["status"] == "done" and "status" not in stopped["random"]
+    assert not (runs / "random").exists() and "sweep" not in json.loads(js.read_text())
 
-    # the whole table: the random row is not evaluated again, every other row is trained (2 at once, to keep this
-    # test short: the toy's wall-clocks overlap) and evaluated
+    # the whole table: the pixels row is not evaluated again; the lr sweep first, then every other row is trained
+    # (2 at once, to keep this test short: the toy's wall-clocks overlap) and evaluated
     r = table(*common, "--jobs", "2")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert r.stdout.count("done, skipped") == 1
@@ -128,10 +130,22 @@ def test_toy_table(image_root, tmp_path):
         assert rec["metrics"]["logreg_1pct"]["n_train"] == 10 and rec["metrics"]["logreg_10shot"]["n_train"] == 100
         for key in ("logreg_1pct", "logreg_10shot"):  # several seeds, an interval
             assert len(rec["metrics"][key]["per_seed"]) == 5 and math.isfinite(rec["metrics"][key]["ci95"])
+        assert rec["eval"]["device"]
+        if name == "pixels":  # eval_fewshot's protocols on the pixels, in table.py: its own command
+            assert rec["commands"] == {"eval": "python experiments/table.py --preset toy --data $DATA --runs-dir "
+                                               "$RUNS --rows pixels"}
+            assert "knn_full_mean" not in rec["metrics"] and 0 <= rec["tuning_knn"]["cls"] <= 100
+            continue
         assert rec["commands"]["eval_knn"].startswith("python eval_fewshot.py --checkpoint ")
         assert "--protocol knn --percent 100" in rec["commands"]["eval_knn"]
         assert "--protocol logreg --percent 1 --shots 10 --seeds 0,1,2,3,4" in rec["commands"]["eval_logreg"]
-        assert rec["eval"]["device"]
+        assert "--feature mean --protocol knn --percent 100" in rec["commands"]["eval_knn_mean"]
+        for key in ("knn_full_mean", "logreg_1pct_mean"):  # the mean-pooled patch tokens too
+            assert 0 <= rec["metrics"][key]["top1"] <= 100 and rec["metrics"][key]["n_val"] == 80
+        # the learning curve: the tuning k-NN at the start (random init, or the row it starts from) and at the end
+        curve = rec["curve"]["tuning_knn"]
+        assert [pt["epoch"] for pt in curve] == ([0] if name == "random" else [0, round(2 * 16 / 120, 3)])
+        assert all(0 <= pt[f] <= 100 for pt in curve for f in ("cls", "mean"))
     for name in TRAINED:
         rec, out = state["rows"][name], runs / name
         cmd = rec["commands"]["pretrain"]
@@ -144,6 +158,14 @@ def test_toy_table(image_root, tmp_path):
         assert rec["pretrain"]["seconds"] == round(sum(x["seconds"] for x in rec["pretrain"]["launches"]), 1)
         assert (out / "encoder.pt").is_file() and (out / "eval_knn.json").is_file()
         assert f"--checkpoint $RUNS/{name}/encoder.pt" in rec["commands"]["eval_knn"]
+        # the lr sweep: every candidate trained and scored on the held-out images, the best one in the row's command
+        sweep = state["sweep"][name]
+        assert sorted(sweep["runs"]) == sorted(f"{b:g}" for b in t.sweep_blrs(t.PRESETS["toy"], name))
+        assert all(c["done"] and c["score"] == max(c["tuning_knn"].values()) for c in sweep["runs"].values())
+        assert sweep["runs"][f"{sweep['chosen_blr']:g}"]["score"] == max(c["score"] for c in sweep["runs"].values())
+        assert f" --blr {sweep['chosen_blr']:g} " in cmd and (runs / "sweep" / f"{name}_blr{sweep['chosen_blr']:g}"
+                                                            / "encoder.pt").is_file()
+        assert rec["curve"]["loss"] and rec["curve"]["loss"][-1][0] == round(2 * 16 / 120, 4)
     subset = runs / "train_12_per_class"
     assert sorted(os.listdir(subset / "train")) == sorted(os.listdir(os.path.join(image_root, "train")))
     assert all(len(os.listdir(subset / "train" / c)) == 12 for c in os.listdir(subset / "train"))
@@ -159,6 +181,9 @@ def test_toy_table(image_root, tmp_path):
     assert "python graft.py --data $RUNS/train_12_per_class" in text and "Still to run" not in text
     png = tmp_path / "results.png"  # the picture, next to the JSON and linked from the markdown
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "![the toy table](results.png)" in text
+    curves = tmp_path / "results_curves.png"  # the learning curves, drawn by the same code
+    assert curves.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "![the toy learning curves](results_curves.png)" in text
+    assert "The lr sweep" in text and text.count(" * |") + text.count(" * ") >= len(TRAINED)
 
     # again: every row is done, so nothing is trained or evaluated (no torch start either)
     stamps = {n: (runs / n / "encoder.pt").stat().st_mtime_ns for n in TRAINED}
@@ -178,3 +203,137 @@ def test_toy_table(image_root, tmp_path):
     r = table(*common, "--rows", "moco")
     assert r.returncode == 1 and r.stderr.startswith("error: row moco was run with another pretrain command"), r.stderr
     assert "--redo moco" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    again["rows"]["moco"]["commands"]["pretrain"] = state["rows"]["moco"]["commands"]["pretrain"]
+    js.write_text(json.dumps(again))
+
+    # a fresh machine: the mae row is done but its encoder.pt is gone; graft (redone) needs it: it is re-made by the
+    # mae row's recorded command, and mae keeps its evaluation
+    os.remove(runs / "mae" / "encoder.pt")
+    r = table(*common, "--rows", "graft", "--redo", "graft")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "encoder.pt, which is gone: re-making it by the mae row's recorded command" in r.stdout
+    after = json.loads(js.read_text())["rows"]
+    assert (runs / "mae" / "encoder.pt").is_file() and len(after["mae"]["remade"]) == 1
+    assert after["mae"]["status"] == "done" and after["mae"]["metrics"] == state["rows"]["mae"]["metrics"]
+    assert after["graft"]["status"] == "done" and len(after["mae"]["pretrain"]["launches"]) == 2
+
+
+def test_held_out_split_is_disjoint_and_fixed(image_root, tmp_path):
+    """The tuning images are never pre-trained on, and the same every time: the cpu preset's 500 per class after
+    the first 4500 (sorted names), the toy's 4 after 12; a class too small for both is refused in one line."""
+    t = load_table()
+    fake = tmp_path / "fake"
+    for cls in ("a", "b"):
+        os.makedirs(fake / "train" / cls)
+        for i in reversed(range(5000)):  # made in reverse: the split must not depend on the listing order
+            (fake / "train" / cls / f"{i:05d}.jpg").touch()
+    pre, bank, held = t.split_files(t.PRESETS["cpu"], str(fake))
+    assert (pre, bank, held) == t.split_files(t.PRESETS["cpu"], str(fake))
+    for cls in ("a", "b"):
+        assert pre[cls] == [f"{i:05d}.jpg" for i in range(4500)] and held[cls] == [f"{i:05d}.jpg" for i in
+                                                                                   range(4500, 5000)]
+        assert bank[cls] == pre[cls][:1000] and not set(held[cls]) & set(pre[cls])
+    os.remove(fake / "train" / "b" / "04999.jpg")
+    with pytest.raises(t.Stop, match="class b has 4999 train images, the preset takes 4500 per class to pre-train "
+                                     "and 500 more to hold out"):
+        t.split_files(t.PRESETS["cpu"], str(fake))
+    # the toy: the linked pre-training folder holds none of the held-out images
+    p, runs = t.PRESETS["toy"], str(tmp_path / "runs")
+    t.link_subset(p, image_root, runs)
+    _, _, held = t.split_files(p, image_root)
+    for cls, files in held.items():
+        linked = os.listdir(os.path.join(runs, "train_12_per_class", "train", cls))
+        assert len(files) == 4 and len(linked) == 12 and not set(files) & set(linked)
+    split = t.tuning_split(p, image_root, runs)
+    assert split["held_x"].shape == (40, 3, 32, 32) and split["bank_x"].shape == (120, 3, 32, 32)
+    assert split["held_y"].bincount().tolist() == [4] * 10
+    again = t.tuning_split(p, image_root, runs)  # from its cache file, identical
+    assert all(torch.equal(split[k], again[k]) for k in split)
+
+
+def test_pixels_row_is_eval_fewshot_on_the_pixels(image_root, tmp_path):
+    """The raw-pixels row: the pixels eval_fewshot's own transform gives, flattened, under its own k-NN and logistic
+    regression (the same splits): computed here again through eval_fewshot's dataset, independently of table.py's
+    decoding."""
+    t = load_table()
+    sys.path.insert(0, ROOT)
+    import eval_fewshot
+    p = t.PRESETS["toy"]
+    metrics = t.pixel_metrics(p, image_root, str(tmp_path / "runs"))
+    args = eval_fewshot.get_args(["--checkpoint", "random", "--data", image_root, "--img-size", "32"])
+    train_set, val_set = eval_fewshot.eval_datasets(args)
+    tx = torch.stack([train_set[i][0] for i in range(len(train_set))]).flatten(1)  # (160, 3072)
+    vx = torch.stack([val_set[i][0] for i in range(len(val_set))]).flatten(1)
+    ty, vy = eval_fewshot.targets_of(train_set), eval_fewshot.targets_of(val_set)
+    assert tx.shape == (160, 3 * 32 * 32)
+    assert metrics["knn_full"]["top1"] == round(100 * eval_fewshot.knn_accuracy(tx, ty, vx, vy), 4)
+    assert metrics["knn_full"]["n_train"] == 160 and metrics["knn_full"]["n_val"] == 80
+    for seed, acc in zip(range(5), metrics["logreg_10shot"]["per_seed"]):
+        idx = eval_fewshot.sample_split(ty, seed, shots=10)
+        assert acc == pytest.approx(100 * eval_fewshot.logreg_accuracy(tx[idx], ty[idx], vx, vy, max_iter=20),
+                                    abs=1e-3)
+    assert len(metrics["logreg_1pct"]["per_seed"]) == 5 and math.isfinite(metrics["logreg_1pct"]["ci95"])
+
+
+def test_curve_points_from_kept_checkpoints(image_root, tmp_path):
+    """A row's learning curve: the tuning k-NN of the encoder it starts from (epoch 0), of each kept
+    checkpoint_epochNNNN.pt and of its encoder.pt (when it ends past the last kept epoch), and its loss over epochs;
+    a point measured once is not measured again."""
+    t = load_table()
+    sys.path.insert(0, ROOT)
+    import vit
+    runs = tmp_path / "runs"
+    args = t.get_args(["--preset", "toy", "--data", image_root, "--runs-dir", str(runs), "--json",
+                       str(tmp_path / "r.json"), "--markdown", str(tmp_path / "r.md")])
+    table = t.Table(args)
+    for row, seeds in (("mae", (1, 2, 3)), ("graft", (4, 5, 6))):
+        os.makedirs(runs / row)
+        for name, seed in zip(("checkpoint_epoch0001.pt", "checkpoint_epoch0002.pt", "encoder.pt"), seeds):
+            torch.manual_seed(seed)
+            torch.save({"model": vit.vit_tiny(img_size=32, patch_size=8).state_dict()}, runs / row / name)
+        with open(runs / row / "log.jsonl", "w") as f:  # 20 steps of 16 images over 120: 2.667 epochs
+            f.writelines(json.dumps({"step": s, "loss": 5 - s / 10}) + "\n" for s in range(1, 21))
+    calls = []
+    real = t.tuning_knn
+    t.tuning_knn = lambda p, split, path: calls.append(path) or real(p, split, path)
+    rec = {}
+    table.curve("graft", rec)
+    assert calls == [str(runs / "mae" / "encoder.pt")] + [str(runs / "graft" / n) for n in
+                                                          ("checkpoint_epoch0001.pt", "checkpoint_epoch0002.pt",
+                                                           "encoder.pt")]
+    assert [pt["epoch"] for pt in rec["curve"]["tuning_knn"]] == [0, 1, 2, 2.667]
+    assert all(0 <= pt["cls"] <= 100 and 0 <= pt["mean"] <= 100 for pt in rec["curve"]["tuning_knn"])
+    assert rec["curve"]["loss"][0] == [round(16 / 120, 4), 4.9] or rec["curve"]["loss"][0] == (round(16 / 120, 4), 4.9)
+    assert len(rec["curve"]["loss"]) == 20
+    table.curve("graft", rec)  # again: nothing measured again
+    assert len(calls) == 4
+    # the points are those vit.load_pretrained reads from the files: the kept checkpoint at epoch 1, e.g.
+    split = t.tuning_split(t.PRESETS["toy"], image_root, str(runs))
+    assert rec["curve"]["tuning_knn"][1] == {"epoch": 1, **real(t.PRESETS["toy"], split,
+                                                                str(runs / "graft" / "checkpoint_epoch0001.pt"))}
+
+
+def test_cpu_preset_plan():
+    """The cpu preset by its rules: one encoder, image size, batch and data for every row; each row's epochs the
+    whole epochs its measured img/s fits in the budget; a short warm-up; MoCo-family heads 8 x the width."""
+    t = load_table()
+    p = t.PRESETS["cpu"]
+    argvs = {r: t.pretrain_argv(r, p, "/d", "/runs", True, blr=1e-3) for r in t.PAPER_WARMUP}
+
+    def flag(argv, name):
+        return argv[argv.index(name) + 1]
+    for name in ("--model", "--img-size", "--patch-size", "--batch-size", "--data"):
+        assert len({flag(a, name) for a in argvs.values()}) == 1, name
+    assert flag(argvs["mae"], "--model") == "vit_cpu" and flag(argvs["mae"], "--data") == "/runs/train_4500_per_class"
+    for row, argv in argvs.items():
+        epochs, warm = int(flag(argv, "--epochs")), int(flag(argv, "--warmup-epochs"))
+        seconds = 45000 / p["img_per_s"][row]  # one epoch
+        assert epochs * seconds <= 40 * 60 < (epochs + 1) * seconds, row
+        assert 1 <= warm < epochs and warm <= max(1, epochs // 8), row
+        assert 1 <= t.sweep_epochs(p, row) <= max(1, epochs // 4)
+        assert int(flag(argv, "--keep-every-epochs")) >= 1
+    for row in ("moco", "graft", "hybrid"):
+        assert flag(argvs[row], "--moco-mlp-dim") == "1024"
+    assert flag(argvs["mimco"], "--head-hidden-dim") == "1024" and flag(argvs["mimco"], "--teacher-model") == "vit_cpu"
+    assert flag(argvs["mimco"], "--teacher-num-heads") == "4"
+    assert flag(argvs["mae"], "--decoder-embed-dim") == "96" and flag(argvs["mae"], "--decoder-depth") == "4"

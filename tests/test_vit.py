@@ -146,3 +146,10 @@ def test_download_failure_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
     with pytest.raises(mae.StopRun, match="could not download"):
         mae.main(["--data", "cifar10", "--data-root", str(tmp_path), "--output-dir", str(tmp_path / "o")])
+
+
+def test_vit_cpu_size():
+    """The CPU table's encoder (experiments/table.py --preset cpu): 128-d x 6 blocks x 4 heads, 17 tokens at 32 px."""
+    m = vit.MODELS["vit_cpu"](img_size=32, patch_size=8)
+    assert (m.embed_dim, len(m.blocks), m.blocks[0].attn.num_heads) == (128, 6, 4)
+    assert m.forward_features(torch.randn(2, 3, 32, 32)).shape == (2, 17, 128)
