@@ -288,7 +288,7 @@ def method_flops(method, cfg, B, a, model):
 def build_ours(method, mod, cfg, B, device, gen):
     """The script's model (build_model) on the device, its optimizer (build_optimizer), inputs, loss call, FLOPs."""
     a = script_args(mod, cfg, EXTRA_ARGS[method](cfg) if method in EXTRA_ARGS else ())
-    a.lr = a.blr * B / 256  # as the scripts' Run(args) sets it
+    a.lr = a.blr * B / 256  # as the scripts' get_args sets it
     model = mod.build_model(a, verbose=False).to(device)
     if getattr(a, "l1_weight", 0) > 0:  # graft.py takes the L1 reference on the device, after build_model
         model.set_l1_reference()
@@ -312,7 +312,7 @@ def build_finetune(mod, cfg, B, device, gen):
     groups), a batch with labels, and its training-loop lines: soft_targets (MixUp / CutMix, smoothing), the model,
     soft_cross_entropy."""
     a = script_args(mod, cfg, EXTRA_ARGS["finetune"](cfg))
-    a.lr, a.num_classes = a.blr * B / 256, FINETUNE_CLASSES  # as Run(args) and build_datasets set them
+    a.lr, a.num_classes = a.blr * B / 256, FINETUNE_CLASSES  # as get_args and build_datasets set them
     model = mod.build_model(a, verbose=False).to(device)
     x = images(B, cfg, device, gen)
     y = torch.randint(0, FINETUNE_CLASSES, (B,), device=device, generator=gen)

@@ -501,11 +501,12 @@ def loadavg():
 
 
 def read_log(out_dir):
-    """(last step, last loss, median img/s) from a training script's log.jsonl, None where it has no lines."""
+    """(last step, last loss, median img/s) from a training script's log.jsonl, None where it has no lines (its
+    {"resumed_at_step": N} markers are not step lines)."""
     lines = []
     try:
         with open(os.path.join(out_dir, "log.jsonl")) as f:
-            lines = [json.loads(line) for line in f if line.strip()]
+            lines = [x for x in map(json.loads, filter(str.strip, f)) if "step" in x]
     except (OSError, ValueError):
         pass
     rates = [x["img_per_s"] for x in lines[1:] if "img_per_s" in x] or \

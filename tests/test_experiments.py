@@ -337,3 +337,11 @@ def test_cpu_preset_plan():
     assert flag(argvs["mimco"], "--head-hidden-dim") == "1024" and flag(argvs["mimco"], "--teacher-model") == "vit_cpu"
     assert flag(argvs["mimco"], "--teacher-num-heads") == "4"
     assert flag(argvs["mae"], "--decoder-embed-dim") == "96" and flag(argvs["mae"], "--decoder-depth") == "4"
+
+
+def test_read_log_skips_resume_markers(tmp_path):
+    """A relaunch that only writes encoder.pt leaves a {"resumed_at_step": N} line last: the step and loss are the
+    last step line's."""
+    lines = [{"epoch": 0, "step": 5, "loss": 1.5, "img_per_s": 10.0}, {"resumed_at_step": 5}]
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    assert load_table().read_log(str(tmp_path)) == (5, 1.5, 10.0)
