@@ -126,7 +126,8 @@ def knn_accuracy(train_x, train_y, test_x, test_y, k=20, t=0.07, device=None, ch
     """Top-1 accuracy (fraction) of DINO's weighted k-NN (eval_knn.py); k is capped at the number of train features."""
     device = torch.device(device) if device is not None else train_x.device
     X, y = F.normalize(train_x.to(device).float(), dim=1), train_y.to(device).long()
-    num_classes, k, correct = int(max(y.max(), test_y.max())) + 1, min(k, len(X)), 0
+    num_classes, k = int(max(y.max(), test_y.max())) + 1, min(k, len(X))
+    correct = 0
     for xt, yt in zip(test_x.split(chunk), test_y.split(chunk)):  # chunks: a (chunk, n_train) similarity at a time
         sim, idx = (F.normalize(xt.to(device).float(), dim=1) @ X.T).topk(k, dim=1)  # (B, k)
         votes = torch.zeros(len(xt), num_classes, device=device)

@@ -69,7 +69,8 @@ def logreg_accuracy(train_x, train_y, test_x, test_y, lambd=2.5e-4, max_iter=100
     return_info: also return {'iterations', 'rel_gap'}."""
     device = torch.device(device) if device is not None else train_x.device
     X, Xt = preprocess(train_x.to(device, dtype)), preprocess(test_x.to(device, dtype))
-    y, yt, lam = train_y.to(device).long(), test_y.to(device).long(), lambd / len(X)  # MSN: lambd /= n_train
+    y, yt = train_y.to(device).long(), test_y.to(device).long()
+    lam = lambd / len(X)  # MSN / Layer Grafted: lambd /= len(features_train)
     n, num_classes, rows = len(X), int(max(y.max(), yt.max())) + 1, torch.arange(len(X), device=device)
     W = torch.zeros(X.shape[1], num_classes, device=device, dtype=dtype, requires_grad=True)  # (D, C)
     opt = torch.optim.LBFGS([W], lr=1, max_iter=10, history_size=100, tolerance_grad=1e-9, tolerance_change=1e-12,
@@ -81,7 +82,8 @@ def logreg_accuracy(train_x, train_y, test_x, test_y, lambd=2.5e-4, max_iter=100
         loss.backward()
         return loss
 
-    iters, rel_gap, old_tf32 = 0, float("inf"), torch.backends.cuda.matmul.allow_tf32
+    iters, rel_gap = 0, float("inf")
+    old_tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False  # TF32's 10-bit mantissa would cost the duality gap its precision
     try:
         while iters < max_iter:
@@ -113,7 +115,8 @@ def knn_accuracy(train_x, train_y, test_x, test_y, k=20, t=0.07, device=None, ch
     """Top-1 accuracy (fraction) of DINO's weighted k-NN (eval_knn.py); k is capped at the number of train features."""
     device = torch.device(device) if device is not None else train_x.device
     X, y = F.normalize(train_x.to(device).float(), dim=1), train_y.to(device).long()
-    num_classes, k, correct = int(max(y.max(), test_y.max())) + 1, min(k, len(X)), 0
+    num_classes, k = int(max(y.max(), test_y.max())) + 1, min(k, len(X))
+    correct = 0
     for xt, yt in zip(test_x.split(chunk), test_y.split(chunk)):  # chunks: a (chunk, n_train) similarity at a time
         sim, idx = (F.normalize(xt.to(device).float(), dim=1) @ X.T).topk(k, dim=1)  # (B, k)
         votes = torch.zeros(len(xt), num_classes, device=device)
@@ -126,7 +129,8 @@ def linear_accuracy(train_x, train_y, test_x, test_y, epochs=100, lr=0.1, batch_
     """Top-1 accuracy (fraction) of MAE's linear-probe head on fixed features, with our SGD recipe (see the top)."""
     device = torch.device(device) if device is not None else train_x.device
     X, y = train_x.to(device).float(), train_y.to(device).long()
-    num_classes, n, g = int(max(y.max(), test_y.max())) + 1, len(X), torch.Generator().manual_seed(seed)
+    num_classes, n = int(max(y.max(), test_y.max())) + 1, len(X)
+    g = torch.Generator().manual_seed(seed)
     linear = nn.Linear(X.shape[1], num_classes)
     nn.init.trunc_normal_(linear.weight, std=0.01, generator=g)  # MAE main_linprobe.py
     nn.init.zeros_(linear.bias)
@@ -288,7 +292,8 @@ def get_args(argv=None):
     p.add_argument("--amp", default="none", choices=["bf16", "fp16", "none"], help="autocast on CUDA (official: fp32)")
     p.add_argument("--cache", default=None, help="folder that keeps extracted features between runs")
     p.add_argument("--json", default=None, help="write the results, args, versions and device to this file")
-    a, lists, world = p.parse_args(argv), {}, int(os.environ.get("WORLD_SIZE", 1))
+    a, lists = p.parse_args(argv), {}
+    world = int(os.environ.get("WORLD_SIZE", 1))
     a.percent = a.percent if a.percent or a.shots or a.split_file else "1"  # the paper's headline split size
     for key, kind in (("percent", float), ("shots", int), ("seeds", int), ("protocol", str)):  # comma lists
         with contextlib.suppress(ValueError):  # not a `kind`: stays None, and a rule below says so
@@ -314,9 +319,10 @@ def get_args(argv=None):
 
 def make_splits(args, train_set, labels):
     """[(name, {seed: sorted train indices})]: one entry per --percent / --shots / --split-file value."""
+    names = getattr(train_set, "classes", None)
     splits = [(f"{p:g}%", {s: sample_split(labels, s, percent=p) for s in args.seeds}) for p in args.percent or []]
-    splits += [(f"{k}-shot", {s: sample_split(labels, s, shots=k, class_names=getattr(train_set, "classes", None))
-                              for s in args.seeds}) for k in args.shots or []]
+    splits += [(f"{k}-shot", {s: sample_split(labels, s, shots=k, class_names=names) for s in args.seeds})
+               for k in args.shots or []]
     for path in args.split_file or []:
         idx = read_split_file(path, train_set)
         splits.append((os.path.basename(path), {s: idx for s in args.seeds}))  # fixed split: seeds vary the probe only
@@ -345,10 +351,7 @@ def main(argv=None):
         except OSError as e:
             raise StopRun(f"{flag}: cannot make the folder {path} ({e.strerror or e}); pass another path") from None
     rank, world_size, device = setup_distributed()
-    args.world_size, sha = world_size, None
-    with contextlib.suppress(Exception):  # the commit, for the record; None without git or outside a checkout
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
-                             capture_output=True, text=True, timeout=10).stdout.strip() or None
+    args.world_size, sha = world_size, git_sha()
     print0(f"eval_fewshot: torch {torch.__version__}, {world_size} process(es) on {device}, git {sha}")
     print0("args: " + ", ".join(f"{k}={v}" for k, v in sorted(vars(args).items())))
 
@@ -419,6 +422,12 @@ def main(argv=None):
     return result
 
 
+def git_sha():
+    with contextlib.suppress(Exception):  # the commit, for the record; None without git or outside a checkout
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
+                              capture_output=True, text=True, timeout=10).stdout.strip() or None
+
+
 # ------------------------------------------------------------------------------- inputs and their one-line errors
 def setup_distributed():
     """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain `python` runs one process on cuda:0 or the CPU (gloo for CPU)."""
@@ -438,8 +447,10 @@ def eval_datasets(args):
     """(train, val) by the training scripts' build_dataset, but stl10's train is its 5k labelled images only."""
     transform = eval_transform(args.img_size)
     val_set = build_dataset(args, transform, "val")  # stl10: downloads its one archive (all splits) if needed
-    train_set = torchvision.datasets.STL10(args.data_root, "train", transform=transform) if args.data == "stl10" \
-        else build_dataset(args, transform, "train")
+    if args.data == "stl10":
+        train_set = torchvision.datasets.STL10(args.data_root, "train", transform=transform)
+    else:
+        train_set = build_dataset(args, transform, "train")
     if getattr(train_set, "classes", None) != getattr(val_set, "classes", None):
         raise StopRun(f"--data {args.data}: train/ and val/ have different class folders; labels would not match")
     return train_set, val_set

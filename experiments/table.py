@@ -815,7 +815,8 @@ class Table:
             return
         sw = self.state.setdefault("sweep", {})
         for row in rows:
-            rec, need, start = sw.setdefault(row, {"runs": {}}), NEEDS[row], None
+            rec, need = sw.setdefault(row, {"runs": {}}), NEEDS[row]
+            start = None  # the encoder.pt of the best candidate of the row this one starts from (graft, mimco)
             if need:
                 self.sweep([need])
                 best = sw[need]["runs"][f"{sw[need]['chosen_blr']:g}"]
@@ -954,17 +955,34 @@ METRICS = [("knn_full", "k-NN, full train bank"), ("logreg_1pct", "logreg, 1% la
 MEAN_OF = {"knn_full": "knn_full_mean", "logreg_1pct": "logreg_1pct_mean"}  # the same on mean-pooled patch tokens
 
 
+def pyplot():
+    """matplotlib's pyplot on the Agg backend, or None without matplotlib (the pictures are optional)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def save_figure(plt, fig, title, path):
+    """The titled figure as a PNG, written whole or not at all."""
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png", dpi=110)
+    plt.close(fig)
+    os.replace(path + ".tmp.png", path)
+
+
 def picture(state, title, path):
     """The done rows as points (top-1 with its 95% interval) in one panel per metric, random init as a dashed line;
     written next to the JSON when matplotlib is installed (it is optional)."""
     rows = [(r, state["rows"][r]["metrics"]) for r, _, _, _ in ROWS if state["rows"].get(r, {}).get("status") == "done"]
     if not rows:
         return
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return
     fig, axes = plt.subplots(1, len(METRICS), figsize=(4 * len(METRICS), 0.45 * len(rows) + 1.2), sharey=True)
     for ax, (key, name) in zip(axes, METRICS):
@@ -987,11 +1005,7 @@ def picture(state, title, path):
         ax.set_xlabel("top-1 %")
     axes[0].set_yticks(range(len(rows)), [LABEL[r] for r, _ in rows])
     axes[0].invert_yaxis()
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path + ".tmp.png", dpi=110)
-    plt.close(fig)
-    os.replace(path + ".tmp.png", path)
+    save_figure(plt, fig, title, path)
 
 
 def curves_picture(state, title, path):
@@ -1002,11 +1016,8 @@ def curves_picture(state, title, path):
             and r not in UNTRAINED]
     if not rows:
         return
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return
     fig, (knn, loss) = plt.subplots(1, 2, figsize=(11, 4))
     for i, (row, cur) in enumerate(rows):
@@ -1030,11 +1041,7 @@ def curves_picture(state, title, path):
     for ax in (knn, loss):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path + ".tmp.png", dpi=110)
-    plt.close(fig)
-    os.replace(path + ".tmp.png", path)
+    save_figure(plt, fig, title, path)
 
 
 def fmt_minutes(s):

@@ -77,8 +77,10 @@ def test_appendix_is_at_the_bottom(name):
 # its appendix (or, in eval_fewshot.py, above its checked copy of it); vit.py whole. The appendix is the same text in
 # every script, counted once against its own budgets (issue #25): the core, then the optional --in-memory block.
 # hybrid.py (MAE + MoCo v3) shares the CL scripts' budget.
+# eval_fewshot.py: 480 until issue #24's one-line checks of every flag and of non-finite features (491 written out
+# one statement a line; they had first been packed into 480).
 BUDGETS = {"mae.py": 400, "micl.py": 380, "moco.py": 460, "graft.py": 460, "mimco.py": 460, "hybrid.py": 460,
-           "eval_fewshot.py": 480, "vit.py": 260}
+           "eval_fewshot.py": 491, "vit.py": 260}
 # Issue #25 asks 350 for the core; it is 478 with every promise kept (README, "How to read a script"): the budget
 # holds it there until a simpler design gets it lower.
 CORE_BUDGET, IN_MEMORY_BUDGET = 480, 150
