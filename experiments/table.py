@@ -500,6 +500,17 @@ def loadavg():
         return None
 
 
+def last_line(path):
+    """The last line of a child's stderr file ('' if none): the one-line error a script stops with."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, os.path.getsize(path) - 4096))
+            lines = f.read().decode(errors="replace").replace("\r", "\n").splitlines()
+    except OSError:
+        return ""
+    return next((x.strip() for x in reversed(lines) if x.strip()), "")
+
+
 def read_log(out_dir):
     """(last step, last loss, median img/s) from a training script's log.jsonl, None where it has no lines (its
     {"resumed_at_step": N} markers are not step lines)."""
@@ -807,55 +818,129 @@ class Table:
 
     def sweep(self, rows):
         """Choose each trained row's blr (state['sweep'][row]['chosen_blr']): every candidate of sweep_blrs trained
-        for sweep_epochs into RUNS/sweep/<row>_blr<blr>/ and scored by the tuning k-NN (the best of CLS and mean).
-        graft's and mimco's candidates start from the chosen mae / moco candidate's encoder, re-made by its recorded
-        command if it is gone. Resumable candidate by candidate, as the rows."""
+        for sweep_epochs into RUNS/sweep/<row>_blr<blr>/ and scored by the tuning k-NN (the best of CLS and mean),
+        up to --jobs candidates at once. graft's and mimco's candidates start from the chosen mae / moco candidate's
+        encoder (so they wait for that choice), re-made by its recorded command if it is gone. Resumable candidate
+        by candidate, as the rows; a candidate that fails or is stopped stops the others (they save)."""
         p, rows = self.p, [r for r in rows if r not in UNTRAINED]
         if not p.get("sweep") or not rows:
             return
         sw = self.state.setdefault("sweep", {})
-        for row in rows:
-            rec, need = sw.setdefault(row, {"runs": {}}), NEEDS[row]
-            start = None  # the encoder.pt of the best candidate of the row this one starts from (graft, mimco)
-            if need:
-                self.sweep([need])
-                best = sw[need]["runs"][f"{sw[need]['chosen_blr']:g}"]
-                start = os.path.join(best["argv"][best["argv"].index("--output-dir") + 1], "encoder.pt")
-                if not os.path.isfile(start):
-                    print(f"[table] sweep: {start} is gone; re-making it by its recorded command", flush=True)
-                    rc, _ = self.run_child(f"sweep {need} (re-made)", best["argv"])
-                    if rc != 0 or not os.path.isfile(start):
-                        raise Stop(f"sweep {row}: could not re-make {start} (status {rc}); the same command tries "
-                                   f"again, or --redo sweep starts the sweep over")
-            if rec.get("chosen_blr") is not None:
-                continue
-            for blr in sweep_blrs(p, row):
-                key = f"{blr:g}"
-                out = os.path.join(self.runs, "sweep", f"{row}_blr{key}")
-                argv = pretrain_argv(row, p, self.data, self.runs, self.args.in_memory, blr=blr,
-                                     epochs=sweep_epochs(p, row), out=out, start=start, keep=False)
-                c = rec["runs"].setdefault(key, {})
-                if c.get("command") not in (None, shown(argv, self.data, self.runs)):
-                    raise Stop(f"sweep {row} blr {key} was run with another command than the preset's now (recorded: "
-                               f"{c['command']}); pass --redo sweep to start the sweep over")
-                if c.get("done"):
-                    continue
-                c.update(blr=blr, epochs=sweep_epochs(p, row), command=shown(argv, self.data, self.runs), argv=argv)
-                rc, seconds = self.run_child(f"sweep {row} blr {key}", argv)
-                c["seconds"] = round(c.get("seconds", 0) + seconds, 1)
-                c["steps"], c["final_loss"], c["img_per_s_median"] = read_log(out)
-                if rc != 0 or self.signal or not os.path.isfile(os.path.join(out, "encoder.pt")):
-                    self.save()
-                    raise Stop(f"sweep {row} blr {key}: {SCRIPT[row]} " + (f"stopped ({self.signal})" if self.signal
-                               else f"failed (status {rc}; its last lines above say why)")
-                               + f"; {out}/checkpoint.pt keeps its progress and the same command resumes it")
-                c["tuning_knn"] = tuning_knn(p, tuning_split(p, self.data, self.runs),
-                                             os.path.join(out, "encoder.pt"))
-                c["score"], c["done"] = max(c["tuning_knn"].values()), True
-                print(f"[table] sweep {row} blr {key}: tuning k-NN {c['tuning_knn']}", flush=True)
-                self.save()
-            scored = [rec["runs"][f"{b:g}"] for b in sweep_blrs(p, row)]
-            rec["chosen_blr"] = max(scored, key=lambda c: c["score"])["blr"]
+        rows = [NEEDS[r] for r in rows if NEEDS[r] and NEEDS[r] not in rows] + rows  # the choices they start from
+        todo = [(row, blr) for row in rows if sw.get(row, {}).get("chosen_blr") is None for blr in sweep_blrs(p, row)]
+        running, failed = {}, None  # (row, blr) -> (process, start time)
+        try:
+            while todo or running:
+                for row, blr in list(todo):
+                    need = NEEDS[row]
+                    if len(running) >= self.args.jobs or failed or self.signal or \
+                            (need and sw.get(need, {}).get("chosen_blr") is None):
+                        continue
+                    todo.remove((row, blr))
+                    started = self.start_candidate(row, blr, running)
+                    if started:
+                        running[(row, blr)] = started
+                if not running:
+                    break  # nothing could start: a candidate failed or a stop came
+                for (row, blr), (child, t0) in list(running.items()):
+                    try:
+                        rc = child.wait(timeout=1 / len(running))
+                    except subprocess.TimeoutExpired:
+                        continue
+                    del running[(row, blr)]
+                    self.children.pop(f"sweep {row} blr {blr:g}", None)
+                    failed = failed or self.score_candidate(row, blr, rc, round(time.monotonic() - t0, 1))
+                if self.past_deadline() and self.signal is None and running:
+                    print(f"[table] --max-minutes {self.args.max_minutes} reached: stopping the sweep's "
+                          f"{', '.join(f'{r} blr {b:g}' for r, b in running)} (they save before they stop)", flush=True)
+                    self.stop_children("deadline")
+        finally:
+            if running:  # a Stop while others run, or an error of ours: never leave a training run behind
+                self.stop_children("the table stopped")
+            for child, _ in running.values():
+                child.wait()
+        if failed:
+            raise Stop(failed)
+        if todo:
+            raise Stop(f"the sweep stopped ({self.signal}) before {', '.join(f'{r} blr {b:g}' for r, b in todo)}; "
+                       f"the same command resumes")
+
+    def start_candidate(self, row, blr, running):
+        """Launch one sweep candidate (None when it is already scored: the row's choice is then made)."""
+        p, sw, need, key = self.p, self.state["sweep"], NEEDS[row], f"{blr:g}"
+        rec, start = sw.setdefault(row, {"runs": {}}), None
+        if need:  # the encoder.pt of the chosen candidate of the row this one starts from
+            best = sw[need]["runs"][f"{sw[need]['chosen_blr']:g}"]
+            start = os.path.join(best["argv"][best["argv"].index("--output-dir") + 1], "encoder.pt")
+            if not os.path.isfile(start):
+                print(f"[table] sweep: {start} is gone; re-making it by its recorded command", flush=True)
+                rc, _ = self.run_child(f"sweep {need} (re-made)", best["argv"])
+                if rc != 0 or not os.path.isfile(start):
+                    raise Stop(f"sweep {row}: could not re-make {start} (status {rc}); the same command tries "
+                               f"again, or --redo sweep starts the sweep over")
+        out = os.path.join(self.runs, "sweep", f"{row}_blr{key}")
+        argv = pretrain_argv(row, p, self.data, self.runs, self.args.in_memory, blr=blr,
+                             epochs=sweep_epochs(p, row), out=out, start=start, keep=False)
+        c = rec["runs"].setdefault(key, {})
+        if c.get("command") not in (None, shown(argv, self.data, self.runs)):
+            raise Stop(f"sweep {row} blr {key} was run with another command than the preset's now (recorded: "
+                       f"{c['command']}); pass --redo sweep to start the sweep over")
+        if c.get("done"):
+            self.choose(row)
+            return None
+        if self.past_deadline():
+            raise Stop(f"--max-minutes {self.args.max_minutes} reached before sweep {row} blr {key}; the same "
+                       f"command resumes")
+        c.update(blr=blr, epochs=sweep_epochs(p, row), command=shown(argv, self.data, self.runs), argv=argv)
+        c.setdefault("concurrent", []).append(sorted(f"{r} blr {b:g}" for r, b in running))
+        link_subset(p, self.data, self.runs)
+        print(f"[table] sweep {row} blr {key}: {c['command']}", flush=True)
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        with open(out + ".stderr", "a") as err:  # its progress bars, and the one line that says why it stopped
+            child = subprocess.Popen([sys.executable, *argv], cwd=ROOT, start_new_session=True, stderr=err)
+        self.children[f"sweep {row} blr {key}"] = child
+        return child, time.monotonic()
+
+    def score_candidate(self, row, blr, rc, seconds):
+        """Record one candidate's run and score it; returns the one-line reason when it did not finish."""
+        key = f"{blr:g}"
+        c, out = self.state["sweep"][row]["runs"][key], os.path.join(self.runs, "sweep", f"{row}_blr{key}")
+        c["seconds"] = round(c.get("seconds", 0) + seconds, 1)
+        c["steps"], c["final_loss"], c["img_per_s_median"] = read_log(out)
+        why = last_line(out + ".stderr")
+        if rc != 0 and not self.signal and "non-finite loss" in why:  # too high a blr: a result, not a failure
+            c.update(diverged=why, score=None, done=True)
+            print(f"[table] sweep {row} blr {key}: diverged ({why})", flush=True)
+            self.choose(row)
+            self.save()
+            return None
+        if rc != 0 or self.signal or not os.path.isfile(os.path.join(out, "encoder.pt")):
+            self.save()
+            if not self.signal:
+                self.stop_children("another sweep candidate failed")  # the others save and stop
+                return (f"sweep {row} blr {key}: {SCRIPT[row]} failed (status {rc}: {why}); {out}/checkpoint.pt "
+                        f"keeps its progress and the same command resumes it once that is fixed")
+            return (f"sweep {row} blr {key}: {SCRIPT[row]} stopped ({self.signal}); {out}/checkpoint.pt keeps its "
+                    f"progress and the same command resumes it")
+        split = tuning_split(self.p, self.data, self.runs)
+        c["tuning_knn"] = tuning_knn(self.p, split, os.path.join(out, "encoder.pt"))
+        c["score"], c["done"] = max(c["tuning_knn"].values()), True
+        print(f"[table] sweep {row} blr {key}: tuning k-NN {c['tuning_knn']}", flush=True)
+        self.choose(row)
+        self.save()
+        return None
+
+    def choose(self, row):
+        """Once every candidate of a row is scored: its blr is the best-scoring one."""
+        rec = self.state["sweep"][row]
+        scored = [rec["runs"].get(f"{b:g}", {}) for b in sweep_blrs(self.p, row)]
+        if rec.get("chosen_blr") is None and all(c.get("done") for c in scored):
+            finite = [c for c in scored if c["score"] is not None]
+            if not finite:
+                blrs = ", ".join(f"{c['blr']:g}" for c in scored)
+                raise Stop(f"sweep {row}: every candidate's loss diverged (blr {blrs}); lower the preset's blr "
+                           f"factors, then pass --redo sweep")
+            rec["chosen_blr"] = max(finite, key=lambda c: c["score"])["blr"]
             print(f"[table] sweep {row}: blr {rec['chosen_blr']:g} chosen", flush=True)
             self.save()
 
@@ -1097,8 +1182,11 @@ def markdown_section(t):
             for b in sweep_blrs(p, row):
                 c = sweep[row]["runs"].get(f"{b:g}", {})
                 knn = c.get("tuning_knn")
-                cells.append(f"blr {b:g}: " + (f"{knn['cls']:.1f} / {knn['mean']:.1f}" if knn else "to run")
-                             + (" *" if sweep[row].get("chosen_blr") == b else ""))
+                if knn:
+                    score = f"{knn['cls']:.1f} / {knn['mean']:.1f}"
+                else:
+                    score = "diverged" if c.get("diverged") else "to run"
+                cells.append(f"blr {b:g}: {score}" + (" *" if sweep[row].get("chosen_blr") == b else ""))
             lines.append(f"| {LABEL[row]} | " + " | ".join(cells) + f" | {sweep_epochs(p, row)} |")
     if done:
         lines += ["", f"In all ({len(done)} rows done): pre-training "
@@ -1216,8 +1304,8 @@ def get_args(argv=None):
                    "long; the same command resumes")
     p.add_argument("--max-steps", type=int, default=None, help="smoke test: every training script stops after N "
                    "steps (needs a --json and --markdown outside the repository's defaults)")
-    p.add_argument("--jobs", type=int, default=1, help="pre-train up to this many rows at once (their wall-clocks "
-                   "then overlap: for the toy test, not for a table whose times are read)")
+    p.add_argument("--jobs", type=int, default=1, help="pre-train up to this many rows or sweep candidates at once "
+                   "(the cpu preset's img/s were measured with one thread per job and 2 jobs on 2 cores)")
     p.add_argument("--pretrain-only", action="store_true", help="train the rows, evaluate none (a later run without "
                    "this flag evaluates them)")
     p.add_argument("--dry-run", action="store_true", help="print every command and write the markdown; run nothing")

@@ -96,6 +96,41 @@ def test_failed_row_says_what_its_checkpoint_can_do(image_root, tmp_path):
     assert saved["rows"]["mae"]["status"] == "failed" and len(saved["rows"]["mae"]["pretrain"]["launches"]) == 1
 
 
+def test_sweep_candidate_that_diverges_is_a_result(image_root, tmp_path):
+    """Too high a blr stops its script with a non-finite loss: the sweep records that candidate as diverged and
+    chooses among the others (it used to stop the whole table); only when all diverge does it stop, in one line.
+    Any other failure still stops the sweep, with the script's own last line."""
+    t = load_table()
+    args = t.get_args(["--preset", "toy", "--data", image_root, "--runs-dir", str(tmp_path / "runs"), "--json",
+                       str(tmp_path / "r.json"), "--markdown", str(tmp_path / "r.md")])
+    table = t.Table(args)
+    low, high = t.sweep_blrs(table.p, "mae")  # the toy preset's two candidates
+    runs = {f"{b:g}": {"blr": b} for b in (low, high)}
+    table.state["sweep"] = {"mae": {"runs": runs}}
+    runs[f"{low:g}"].update(done=True, score=35.0, tuning_knn={"cls": 35.0, "mean": 34.0})
+    out = tmp_path / "runs" / "sweep" / f"mae_blr{high:g}"
+    os.makedirs(out.parent)
+    why = "error: non-finite loss (nan) within steps 1-2; lower --blr"
+    out.with_name(out.name + ".stderr").write_text("epoch 0:  50%|#####     | 1/2\r" + why + "\n")
+    assert table.score_candidate("mae", high, 1, 3.0) is None
+    assert runs[f"{high:g}"]["diverged"] == why and runs[f"{high:g}"]["score"] is None
+    assert table.state["sweep"]["mae"]["chosen_blr"] == low
+    assert f"blr {high:g}: diverged" in t.markdown_section(table)
+
+    table.state["sweep"]["mae"].pop("chosen_blr")  # every candidate diverged: one line, nothing chosen
+    for c in runs.values():
+        c.update(done=True, score=None, tuning_knn=None, diverged=why)
+    with pytest.raises(t.Stop, match=f"^sweep mae: every candidate's loss diverged \\(blr {low:g}, {high:g}\\); "
+                                     f"lower the preset's blr factors, then pass --redo sweep$"):
+        table.choose("mae")
+
+    runs[f"{high:g}"] = {"blr": high}  # another failure: the sweep stops and says why in the script's words
+    out.with_name(out.name + ".stderr").write_text("error: --data: no such folder\n")
+    message = table.score_candidate("mae", high, 1, 3.0)
+    assert message.startswith(f"sweep mae blr {high:g}: mae.py failed (status 1: error: --data: no such folder); ")
+    assert not runs[f"{high:g}"].get("done")
+
+
 def test_toy_table(image_root, tmp_path):
     t = load_table()
     runs, js, md = tmp_path / "runs", tmp_path / "results.json", tmp_path / "README.md"
@@ -166,6 +201,12 @@ def test_toy_table(image_root, tmp_path):
         assert f" --blr {sweep['chosen_blr']:g} " in cmd and (runs / "sweep" / f"{name}_blr{sweep['chosen_blr']:g}"
                                                             / "encoder.pt").is_file()
         assert rec["curve"]["loss"] and rec["curve"]["loss"][-1][0] == round(2 * 16 / 120, 4)
+    # --jobs 2: sweep candidates ran side by side, but none of graft's / mimco's beside the mae / moco candidates
+    # whose chosen encoder it starts from
+    runs_of = {name: state["sweep"][name]["runs"].values() for name in TRAINED}
+    assert any(c["concurrent"][0] for name in TRAINED for c in runs_of[name])
+    for row, need in (("graft", "mae"), ("mimco", "moco")):
+        assert not any(f"{need} blr" in other for c in runs_of[row] for other in c["concurrent"][0])
     subset = runs / "train_12_per_class"
     assert sorted(os.listdir(subset / "train")) == sorted(os.listdir(os.path.join(image_root, "train")))
     assert all(len(os.listdir(subset / "train" / c)) == 12 for c in os.listdir(subset / "train"))
