@@ -724,6 +724,9 @@ class Table:
         if ROOT not in sys.path:
             sys.path.insert(0, ROOT)
         import eval_fewshot  # in this process: one torch start for all rows (the command recorded is the same)
+        import torch
+        if not self.children:  # no training beside it (--jobs N trains every row first): the evaluation takes N threads
+            torch.set_num_threads(max(self.args.jobs, torch.get_num_threads()))
         t0, results = time.monotonic(), {}
         if row == "pixels":
             print(f"[table] pixels: eval_fewshot's protocols on the normalized pixels", flush=True)

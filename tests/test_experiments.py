@@ -171,6 +171,7 @@ def test_toy_table(image_root, tmp_path):
                                                "$RUNS --rows pixels"}
             assert "knn_full_mean" not in rec["metrics"] and 0 <= rec["tuning_knn"]["cls"] <= 100
             continue
+        assert "2 threads" in rec["eval"]["device"]  # OMP_NUM_THREADS=1, but --jobs 2 and no training beside it
         assert rec["commands"]["eval_knn"].startswith("python eval_fewshot.py --checkpoint ")
         assert "--protocol knn --percent 100" in rec["commands"]["eval_knn"]
         assert "--protocol logreg --percent 1 --shots 10 --seeds 0,1,2,3,4" in rec["commands"]["eval_logreg"]
