@@ -226,6 +226,17 @@ def test_toy_table(image_root, tmp_path):
     curves = tmp_path / "results_curves.png"  # the learning curves, drawn by the same code
     assert curves.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "![the toy learning curves](results_curves.png)" in text
     assert "The lr sweep" in text and text.count(" * |") + text.count(" * ") >= len(TRAINED)
+    # issue #23's targets, from the measured numbers: one line per trained row, the best k-NN, the wall-clock
+    rows = state["rows"]
+    floor = max(rows[r]["metrics"]["logreg_1pct"]["top1"] for r in ("pixels", "random"))
+    for name, label in zip(ROWS, LABELS):
+        if name in TRAINED:
+            gain = rows[name]["metrics"]["logreg_1pct"]["top1"] - floor
+            verdict = "met" if gain >= 3 else f"missed by {3 - gain:.1f}"
+            assert (f"- {label}: 1% logreg {rows[name]['metrics']['logreg_1pct']['top1']:.1f}, {gain:+.1f} over "
+                    f"max(raw pixels, random init) = {floor:.1f}: {verdict}\n") in text
+    assert "- k-NN: the best row, " in text and 0 < state["wall_seconds"] < 600
+    assert f"- the whole table: {state['wall_seconds'] / 3600:.1f} hours of wall-clock" in text
 
     # again: every row is done, so nothing is trained or evaluated (no torch start either)
     stamps = {n: (runs / n / "encoder.pt").stat().st_mtime_ns for n in TRAINED}
