@@ -50,6 +50,7 @@ this process (eval_fewshot.main with the recorded argv: one torch start for all 
 whose encoder.pt graft or mimco needs and that is gone is trained again by its recorded command (remake_start).
 """
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -500,15 +501,17 @@ def loadavg():
         return None
 
 
-def last_line(path):
-    """The last line of a child's stderr file ('' if none): the one-line error a script stops with."""
+def last_line(path, start=0):
+    """The one-line error a script stopped with: the last line of its stderr file from byte `start` (its launch) that
+    starts with "error:", else its last line ('' if none)."""
     try:
         with open(path, "rb") as f:
-            f.seek(max(0, os.path.getsize(path) - 4096))
-            lines = f.read().decode(errors="replace").replace("\r", "\n").splitlines()
+            f.seek(max(start, os.path.getsize(path) - 4096))
+            lines = [x.strip() for x in f.read().decode(errors="replace").replace("\r", "\n").splitlines()]
     except OSError:
         return ""
-    return next((x.strip() for x in reversed(lines) if x.strip()), "")
+    lines = [x for x in lines if x]
+    return next((x for x in reversed(lines) if x.startswith("error:")), lines[-1] if lines else "")
 
 
 def read_log(out_dir):
@@ -673,6 +676,8 @@ class Table:
                   "loadavg_start": loadavg(), "concurrent_rows": sorted(self.children)}
         child = subprocess.Popen([sys.executable, *argv], cwd=ROOT, start_new_session=True)  # signals come from us
         self.children[row] = child
+        if self.signal:  # one that came while it started
+            child.send_signal(signal.SIGTERM)
         return child, launch, time.monotonic()
 
     def finish(self, row, rc, launch, t0):
@@ -852,7 +857,8 @@ class Table:
                         continue
                     del running[(row, blr)]
                     self.children.pop(f"sweep {row} blr {blr:g}", None)
-                    failed = failed or self.score_candidate(row, blr, rc, round(time.monotonic() - t0, 1))
+                    ended = self.score_candidate(row, blr, rc, round(time.monotonic() - t0, 1))
+                    failed = failed or ended  # the first failure is the one to report
                 if self.past_deadline() and self.signal is None and running:
                     print(f"[table] --max-minutes {self.args.max_minutes} reached: stopping the sweep's "
                           f"{', '.join(f'{r} blr {b:g}' for r, b in running)} (they save before they stop)", flush=True)
@@ -860,8 +866,11 @@ class Table:
         finally:
             if running:  # a Stop while others run, or an error of ours: never leave a training run behind
                 self.stop_children("the table stopped")
-            for child, _ in running.values():
-                child.wait()
+            for (row, blr), (child, t0) in running.items():  # recorded too: they saved, or finished
+                rc = child.wait()
+                self.children.pop(f"sweep {row} blr {blr:g}", None)
+                with contextlib.suppress(Stop):
+                    self.score_candidate(row, blr, rc, round(time.monotonic() - t0, 1))
         if failed:
             raise Stop(failed)
         if todo:
@@ -878,6 +887,8 @@ class Table:
             if not os.path.isfile(start):
                 print(f"[table] sweep: {start} is gone; re-making it by its recorded command", flush=True)
                 rc, _ = self.run_child(f"sweep {need} (re-made)", best["argv"])
+                if self.signal:
+                    raise Stop(f"stopped ({self.signal}) while re-making {start}; the same command resumes")
                 if rc != 0 or not os.path.isfile(start):
                     raise Stop(f"sweep {row}: could not re-make {start} (status {rc}); the same command tries "
                                f"again, or --redo sweep starts the sweep over")
@@ -900,8 +911,11 @@ class Table:
         print(f"[table] sweep {row} blr {key}: {c['command']}", flush=True)
         os.makedirs(os.path.dirname(out), exist_ok=True)
         with open(out + ".stderr", "a") as err:  # its progress bars, and the one line that says why it stopped
+            c["stderr_from"] = err.tell()  # this launch's part of the file
             child = subprocess.Popen([sys.executable, *argv], cwd=ROOT, start_new_session=True, stderr=err)
         self.children[f"sweep {row} blr {key}"] = child
+        if self.signal:  # one that came while it started
+            child.send_signal(signal.SIGTERM)
         return child, time.monotonic()
 
     def score_candidate(self, row, blr, rc, seconds):
@@ -910,14 +924,14 @@ class Table:
         c, out = self.state["sweep"][row]["runs"][key], os.path.join(self.runs, "sweep", f"{row}_blr{key}")
         c["seconds"] = round(c.get("seconds", 0) + seconds, 1)
         c["steps"], c["final_loss"], c["img_per_s_median"] = read_log(out)
-        why = last_line(out + ".stderr")
-        if rc != 0 and not self.signal and "non-finite loss" in why:  # too high a blr: a result, not a failure
+        why = last_line(out + ".stderr", c.get("stderr_from", 0))
+        if rc != 0 and not self.signal and why.startswith("error: non-finite loss"):  # too high a blr: a result
             c.update(diverged=why, score=None, done=True)
             print(f"[table] sweep {row} blr {key}: diverged ({why})", flush=True)
             self.choose(row)
             self.save()
             return None
-        if rc != 0 or self.signal or not os.path.isfile(os.path.join(out, "encoder.pt")):
+        if rc != 0 or not os.path.isfile(os.path.join(out, "encoder.pt")):
             self.save()
             if not self.signal:
                 self.stop_children("another sweep candidate failed")  # the others save and stop
@@ -999,12 +1013,12 @@ class Table:
                     continue
                 self.evaluate(row, self.state["rows"][row])
                 self.write_markdown()
-            print("\n".join(target_lines(self.state)), flush=True)
         finally:
-            if todo:  # the table's wall-clock, summed over the invocations that had work, evaluation included
+            if todo:  # the table's wall-clock, summed over the invocations that had work (redone ones too)
                 self.state["wall_seconds"] = round(self.state.get("wall_seconds", 0) + time.monotonic() - t0, 1)
             self.save()
             self.write_markdown()
+        print("\n".join(target_lines(self.state)), flush=True)
 
     def remake_start(self, row):
         """graft / mimco on a fresh machine: the done row they start from has no encoder.pt any more; it is trained

@@ -124,8 +124,11 @@ def test_sweep_candidate_that_diverges_is_a_result(image_root, tmp_path):
                                      f"lower the preset's blr factors, then pass --redo sweep$"):
         table.choose("mae")
 
-    runs[f"{high:g}"] = {"blr": high}  # another failure: the sweep stops and says why in the script's words
-    out.with_name(out.name + ".stderr").write_text("error: --data: no such folder\n")
+    # another failure: the sweep stops and says why in the script's words, read from this launch's part of the file
+    # (the earlier launch's divergence is not this one's), its "error:" line also when something follows it
+    before = out.with_name(out.name + ".stderr").read_bytes()
+    runs[f"{high:g}"] = {"blr": high, "stderr_from": len(before)}
+    out.with_name(out.name + ".stderr").write_bytes(before + b"error: --data: no such folder\nwarning: a leak\n")
     message = table.score_candidate("mae", high, 1, 3.0)
     assert message.startswith(f"sweep mae blr {high:g}: mae.py failed (status 1: error: --data: no such folder); ")
     assert not runs[f"{high:g}"].get("done")
@@ -236,6 +239,7 @@ def test_toy_table(image_root, tmp_path):
             assert (f"- {label}: 1% logreg {rows[name]['metrics']['logreg_1pct']['top1']:.1f}, {gain:+.1f} over "
                     f"max(raw pixels, random init) = {floor:.1f}: {verdict}\n") in text
     assert "- k-NN: the best row, " in text and 0 < state["wall_seconds"] < 600
+    assert text.split("Targets (issue #23; printed, not asserted):\n\n")[1].split("\n\n")[0] in r.stdout  # printed
     assert f"- the whole table: {state['wall_seconds'] / 3600:.1f} hours of wall-clock" in text
 
     # again: every row is done, so nothing is trained or evaluated (no torch start either)
