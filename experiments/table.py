@@ -77,14 +77,15 @@ DEPTH = {"vit_cpu": 6, "vit_tiny": 12, "vit_small": 12, "vit_base": 12, "vit_lar
 # with the first bank_per_class pre-training images of each class as the bank). epochs: one number for every row, or
 # (budget) planned per row from img_per_s: the img/s of each training script measured with one thread while the other
 # core was busy (see plan_epochs). sweep: each trained row's blr chosen among paper blr x factors, each candidate run
-# for `fraction` of the row's epochs. `extra` adds flags to one script's command and `eval_extra` to every evaluation
-# command (the toy's light heads, short solver, no loader workers).
+# for `fraction` of the row's epochs; a best candidate at either end of the range adds one more step of the factors
+# beyond it, at most `extend` times per row. `extra` adds flags to one script's command and `eval_extra` to every
+# evaluation command (the toy's light heads, short solver, no loader workers).
 PRESETS = {
     "toy": dict(
         title="toy: the harness end to end in seconds (tests/test_experiments.py); the numbers mean nothing",
         train_per_class=12, heldout_per_class=4, bank_per_class=12, classes=10, model="vit_tiny", img_size=32,
         patch_size=8, batch_size=16, epochs=1, max_steps=2, num_workers=0, in_memory=False, save_every_minutes=0,
-        log_every=1, seeds="0,1,2,3,4", sweep=dict(factors=(1, 10), fraction=1), curve_points=10,
+        log_every=1, seeds="0,1,2,3,4", sweep=dict(factors=(1, 10), fraction=1, extend=0), curve_points=10,
         eval_extra=["--num-workers", "0", "--max-iter", "20"],
         extra={"moco": ["--moco-mlp-dim", "64"], "graft": ["--moco-mlp-dim", "64"], "hybrid": ["--moco-mlp-dim", "64"],
                "mimco": ["--head-hidden-dim", "64"]}),
@@ -93,7 +94,8 @@ PRESETS = {
               "per row (does every method learn?)",
         train_per_class=4500, heldout_per_class=500, bank_per_class=1000, classes=10, model="vit_cpu", img_size=32,
         patch_size=8, batch_size=256, budget_minutes=40, max_steps=None, num_workers=2, in_memory=True,
-        save_every_minutes=5, log_every=20, seeds="0,1,2,3,4", sweep=dict(factors=(1, 10 ** 0.5, 10), fraction=1 / 8),
+        save_every_minutes=5, log_every=20, seeds="0,1,2,3,4",
+        sweep=dict(factors=(1, 10 ** 0.5, 10), fraction=1 / 8, extend=2),
         curve_points=10, small_heads=True, eval_extra=[], extra={},
         # img/s, one thread, the other core busy, batch 256, --in-memory, 2026-12-02 (experiments/README.md)
         img_per_s={"mae": 665, "moco": 166, "graft": 174, "mimco": 615, "micl": 1564, "hybrid": 146}),
@@ -210,8 +212,10 @@ def scale_rules(p):
                      f"MoCo v3, Layer Grafted, MimCo, hybrid 1.5e-4; MiCL 5e-5) x "
                      f"{', '.join(f'{x:.3g}' for x in f['factors'])} by a sweep: each candidate pre-trained for "
                      f"{f['fraction']:.3g} of the row's epochs (at least 1; warm-up and cosine by the rules above), "
-                     "scored by the tuning k-NN, the best of CLS and mean-pooled tokens; graft's and mimco's "
-                     "candidates start from the best mae / moco candidate")
+                     "scored by the tuning k-NN, the best of CLS and mean-pooled tokens; where the best is the "
+                     "highest (lowest) blr tried, one more candidate a factor step above (below) it, at most "
+                     f"{f.get('extend', 0)} per row; graft's and mimco's candidates start from the best mae / moco "
+                     "candidate")
     else:
         rules.append(f"lr = blr x {p['batch_size']} / 256 with each script's paper blr (MAE, MoCo v3, Layer Grafted, "
                      "MimCo, hybrid 1.5e-4; MiCL 5e-5): no lr is tuned")
@@ -835,21 +839,26 @@ class Table:
             return
         sw = self.state.setdefault("sweep", {})
         rows = [NEEDS[r] for r in rows if NEEDS[r] and NEEDS[r] not in rows] + rows  # the choices they start from
-        todo = [(row, blr) for row in rows if sw.get(row, {}).get("chosen_blr") is None for blr in sweep_blrs(p, row)]
         running, failed = {}, None  # (row, blr) -> (process, start time)
+
+        def todo():  # the candidates not yet scored of the rows not yet chosen (a choice may add one more)
+            for row in [r for r in rows if r in sw and sw[r].get("chosen_blr") is None]:
+                self.choose(row)
+            return [(row, blr) for row in rows if sw.get(row, {}).get("chosen_blr") is None
+                    for blr in self.candidates(row) if (row, blr) not in running
+                    and not sw.get(row, {}).get("runs", {}).get(f"{blr:g}", {}).get("done")]
         try:
-            while todo or running:
-                for row, blr in list(todo):
+            while True:
+                for row, blr in todo():
                     need = NEEDS[row]
                     if len(running) >= self.args.jobs or failed or self.signal or \
                             (need and sw.get(need, {}).get("chosen_blr") is None):
                         continue
-                    todo.remove((row, blr))
                     started = self.start_candidate(row, blr, running)
                     if started:
                         running[(row, blr)] = started
                 if not running:
-                    break  # nothing could start: a candidate failed or a stop came
+                    break  # all chosen, or nothing could start: a candidate failed or a stop came
                 for (row, blr), (child, t0) in list(running.items()):
                     try:
                         rc = child.wait(timeout=1 / len(running))
@@ -873,8 +882,9 @@ class Table:
                     self.score_candidate(row, blr, rc, round(time.monotonic() - t0, 1))
         if failed:
             raise Stop(failed)
-        if todo:
-            raise Stop(f"the sweep stopped ({self.signal}) before {', '.join(f'{r} blr {b:g}' for r, b in todo)}; "
+        left = todo()
+        if left:
+            raise Stop(f"the sweep stopped ({self.signal}) before {', '.join(f'{r} blr {b:g}' for r, b in left)}; "
                        f"the same command resumes")
 
     def start_candidate(self, row, blr, running):
@@ -947,19 +957,32 @@ class Table:
         self.save()
         return None
 
+    def candidates(self, row):
+        """The preset's blrs for this row, then those added beyond the ends of the range (choose)."""
+        return sweep_blrs(self.p, row) + self.state["sweep"].get(row, {}).get("extra", [])
+
     def choose(self, row):
-        """Once every candidate of a row is scored: its blr is the best-scoring one."""
-        rec = self.state["sweep"][row]
-        scored = [rec["runs"].get(f"{b:g}", {}) for b in sweep_blrs(self.p, row)]
-        if rec.get("chosen_blr") is None and all(c.get("done") for c in scored):
-            finite = [c for c in scored if c["score"] is not None]
-            if not finite:
-                blrs = ", ".join(f"{c['blr']:g}" for c in scored)
-                raise Stop(f"sweep {row}: every candidate's loss diverged (blr {blrs}); lower the preset's blr "
-                           f"factors, then pass --redo sweep")
-            rec["chosen_blr"] = max(finite, key=lambda c: c["score"])["blr"]
-            print(f"[table] sweep {row}: blr {rec['chosen_blr']:g} chosen", flush=True)
-            self.save()
+        """Once every candidate of a row is scored: its blr is the best-scoring one, unless that is the highest or
+        the lowest blr tried and the row has extensions left: then one more candidate, a factor step beyond it."""
+        rec, blrs, factors = self.state["sweep"][row], self.candidates(row), self.p["sweep"]["factors"]
+        scored = [rec["runs"].get(f"{b:g}", {}) for b in blrs]
+        if rec.get("chosen_blr") is not None or not all(c.get("done") for c in scored):
+            return
+        finite = [c for c in scored if c["score"] is not None]
+        if not finite:
+            raise Stop(f"sweep {row}: every candidate's loss diverged (blr {', '.join(f'{b:g}' for b in blrs)}); "
+                       f"lower the preset's blr factors, then pass --redo sweep")
+        best = max(finite, key=lambda c: c["score"])["blr"]
+        beyond = (best * factors[-1] / factors[-2] if best == max(blrs) else
+                  best * factors[0] / factors[1] if best == min(blrs) else None)
+        if beyond is not None and len(rec.get("extra", [])) < self.p["sweep"].get("extend", 0):
+            rec.setdefault("extra", []).append(float(f"{beyond:.2g}"))
+            print(f"[table] sweep {row}: the best, blr {best:g}, is at the end of the range: one more candidate, "
+                  f"blr {rec['extra'][-1]:g}", flush=True)
+        else:
+            rec["chosen_blr"] = best
+            print(f"[table] sweep {row}: blr {best:g} chosen", flush=True)
+        self.save()
 
     # ---------------------------------------------------------------------------------------------- run
     def redo(self, rows):
@@ -1195,12 +1218,13 @@ def markdown_section(t):
                   f"({os.path.relpath(curves, os.path.dirname(t.args.markdown))})"]
     sweep = state.get("sweep", {})
     if sweep:
+        most = max(len(t.candidates(row)) for row in sweep)
         lines += ["", "The lr sweep (tuning k-NN top-1 %, CLS / mean-pooled, on the held-out train images; * chosen):",
-                  "", "| row | " + " | ".join(f"candidate {i + 1}" for i in range(len(p["sweep"]["factors"])))
-                  + " | epochs |", "|---|" + "---|" * (len(p["sweep"]["factors"]) + 1)]
+                  "", "| row | " + " | ".join(f"candidate {i + 1}" for i in range(most)) + " | epochs |",
+                  "|---|" + "---|" * (most + 1)]
         for row in [r for r, _, _, _ in ROWS if r in sweep]:
             cells = []
-            for b in sweep_blrs(p, row):
+            for b in sorted(t.candidates(row)):
                 c = sweep[row]["runs"].get(f"{b:g}", {})
                 knn = c.get("tuning_knn")
                 if knn:
@@ -1208,7 +1232,8 @@ def markdown_section(t):
                 else:
                     score = "diverged" if c.get("diverged") else "to run"
                 cells.append(f"blr {b:g}: {score}" + (" *" if sweep[row].get("chosen_blr") == b else ""))
-            lines.append(f"| {LABEL[row]} | " + " | ".join(cells) + f" | {sweep_epochs(p, row)} |")
+            lines.append(f"| {LABEL[row]} | " + " | ".join(cells + [""] * (most - len(cells)))
+                         + f" | {sweep_epochs(p, row)} |")
     if done:
         lines += ["", f"In all ({len(done)} rows done): pre-training "
                   f"{fmt_minutes(sum(r.get('pretrain', {}).get('seconds', 0) for r in done))}, evaluation "

@@ -104,6 +104,7 @@ def test_sweep_candidate_that_diverges_is_a_result(image_root, tmp_path):
     args = t.get_args(["--preset", "toy", "--data", image_root, "--runs-dir", str(tmp_path / "runs"), "--json",
                        str(tmp_path / "r.json"), "--markdown", str(tmp_path / "r.md")])
     table = t.Table(args)
+    table.p["sweep"]["extend"] = 1  # one extension, as the cpu preset's 2 (the toy table runs none, to stay short)
     low, high = t.sweep_blrs(table.p, "mae")  # the toy preset's two candidates
     runs = {f"{b:g}": {"blr": b} for b in (low, high)}
     table.state["sweep"] = {"mae": {"runs": runs}}
@@ -114,14 +115,20 @@ def test_sweep_candidate_that_diverges_is_a_result(image_root, tmp_path):
     out.with_name(out.name + ".stderr").write_text("epoch 0:  50%|#####     | 1/2\r" + why + "\n")
     assert table.score_candidate("mae", high, 1, 3.0) is None
     assert runs[f"{high:g}"]["diverged"] == why and runs[f"{high:g}"]["score"] is None
-    assert table.state["sweep"]["mae"]["chosen_blr"] == low
+    # the best is now the lowest blr tried: one more candidate a factor step (the toy's: 10) below it, not yet a choice
+    lower = float(f"{low / 10:.2g}")
+    assert table.state["sweep"]["mae"]["extra"] == [lower] and "chosen_blr" not in table.state["sweep"]["mae"]
+    assert table.candidates("mae") == [low, high, lower]
     assert f"blr {high:g}: diverged" in t.markdown_section(table)
+    runs[f"{lower:g}"] = {"blr": lower, "done": True, "score": 20.0, "tuning_knn": {"cls": 20.0, "mean": 19.0}}
+    table.choose("mae")  # worse than low, and the toy's one extension is used: low is chosen
+    assert table.state["sweep"]["mae"]["chosen_blr"] == low and table.state["sweep"]["mae"]["extra"] == [lower]
 
     table.state["sweep"]["mae"].pop("chosen_blr")  # every candidate diverged: one line, nothing chosen
     for c in runs.values():
         c.update(done=True, score=None, tuning_knn=None, diverged=why)
-    with pytest.raises(t.Stop, match=f"^sweep mae: every candidate's loss diverged \\(blr {low:g}, {high:g}\\); "
-                                     f"lower the preset's blr factors, then pass --redo sweep$"):
+    with pytest.raises(t.Stop, match=f"^sweep mae: every candidate's loss diverged \\(blr {low:g}, {high:g}, "
+                                     f"{lower:g}\\); lower the preset's blr factors, then pass --redo sweep$"):
         table.choose("mae")
 
     # another failure: the sweep stops and says why in the script's words, read from this launch's part of the file
@@ -132,6 +139,32 @@ def test_sweep_candidate_that_diverges_is_a_result(image_root, tmp_path):
     message = table.score_candidate("mae", high, 1, 3.0)
     assert message.startswith(f"sweep mae blr {high:g}: mae.py failed (status 1: error: --data: no such folder); ")
     assert not runs[f"{high:g}"].get("done")
+
+
+def test_sweep_extends_past_the_best_end(image_root, tmp_path):
+    """The cpu preset (factors 1, 3.16, 10; 2 extensions): a best candidate at the top of the range adds a candidate
+    one step above, again while it stays the best; an inner best is chosen at once."""
+    t = load_table()
+    args = t.get_args(["--preset", "cpu", "--data", image_root, "--runs-dir", str(tmp_path / "runs"), "--json",
+                       str(tmp_path / "r.json"), "--markdown", str(tmp_path / "r.md")])
+    table = t.Table(args)
+
+    def scored(row, scores):
+        table.state["sweep"][row] = {"runs": {f"{b:g}": {"blr": b, "done": True, "score": v} for b, v in scores}}
+    table.state["sweep"] = {}
+    scored("graft", zip(t.sweep_blrs(table.p, "graft"), (38.6, 39.7, 41.0)))
+    table.choose("graft")
+    assert table.candidates("graft") == [0.00015, 0.00047, 0.0015, 0.0047]
+    runs = table.state["sweep"]["graft"]["runs"]
+    runs["0.0047"] = {"blr": 0.0047, "done": True, "score": 41.5}
+    table.choose("graft")  # still the best at the top: the second and last extension
+    assert table.candidates("graft")[-1] == 0.015 and "chosen_blr" not in table.state["sweep"]["graft"]
+    runs["0.015"] = {"blr": 0.015, "done": True, "score": 42.0}
+    table.choose("graft")  # the best at the top again, but no extension left: chosen
+    assert table.state["sweep"]["graft"]["chosen_blr"] == 0.015
+    scored("moco", zip(t.sweep_blrs(table.p, "moco"), (32.0, 32.7, 31.0)))
+    table.choose("moco")
+    assert table.state["sweep"]["moco"]["chosen_blr"] == 0.00047 and "extra" not in table.state["sweep"]["moco"]
 
 
 def test_toy_table(image_root, tmp_path):
@@ -199,7 +232,8 @@ def test_toy_table(image_root, tmp_path):
         assert f"--checkpoint $RUNS/{name}/encoder.pt" in rec["commands"]["eval_knn"]
         # the lr sweep: every candidate trained and scored on the held-out images, the best one in the row's command
         sweep = state["sweep"][name]
-        assert sorted(sweep["runs"]) == sorted(f"{b:g}" for b in t.sweep_blrs(t.PRESETS["toy"], name))
+        blrs = t.sweep_blrs(t.PRESETS["toy"], name)
+        assert sorted(sweep["runs"]) == sorted(f"{b:g}" for b in blrs + sweep.get("extra", []))
         assert all(c["done"] and c["score"] == max(c["tuning_knn"].values()) for c in sweep["runs"].values())
         assert sweep["runs"][f"{sweep['chosen_blr']:g}"]["score"] == max(c["score"] for c in sweep["runs"].values())
         assert f" --blr {sweep['chosen_blr']:g} " in cmd and (runs / "sweep" / f"{name}_blr{sweep['chosen_blr']:g}"
