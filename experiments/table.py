@@ -842,8 +842,9 @@ class Table:
         running, failed = {}, None  # (row, blr) -> (process, start time)
 
         def todo():  # the candidates not yet scored of the rows not yet chosen (a choice may add one more)
-            for row in [r for r in rows if r in sw and sw[r].get("chosen_blr") is None]:
-                self.choose(row)
+            for row in [r for r in rows if r in sw]:
+                self.check_recorded(row)
+                self.choose(row)  # returns at once for a row already chosen
             return [(row, blr) for row in rows if sw.get(row, {}).get("chosen_blr") is None
                     for blr in self.candidates(row) if (row, blr) not in running
                     and not sw.get(row, {}).get("runs", {}).get(f"{blr:g}", {}).get("done")]
@@ -887,31 +888,44 @@ class Table:
             raise Stop(f"the sweep stopped ({self.signal}) before {', '.join(f'{r} blr {b:g}' for r, b in left)}; "
                        f"the same command resumes")
 
-    def start_candidate(self, row, blr, running):
-        """Launch one sweep candidate (None when it is already scored: the row's choice is then made)."""
-        p, sw, need, key = self.p, self.state["sweep"], NEEDS[row], f"{blr:g}"
-        rec, start = sw.setdefault(row, {"runs": {}}), None
-        if need:  # the encoder.pt of the chosen candidate of the row this one starts from
+    def candidate_argv(self, row, blr):
+        """A sweep candidate's output folder, the encoder it starts from (graft, mimco: the chosen candidate's of
+        the row they start from; None for the others) and its training argv."""
+        p, sw, need, start = self.p, self.state["sweep"], NEEDS[row], None
+        if need:
             best = sw[need]["runs"][f"{sw[need]['chosen_blr']:g}"]
             start = os.path.join(best["argv"][best["argv"].index("--output-dir") + 1], "encoder.pt")
-            if not os.path.isfile(start):
-                print(f"[table] sweep: {start} is gone; re-making it by its recorded command", flush=True)
-                rc, _ = self.run_child(f"sweep {need} (re-made)", best["argv"])
-                if self.signal:
-                    raise Stop(f"stopped ({self.signal}) while re-making {start}; the same command resumes")
-                if rc != 0 or not os.path.isfile(start):
-                    raise Stop(f"sweep {row}: could not re-make {start} (status {rc}); the same command tries "
-                               f"again, or --redo sweep starts the sweep over")
-        out = os.path.join(self.runs, "sweep", f"{row}_blr{key}")
+        out = os.path.join(self.runs, "sweep", f"{row}_blr{blr:g}")
         argv = pretrain_argv(row, p, self.data, self.runs, self.args.in_memory, blr=blr,
                              epochs=sweep_epochs(p, row), out=out, start=start, keep=False)
+        return out, start, argv
+
+    def check_recorded(self, row):
+        """Stop when a candidate of this row (scored or not) was run with another command than the preset's now:
+        its score would not compare with the others'. Checked once the row it starts from (if any) is chosen."""
+        rec = self.state["sweep"].get(row, {})
+        if NEEDS[row] and self.state["sweep"].get(NEEDS[row], {}).get("chosen_blr") is None:
+            return
+        for key, c in rec.get("runs", {}).items():
+            if "command" in c and c["command"] != shown(self.candidate_argv(row, c["blr"])[2], self.data, self.runs):
+                raise Stop(f"sweep {row} blr {key} was run with another command than the preset's now (recorded: "
+                           f"{c['command']}); pass --redo sweep to start the sweep over")
+
+    def start_candidate(self, row, blr, running):
+        """Launch one sweep candidate (its recorded command, if any, was checked by check_recorded)."""
+        p, sw, key = self.p, self.state["sweep"], f"{blr:g}"
+        rec = sw.setdefault(row, {"runs": {}})
+        out, start, argv = self.candidate_argv(row, blr)
+        if start and not os.path.isfile(start):
+            print(f"[table] sweep: {start} is gone; re-making it by its recorded command", flush=True)
+            best = sw[NEEDS[row]]["runs"][f"{sw[NEEDS[row]]['chosen_blr']:g}"]
+            rc, _ = self.run_child(f"sweep {NEEDS[row]} (re-made)", best["argv"])
+            if self.signal:
+                raise Stop(f"stopped ({self.signal}) while re-making {start}; the same command resumes")
+            if rc != 0 or not os.path.isfile(start):
+                raise Stop(f"sweep {row}: could not re-make {start} (status {rc}); the same command tries "
+                           f"again, or --redo sweep starts the sweep over")
         c = rec["runs"].setdefault(key, {})
-        if c.get("command") not in (None, shown(argv, self.data, self.runs)):
-            raise Stop(f"sweep {row} blr {key} was run with another command than the preset's now (recorded: "
-                       f"{c['command']}); pass --redo sweep to start the sweep over")
-        if c.get("done"):
-            self.choose(row)
-            return None
         if self.past_deadline():
             raise Stop(f"--max-minutes {self.args.max_minutes} reached before sweep {row} blr {key}; the same "
                        f"command resumes")

@@ -141,6 +141,35 @@ def test_sweep_candidate_that_diverges_is_a_result(image_root, tmp_path):
     assert not runs[f"{high:g}"].get("done")
 
 
+def test_sweep_refuses_a_scored_candidate_of_another_command(image_root, tmp_path):
+    """A candidate scored under another command than the preset's now (say, other sweep epochs) does not compare
+    with the others: the sweep stops in one line before it chooses or launches anything. Under the same commands
+    the scored candidates are chosen from, and nothing runs."""
+    t = load_table()
+    args = t.get_args(["--preset", "toy", "--data", image_root, "--runs-dir", str(tmp_path / "runs"), "--json",
+                       str(tmp_path / "r.json"), "--markdown", str(tmp_path / "r.md")])
+    table = t.Table(args)
+    low, high = t.sweep_blrs(table.p, "mae")
+
+    def recorded(blr, score):
+        argv = table.candidate_argv("mae", blr)[2]
+        return {"blr": blr, "done": True, "score": score, "argv": argv, "command": t.shown(argv, image_root,
+                                                                                          str(tmp_path / "runs"))}
+    table.state["sweep"] = {"mae": {"runs": {}}}
+    runs = table.state["sweep"]["mae"]["runs"]
+    runs.update({f"{low:g}": recorded(low, 30.0), f"{high:g}": recorded(high, 31.0)})
+    runs[f"{high:g}"]["command"] = runs[f"{high:g}"]["command"].replace("--epochs", "--epochs 9 --was")
+    with pytest.raises(t.Stop, match=f"^sweep mae blr {high:g} was run with another command than the preset's "
+                                     f"now \\(recorded: .*--epochs 9 --was.*\\); pass --redo sweep to start the "
+                                     f"sweep over$"):
+        table.sweep(["mae"])
+    assert "chosen_blr" not in table.state["sweep"]["mae"] and not table.children
+    runs[f"{high:g}"] = recorded(high, 31.0)
+    table.sweep(["mae"])
+    assert table.state["sweep"]["mae"]["chosen_blr"] == high
+    assert not (tmp_path / "runs" / "sweep").exists()  # nothing was launched
+
+
 def test_sweep_extends_past_the_best_end(image_root, tmp_path):
     """The cpu preset (factors 1, 3.16, 10; 2 extensions): a best candidate at the top of the range adds a candidate
     one step above, again while it stays the best; an inner best is chosen at once."""
