@@ -50,7 +50,8 @@ if ROOT not in sys.path:
 import mae  # noqa: E402
 
 IMAGENETTE_TAR = os.path.join(ROOT, "..", "shared", "data", "imagenette.tar")
-PIPELINES = ["mae", "moco", "mae-in-memory", "moco-in-memory", "mae-decode-on-device", "moco-step", "moco-step-in-memory"]
+PIPELINES = ["mae", "moco", "mae-in-memory", "moco-in-memory", "mae-decode-on-device", "moco-step",
+             "moco-step-in-memory"]
 
 
 SCRATCH = []  # temporary folders (output dirs, decoded caches of --in-memory), removed when main() ends
@@ -141,7 +142,8 @@ def moco_step(data, split, batch_size, img_size, in_memory, workers, steps=40):
         rates = [json.loads(line)["img_per_s"] for line in f][1:]
     shutil.rmtree(out, ignore_errors=True)
     return {"img_per_s": sum(rates) / max(1, len(rates)), "images": batch_size * 10 * len(rates),
-            "batches": 10 * len(rates), "seconds": time.perf_counter() - t, "first_batch_s": float("nan"), "epochs_started": 0}
+            "batches": 10 * len(rates), "seconds": time.perf_counter() - t, "first_batch_s": float("nan"),
+            "epochs_started": 0}
 
 
 class FileBytes(torch.utils.data.Dataset):
@@ -348,17 +350,20 @@ def run(args, device, report):
                     print(f"{pipe} workers {w}: {r['img_per_s']:.1f} img/s (training steps)", flush=True)
                     continue
                 if pipe.endswith("in-memory"):
-                    mod, tf, batch_fn = (mae, mae.train_transform, mae.train_transform_batch) if pipe.startswith("mae") \
-                        else (moco, moco.TwoViews, moco.two_views_batch)
+                    mod, tf, batch_fn = ((mae, mae.train_transform, mae.train_transform_batch) if pipe.startswith("mae")
+                                         else (moco, moco.TwoViews, moco.two_views_batch))
                     loader, consume, extra["decode_s"] = in_memory_batches(mod, tf, batch_fn, args.data, args.split,
                                                                            args.batch_size, args.img_size, device)
-                    decode = f"decoded once, augmented in batches on {device.type}" + (", two views" if mod is moco else "")
+                    decode = (f"decoded once, augmented in batches on {device.type}"
+                              + (", two views" if mod is moco else ""))
                     n_images = loader.sampler.n
                     if len(loader) == 0:
-                        raise ValueError(f"{n_images} images in {args.split}, fewer than one --batch-size {args.batch_size}")
+                        raise ValueError(f"{n_images} images in {args.split}, fewer than one --batch-size "
+                                         f"{args.batch_size}")
                     r = measure(loader, consume, device, args.seconds, args.batch_size)
-                    report["results"].append({"pipeline": pipe, "decode": decode, "workers": 0, "batch": args.batch_size,
-                                              "img_size": args.img_size, "images_in_split": n_images, **r, **extra})
+                    report["results"].append({"pipeline": pipe, "decode": decode, "workers": 0,
+                                              "batch": args.batch_size, "img_size": args.img_size,
+                                              "images_in_split": n_images, **r, **extra})
                     print(f"{pipe}: {r['img_per_s']:.1f} img/s (decode once: {extra['decode_s']:.1f} s)", flush=True)
                     continue
                 if pipe == "mae":
@@ -377,10 +382,12 @@ def run(args, device, report):
                     decode = consume.decoder
                 n_images = len(loader.dataset)
                 if len(loader) == 0:
-                    raise ValueError(f"{n_images} images in {args.split}, fewer than one --batch-size {args.batch_size}")
+                    raise ValueError(f"{n_images} images in {args.split}, fewer than one --batch-size "
+                                     f"{args.batch_size}")
                 r = measure(loader, consume, device, args.seconds, args.batch_size)
             except Exception as e:  # noqa: BLE001 (e.g. the scripts' StopRun for a too small folder: report, go on)
-                why = mae.one_line(e) if type(e).__name__ == "StopRun" else f"{type(e).__name__}: {e}"  # each script has one
+                # a StopRun (each script has its own): its one line
+                why = mae.one_line(e) if type(e).__name__ == "StopRun" else f"{type(e).__name__}: {e}"
                 report["skipped"].append({"pipeline": pipe, "workers": w, "why": why})
                 print(f"skip {pipe} workers {w}: {why}", flush=True)
                 continue

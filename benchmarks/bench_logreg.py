@@ -59,8 +59,9 @@ def run_case(name, data, device, repeats, with_sklearn, lambd, max_iter):
     print(f"{name:<16} {len(x):>6} x {x.shape[1]:>4} x {int(y.max()) + 1:>4}  {str(device):<6} "
           f"{times[len(times) // 2]:8.3f} s median, {times[0]:.3f} s best of {repeats}  {info['iterations']:>4} it  "
           f"gap {info['rel_gap']:.1e}"
-          f"  top-1 {100 * acc:6.2f}" + (f"  sklearn {100 * sk_acc:6.2f} ({sk_s:.2f} s)  diff {100 * (acc - sk_acc):+.2f}"
-                                         if sk_acc is not None else ""), flush=True)
+          f"  top-1 {100 * acc:6.2f}"
+          + (f"  sklearn {100 * sk_acc:6.2f} ({sk_s:.2f} s)  diff {100 * (acc - sk_acc):+.2f}"
+             if sk_acc is not None else ""), flush=True)
     return acc, sk_acc
 
 
@@ -79,7 +80,8 @@ def main():
     device = torch.device(args.device)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, device {device}"
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
-    run_case("CIFAR-10 10-shot", synthetic(10, 100, 192, 10, 0.25), device, args.repeats, True, args.lambd, args.max_iter)
+    run_case("CIFAR-10 10-shot", synthetic(10, 100, 192, 10, 0.25), device, args.repeats, True, args.lambd,
+             args.max_iter)
     if not args.skip_large:
         x, y, xt, yt = synthetic(13, 10, 768, 1000, 0.21)
         keep = torch.ones(len(x), dtype=torch.bool)

@@ -6,7 +6,7 @@ lines of the scripts' training loops. Warm-up steps first (they include torch.co
 of --steps steps, each between two torch.cuda.synchronize() calls. MFU = model FLOPs per step (written out below, per
 method) / step time / the GPU's peak dense bf16 rate.
 
-    python benchmarks/bench_throughput.py --json bench_throughput.json          # GPU: ViT-S/B/L, 224 px, bf16, compile off+on
+    python benchmarks/bench_throughput.py --json bench_throughput.json  # GPU: ViT-S/B/L, 224 px, bf16, compile off+on
     python benchmarks/bench_throughput.py --models vit_base --compile off --methods mae,moco \\
         --reference-mae ~/src/mae --reference-moco ~/src/moco-v3                # side by side with the official code
     python benchmarks/bench_throughput.py --models vit_base --methods finetune --reference-mae ~/src/mae   # fine-tuning
@@ -83,8 +83,8 @@ Count(clip_grad=None), zero_grad. One more shim: timm >= 0.9's VisionTransformer
 head(forward_features(x)).
 
 Peak dense bf16 (= fp16) TFLOP/s by device name: H100 SXM 989, H100 NVL 835, H100 PCIe 756, H200 989, A100 312
-(vendor datasheets); --peak-tflops overrides (and then MFU is also given on a CPU, where it is otherwise n/a). On CUDA the
-script also times one large bf16 matrix product (8192^3, random data) and reports MFU against that measured ceiling.
+(vendor datasheets); --peak-tflops overrides (and then MFU is also given on a CPU, where it is otherwise n/a). On CUDA
+the script also times one large bf16 matrix product (8192^3, random data) and reports MFU against that measured ceiling.
 """
 import argparse
 import contextlib
@@ -237,7 +237,8 @@ def script_args(mod, cfg, extra=()):
     try:
         return mod.get_args(argv)
     except SystemExit:  # argparse already printed why
-        raise RuntimeError(f"{mod.__name__}.get_args({argv}) failed: its command line changed; update this adapter") from None
+        raise RuntimeError(f"{mod.__name__}.get_args({argv}) failed: its command line changed; "
+                           "update this adapter") from None
 
 
 def images(B, cfg, device, gen):
@@ -293,8 +294,8 @@ def build_ours(method, mod, cfg, B, device, gen):
     if getattr(a, "l1_weight", 0) > 0:  # graft.py takes the L1 reference on the device, after build_model
         model.set_l1_reference()
     xs = [images(B, cfg, device, gen) for _ in range(INPUTS[method])]
-    return {"model": model, "optimizer": mod.build_optimizer(model, a, device), "flops": method_flops(method, cfg, B, a, model),
-            "loss": loss_fn(method, a, xs)}
+    return {"model": model, "optimizer": mod.build_optimizer(model, a, device),
+            "flops": method_flops(method, cfg, B, a, model), "loss": loss_fn(method, a, xs)}
 
 
 FINETUNE_CLASSES = 1000  # ImageNet-1k's head
@@ -340,7 +341,8 @@ def _load_file(name, path):
 
 
 def load_reference_mae(path):
-    """models_mae.py and util/misc.py of a facebookresearch/mae checkout, with the import-time shims of the docstring."""
+    """models_mae.py and util/misc.py of a facebookresearch/mae checkout, with the import-time shims of the
+    docstring."""
     import numpy as np
     import timm.models.vision_transformer as tvt
     if not hasattr(np, "float"):
@@ -354,7 +356,8 @@ def load_reference_mae(path):
     class Block(timm_block):  # models_mae.py passes qk_scale=None, which timm >= 0.5 no longer accepts
         def __init__(self, *args, qk_scale=None, **kw):
             super().__init__(*args, **kw)
-    if "util" in sys.modules and not os.path.abspath(getattr(sys.modules["util"], "__file__", "")).startswith(os.path.abspath(path)):
+    if ("util" in sys.modules
+            and not os.path.abspath(getattr(sys.modules["util"], "__file__", "")).startswith(os.path.abspath(path))):
         raise RuntimeError("a module named 'util' is already imported; MAE's util package cannot be loaded beside it")
     tvt.Block, saved_path = Block, list(sys.path)
     sys.path.insert(0, os.path.abspath(path))  # models_mae.py imports util.pos_embed
@@ -468,7 +471,8 @@ def _reference_finetune_step(model, mods, x, y, device, a):
         with torch.autocast("cuda", dtype=torch.float16, enabled=device.type == "cuda"):
             loss = criterion(model(samples), targets)
         loss.item()  # loss_value = loss.item(), then the isfinite check
-        loss_scaler(loss, optimizer, clip_grad=None, parameters=model.parameters(), create_graph=False, update_grad=True)
+        loss_scaler(loss, optimizer, clip_grad=None, parameters=model.parameters(), create_graph=False,
+                    update_grad=True)
         optimizer.zero_grad()
     return step
 
@@ -609,7 +613,8 @@ def prepare_ours(method, mod, cfg, B, device, args, compiled):
     fmodel = torch.compile(model) if compiled else model
 
     def step(i):  # the scripts' training loop
-        with torch.autocast(device.type, dtype=torch.bfloat16 if args.amp == "bf16" else torch.float16, enabled=use_amp):
+        with torch.autocast(device.type, dtype=torch.bfloat16 if args.amp == "bf16" else torch.float16,
+                            enabled=use_amp):
             loss = b["loss"](fmodel, i)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -728,15 +733,16 @@ def markdown_tables(report):
     lines = ["| method | code | model | px/patch | batch | precision | compile | img/s | step ms (median) | peak GB | "
              "TFLOP/s | MFU |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["results"]:
-        lines.append(f"| {r['method']} | {r['impl']} | {r['model']} | {r['img_size']}/{r['patch_size']} | {r['batch']} | "
-                     f"{r['precision']} | {'on' if r['compile'] else 'off'} | {r['img_per_s']:.1f} | {r['step_ms']:.1f} | "
-                     f"{fmt(r['peak_mem_gb'], '.2f')} | {fmt(r['tflops_per_s'], '.3g')} | "
+        lines.append(f"| {r['method']} | {r['impl']} | {r['model']} | {r['img_size']}/{r['patch_size']} | "
+                     f"{r['batch']} | {r['precision']} | {'on' if r['compile'] else 'off'} | {r['img_per_s']:.1f} | "
+                     f"{r['step_ms']:.1f} | {fmt(r['peak_mem_gb'], '.2f')} | {fmt(r['tflops_per_s'], '.3g')} | "
                      f"{pct(r['mfu'])} |")
     for s in report["skipped"]:
-        lines.append(f"| {s['method']} | {s.get('impl', 'ours')} | {s.get('model', '')} | | | | | skipped: {s['why']} | | | | |")
+        lines.append(f"| {s['method']} | {s.get('impl', 'ours')} | {s.get('model', '')} | | | | | "
+                     f"skipped: {s['why']} | | | | |")
     if report["ratios"]:
-        lines += ["", "| method | model | batch | ours img/s (compile off) | ours img/s (compile on) | official img/s | "
-                  "ratio off | ratio on |", "|---|---|---|---|---|---|---|---|"]
+        lines += ["", "| method | model | batch | ours img/s (compile off) | ours img/s (compile on) | "
+                  "official img/s | ratio off | ratio on |", "|---|---|---|---|---|---|---|---|"]
         for r in report["ratios"]:
             lines.append(f"| {r['method']} | {r['model']} | {r['batch']} | {fmt(r['ours_img_per_s'], '.1f')} | "
                          f"{fmt(r['ours_compiled_img_per_s'], '.1f')} | {r['official_img_per_s']:.1f} | "
@@ -783,8 +789,9 @@ def get_args(argv=None):
                    "same method in alternation, step by step (for a shared or noisy machine; peak memory is then n/a)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU runs)")
     p.add_argument("--method-args", action="append", default=[], metavar='METHOD="FLAGS"',
-                   help='flags for one method script\'s own command line, e.g. moco="--num-heads 12" (MoCo v3\'s ViT-S) '
-                   'or mae="--decoder-depth 1"; repeatable. The FLOP formulas and the official model follow them')
+                   help='flags for one method script\'s own command line, e.g. moco="--num-heads 12" '
+                   '(MoCo v3\'s ViT-S) or mae="--decoder-depth 1"; repeatable. The FLOP formulas and the official '
+                   'model follow them')
     p.add_argument("--json", default=None, help="write the report here")
     args = p.parse_args(argv)
     gpu = args.device == "cuda"
@@ -855,7 +862,8 @@ def run(args, argv, device):
 
     for model_name in args.models.split(","):
         with torch.device("meta"):  # read the sizes without allocating the weights
-            enc = vit.MODELS[model_name](img_size=args.img_size, **({"patch_size": args.patch_size} if args.patch_size else {}))
+            enc = vit.MODELS[model_name](img_size=args.img_size,
+                                         **({"patch_size": args.patch_size} if args.patch_size else {}))
         cfg = {"model": model_name, "img_size": args.img_size, "patch_size": enc.patch_size, "D": enc.embed_dim,
                "depth": enc.depth, "heads": enc.blocks[0].attn.num_heads, "L": enc.patch_embed.num_patches,
                "method_args": method_args}
@@ -865,7 +873,8 @@ def run(args, argv, device):
             for c in compile_modes:
                 paired = args.interleave and m in refs and not c
                 groups.append([(m, "ours", c)] + ([(m, "official", False)] if paired else []))
-        groups += [[(m, "official", False)] for m in refs if not (args.interleave and m in mods and False in compile_modes)]
+        groups += [[(m, "official", False)] for m in refs
+                   if not (args.interleave and m in mods and False in compile_modes)]
         for group in groups:
             what = " + ".join(f"{m} {impl}" + (" compiled" if c else "") for m, impl, c in group) + (
                 f" | {model_name} {cfg['img_size']}px/{cfg['patch_size']} batch {args.batch_size}")
@@ -890,7 +899,8 @@ def run(args, argv, device):
                                      len(jobs) > 1)
                     report["results"].append(row)
                     print(f"{job['method']} {job['impl']}{' compiled' if job['compile'] else ''} {model_name} "
-                          f"{cfg['img_size']}px/{cfg['patch_size']} batch {args.batch_size}: {row['img_per_s']:.1f} img/s, "
+                          f"{cfg['img_size']}px/{cfg['patch_size']} batch {args.batch_size}: "
+                          f"{row['img_per_s']:.1f} img/s, "
                           f"{row['step_ms']:.1f} ms/step, peak {fmt(row['peak_mem_gb'], '.2f')} GB, "
                           f"{fmt(row['tflops_per_s'], '.3g')} TFLOP/s, MFU {pct(row['mfu'])}", flush=True)
             jobs = None

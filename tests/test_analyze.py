@@ -58,7 +58,8 @@ def test_attention_nmi_slow_formula_and_limits():
 def test_fourier_against_numpy_and_limits():
     torch.manual_seed(0)
     z = torch.randn(2, 1 + 64, 5)
-    spec = np.log(np.abs(np.fft.fft2(z[:, 1:].numpy().astype(np.float64).transpose(0, 2, 1).reshape(2, 5, 8, 8))) + 1e-6)
+    spec = np.log(np.abs(np.fft.fft2(z[:, 1:].numpy().astype(np.float64).transpose(0, 2, 1).reshape(2, 5, 8, 8)))
+                  + 1e-6)
     spec = np.fft.fftshift(spec, axes=(2, 3)).mean(axis=(0, 1))
     diag = np.diagonal(spec)[4:]
     assert abs(analyze.fourier_delta_log_amplitude(z) - (diag[-1] - diag[0])) < 1e-6
@@ -182,7 +183,8 @@ def test_cli_end_to_end(image_root, saved_encoder, tmp_path):
     imgs, paths = analyze.fixed_batch(image_root, 32, 12)
     assert saved["images"]["analysis"] == paths and len(set(paths)) == 12
     assert len({p.split(os.sep)[1] for p in paths}) >= 8  # spread evenly over the 10 classes of val/
-    assert saved["images"]["fourier"] == [paths[i] for i in analyze.spread(12, 6)] and len(saved["images"]["fourier"]) == 6
+    assert (saved["images"]["fourier"] == [paths[i] for i in analyze.spread(12, 6)]
+            and len(saved["images"]["fourier"]) == 6)
     train_set, val_set, train_paths, val_paths = analyze.probe_sets(image_root, 32, 60, 40, 0)
     assert saved["images"]["probe_train"] == train_paths and saved["images"]["probe_val"] == val_paths
     assert len(train_paths) == 60 and all(p.startswith("train") for p in train_paths)
@@ -403,14 +405,16 @@ def test_gradient_conflict_cosines_and_cli(image_root, tmp_path):
     same = analyze.grad_cosines(loss_mim, loss_mim, groups)
     opposite = analyze.grad_cosines(loss_mim, -loss_mim, groups)
     mixed = analyze.grad_cosines(loss_mim, loss_cl, groups)
-    assert all(v == pytest.approx(1.0) for v in same.values()) and all(v == pytest.approx(-1.0) for v in opposite.values())
+    assert (all(v == pytest.approx(1.0) for v in same.values())
+            and all(v == pytest.approx(-1.0) for v in opposite.values()))
     assert all(-1 < v < 1 for v in mixed.values())
     torch.save({"model": model.state_dict(), "optimizer": {}, "method": "hybrid", "step": 0, "args": vars(hargs)},
                tmp_path / "checkpoint.pt")
     res = analyze.main(["--data", image_root, "--model", "vit_mini", "--img-size", "32", "--patch-size", "8",
                         "--checkpoint", "r=random", "--num-images", "8", "--fourier-images", "4", "--probe-train", "20",
-                        "--probe-val", "10", "--conflict", f"h={tmp_path / 'checkpoint.pt'}", "--conflict", "init=random",
-                        "--conflict-batches", "2", "--conflict-batch-size", "4", "--out", str(tmp_path / "out")])
+                        "--probe-val", "10", "--conflict", f"h={tmp_path / 'checkpoint.pt'}",
+                        "--conflict", "init=random", "--conflict-batches", "2", "--conflict-batch-size", "4",
+                        "--out", str(tmp_path / "out")])
     cli_args = argparse.Namespace(**res["args"])
     direct = analyze.gradient_conflict(*analyze.load_hybrid(cli_args, "h", str(tmp_path / "checkpoint.pt")),
                                        torch.device("cpu"), 2, 4)

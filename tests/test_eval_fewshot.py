@@ -177,9 +177,9 @@ def mae_run(image_root, tmp_path_factory):
     """encoder.pt and checkpoint.pt of a 1-epoch vit_tiny MAE on the real-image folder."""
     out = tmp_path_factory.mktemp("mae")
     torch.set_num_threads(1)
-    mae.main(["--data", image_root, "--model", "vit_tiny", "--img-size", "32", "--patch-size", "8", "--batch-size", "16",
-              "--epochs", "1", "--warmup-epochs", "0", "--decoder-embed-dim", "32", "--decoder-depth", "1",
-              "--decoder-num-heads", "2", "--num-workers", "0", "--output-dir", str(out)])
+    mae.main(["--data", image_root, "--model", "vit_tiny", "--img-size", "32", "--patch-size", "8",
+              "--batch-size", "16", "--epochs", "1", "--warmup-epochs", "0", "--decoder-embed-dim", "32",
+              "--decoder-depth", "1", "--decoder-num-heads", "2", "--num-workers", "0", "--output-dir", str(out)])
     return out
 
 
@@ -228,15 +228,15 @@ def test_cli_end_to_end(image_root, mae_run, tmp_path, capsys):
 
     # a second protocol on cached features extracts nothing
     capsys.readouterr()
-    knn10 = ef.main(eval_args(image_root, mae_run / "encoder.pt", "--percent", "10", "--seeds", "0", "--protocol", "knn",
-                              "--cache", str(tmp_path / "c")))
+    knn10 = ef.main(eval_args(image_root, mae_run / "encoder.pt", "--percent", "10", "--seeds", "0",
+                              "--protocol", "knn", "--cache", str(tmp_path / "c")))
     out = capsys.readouterr().out
     assert "val: 80 images, 80 from the cache, 0 to extract" in out and "0 to extract" in out.split("train:")[1]
     # a cache file cut short (a crash while writing it elsewhere): a note, extracted again, the same numbers
     for f in os.listdir(tmp_path / "c"):
         (tmp_path / "c" / f).write_bytes(b"cut short")
-    again = ef.main(eval_args(image_root, mae_run / "encoder.pt", "--percent", "10", "--seeds", "0", "--protocol", "knn",
-                              "--cache", str(tmp_path / "c")))
+    again = ef.main(eval_args(image_root, mae_run / "encoder.pt", "--percent", "10", "--seeds", "0",
+                              "--protocol", "knn", "--cache", str(tmp_path / "c")))
     out = capsys.readouterr().out
     assert "is unreadable (" in out and "val: 80 images, 0 from the cache, 80 to extract" in out
     assert again["rows"][0]["top1_per_seed"] == knn10["rows"][0]["top1_per_seed"]

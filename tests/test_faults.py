@@ -85,8 +85,8 @@ def children(pid):
 def start(script, args, log):
     """The script as its own process (vit_mini registered by tests/helpers.py), one thread as in the tests."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "helpers.py"), f"{script}.py", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=open(log, "w"), text=True)
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "helpers.py"), f"{script}.py", *args],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=open(log, "w"), text=True)
 
 
 def signal_after(proc, step, sig):
@@ -233,15 +233,16 @@ BAD_FLAGS = [  # (extra flags, what the one line must say), for every training s
     (["--blr", "-1"], "--blr -1.0: must be a positive number"), (["--blr", "nan"], "--blr nan: must be a positive"),
     (["--batch-size", "0"], "--batch-size 0: must be >= 1"), (["--epochs", "0"], "--epochs 0: must be >= 1"),
     (["--warmup-epochs", "2"], "--warmup-epochs 2: must be 0 or shorter than --epochs 2"),
-    (["--patch-size", "0"], "--patch-size 0: must be >= 1"), (["--img-size", "30"], "--patch-size \\d: .*divide --img-size 30"),
+    (["--patch-size", "0"], "--patch-size 0: must be >= 1"),
+    (["--img-size", "30"], "--patch-size \\d: .*divide --img-size 30"),
     (["--log-every", "0"], "--log-every 0: must be >= 1"), (["--max-steps", "0"], "--max-steps 0: must be >= 1"),
     (["--num-workers", "-1"], "--num-workers -1"), (["--save-every-minutes", "-1"], "--save-every-minutes -1.0"),
     (["--seed", "1180591620717411303424"], "--seed 1180591620717411303424: must be >= 0 and < 2\\*\\*63"),
 ]
 OWN_BAD_FLAGS = {
-    "mae": [(["--mask-ratio", "1.0"], "--mask-ratio 1.0: must lie in \\(0, 1\\)"), (["--mask-ratio", "1.5"], "--mask-ratio 1.5"),
-            (["--mask-ratio", "0"], "--mask-ratio 0.0: must lie in"), (["--mask-ratio", "0.99"], "keeps 0 of 16 patches"),
-            (["--vis-every", "0"], "--vis-every 0: must be >= 1")],
+    "mae": [(["--mask-ratio", "1.0"], "--mask-ratio 1.0: must lie in \\(0, 1\\)"),
+            (["--mask-ratio", "1.5"], "--mask-ratio 1.5"), (["--mask-ratio", "0"], "--mask-ratio 0.0: must lie in"),
+            (["--mask-ratio", "0.99"], "keeps 0 of 16 patches"), (["--vis-every", "0"], "--vis-every 0: must be >= 1")],
     "moco": [(["--moco-t", "0"], "--moco-t 0.0: must be > 0"), (["--batch-size", "1"], "BatchNorm .* needs 2 or more"),
              (["--img-size", "4096", "--patch-size", "4", "--batch-size", "160"],  # 1M patches: >= 129 GB a step
               "--img-size 4096: a step needs more than 129 GB, the cpu has \\d+ GB; lower --img-size or --batch-size")],
@@ -266,7 +267,8 @@ def test_bad_input_catalogue_one_line_each(script, image_root, stage1, tmp_path)
     init_flag = {"graft": "--mim-checkpoint", "mimco": "--teacher"}.get(script, "--init")
     rows = BAD_FLAGS + OWN_BAD_FLAGS[script] + [
         (["--data", tmp_path / "nope"], "--data .*nope: no such folder"),
-        (["--output-dir", tmp_path / "file" / "o"], "--output-dir .*file/o: Not a directory; pass a folder you can write"),
+        (["--output-dir", tmp_path / "file" / "o"],
+         "--output-dir .*file/o: Not a directory; pass a folder you can write"),
         ([init_flag, tmp_path / "missing.pt"], "no such file|not found"),
         ([init_flag, pickled], "cannot read .*pickled.pt as a file of weights|cannot read it as a PyTorch checkpoint"),
         ([init_flag, truncated], "cannot read"),
@@ -367,7 +369,8 @@ def test_output_folder_faults(image_root, stage1, tmp_path):
                       "0", "--keep-every-epochs", "1"))
     finally:
         mae.save_checkpoint = original
-    assert saves == [1, 2, 3, 3, 5, 5, 10, 10, 10]  # (t) every step, encoder.pt; (u) epoch ends + kept copies, encoder.pt
+    # (t) every step, encoder.pt; (u) epoch ends + kept copies, encoder.pt
+    assert saves == [1, 2, 3, 3, 5, 5, 10, 10, 10]
     assert sorted(f for f in os.listdir(tmp_path / "u") if f.startswith("checkpoint_")) == \
         ["checkpoint_epoch0001.pt", "checkpoint_epoch0002.pt"]
     # a resume that would claim fewer epochs than were trained (as if this run had gone on with --epochs 3)

@@ -52,7 +52,8 @@ def test_param_groups_equal_the_official_ones(name):
     assert [[n, list(p.shape)] for n, p in model.named_parameters() if p.requires_grad] == official["params"]
     names = {id(p): n for n, p in model.named_parameters()}
     def ours(layer_decay):
-        return [{"lr_scale": g["lr_scale"], "weight_decay": g["weight_decay"], "params": [names[id(p)] for p in g["params"]]}
+        return [{"lr_scale": g["lr_scale"], "weight_decay": g["weight_decay"],
+                 "params": [names[id(p)] for p in g["params"]]}
                 for g in finetune.param_groups(model, fx["weight_decay"], layer_decay)]
     assert ours(official["layer_decay"]) == official["groups"]
     assert ours(official["layer_decay"] - 0.05) != official["groups"]  # the comparison sees a change of the decay
@@ -85,7 +86,8 @@ def test_lr_schedule_and_group_lrs():
     args = type("A", (), {"lr": 2e-3, "min_lr": 1e-6, "warmup_epochs": 5, "epochs": 100})()
     spe = 1251
     for step in (0, 1, 3000, spe * 5, spe * 5 + 1, spe * 50 + 7, spe * 100 - 1):
-        assert math.isclose(finetune.lr_at_min(step, spe, args), official(step / spe, 2e-3, 1e-6, 5, 100), rel_tol=1e-12)
+        assert math.isclose(finetune.lr_at_min(step, spe, args), official(step / spe, 2e-3, 1e-6, 5, 100),
+                            rel_tol=1e-12)
     assert math.isclose(finetune.lr_at_min(spe * 100, spe, args), 1e-6, rel_tol=1e-9)  # ends at min lr, not 0
     model = vit.MODELS["vit_mini"](cls=finetune.Classifier, num_classes=10, img_size=32, patch_size=8)
     optimizer = torch.optim.AdamW(finetune.param_groups(model, 0.05, 0.65), lr=1.0)

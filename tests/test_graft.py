@@ -25,15 +25,16 @@ def tiny_args(data, out, mim, *extra):
 
 @pytest.fixture(scope="module")
 def mim_file(tmp_path_factory):
-    """A stand-in for stage 1: a vit_mini (3 blocks of 64, 32 px, patch 8) in the official MAE file layout ({'model': encoder +
-    decoder}), every weight perturbed so that none equals a fresh init (pos_embed included)."""
+    """A stand-in for stage 1: a vit_mini (3 blocks of 64, 32 px, patch 8) in the official MAE file layout ({'model':
+    encoder + decoder}), every weight perturbed so that none equals a fresh init (pos_embed included)."""
     torch.manual_seed(123)
     enc = vit.MODELS["vit_mini"](img_size=32, patch_size=8)
     with torch.no_grad():
         for p in enc.parameters():
             p.add_(0.05 * torch.randn_like(p))
     path = tmp_path_factory.mktemp("mim") / "mae_tiny.pth"
-    torch.save({"model": {**enc.state_dict(), "mask_token": torch.zeros(1, 1, 8), "decoder_pred.weight": torch.zeros(4, 8)}},
+    torch.save({"model": {**enc.state_dict(), "mask_token": torch.zeros(1, 1, 8),
+                          "decoder_pred.weight": torch.zeros(4, 8)}},
                path)
     return path, {k: v.clone() for k, v in enc.state_dict().items()}
 
@@ -140,7 +141,8 @@ def slow_l1(model, mim, l1_depth):
     total = 0.0
     for n, p in model.base_encoder.named_parameters():
         if vit.layer_id(n, model.depth) <= l1_depth:
-            total += sum(abs(a - b) for a, b in zip(p.detach().double().flatten().tolist(), mim[n].double().flatten().tolist()))
+            total += sum(abs(a - b) for a, b in zip(p.detach().double().flatten().tolist(),
+                                                    mim[n].double().flatten().tolist()))
     return total
 
 

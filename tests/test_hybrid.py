@@ -56,7 +56,8 @@ def test_both_parts_equal_mae_and_moco_on_the_same_weights(lam):
     assert torch.equal(loss_mim, ref_mae(x_mim, 0.75, noise)[0])
     assert torch.equal(loss_cl, ref_moco(x1, x2, 0.99))
     assert torch.equal(loss, (1 - lam) * loss_mim + lam * loss_cl)  # lam 0: MAE's loss, lam 1: MoCo v3's
-    for (k, a), (_, b) in zip(h.moco.momentum_encoder.state_dict().items(), ref_moco.momentum_encoder.state_dict().items()):
+    for (k, a), (_, b) in zip(h.moco.momentum_encoder.state_dict().items(),
+                              ref_moco.momentum_encoder.state_dict().items()):
         assert torch.equal(a, b), k  # the same momentum update
 
 
@@ -74,7 +75,8 @@ def test_gradients_are_the_weighted_sum_and_mae_alone_at_lam_0():
     for n, p in ref.named_parameters():
         if n in grads[0.0] and p.grad is not None:
             assert torch.allclose(grads[0.0][n], p.grad, atol=1e-12), n
-    assert grads[0.0]["blocks.0.attn.qkv.weight"].abs().sum() > 0 and grads[1.0]["blocks.0.attn.qkv.weight"].abs().sum() > 0
+    assert (grads[0.0]["blocks.0.attn.qkv.weight"].abs().sum() > 0
+            and grads[1.0]["blocks.0.attn.qkv.weight"].abs().sum() > 0)
 
 
 def test_run_on_real_images_writes_encoder_and_both_heads(image_root, tmp_path):
@@ -87,7 +89,8 @@ def test_run_on_real_images_writes_encoder_and_both_heads(image_root, tmp_path):
     ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert ckpt["method"] == "hybrid" and ckpt["step"] == 5
     keys = set(ckpt["model"])
-    assert {"decoder_pred.weight", "mask_token", "moco.predictor.0.weight", "moco.momentum_encoder.head.0.weight"} <= keys
+    assert {"decoder_pred.weight", "mask_token", "moco.predictor.0.weight",
+            "moco.momentum_encoder.head.0.weight"} <= keys
     enc = encoder_fn()
     assert vit.load_pretrained(enc, str(tmp_path / "encoder.pt"), verbose=False) == []  # no projector in encoder.pt
     assert torch.equal(enc.blocks[2].mlp.fc2.weight, ckpt["model"]["moco.base_encoder.blocks.2.mlp.fc2.weight"])

@@ -106,7 +106,8 @@ def test_in_memory_run_resumes_exactly(script, image_root, tmp_path, capsys):
     second run loads the decoded images from the cache; those equal what the PIL loader decodes."""
     torch.set_num_threads(1)
     module = {"moco": moco, "hybrid": hybrid}[script]
-    run_as_main(f"{script}.py", small_run(image_root, tmp_path / "ref", tmp_path / "cache", script) + ["--num-workers", "2"])
+    run_as_main(f"{script}.py",
+                small_run(image_root, tmp_path / "ref", tmp_path / "cache", script) + ["--num-workers", "2"])
     assert "160 images decoded, to be cached in" in capsys.readouterr().out  # decoded by 2 workers
     cut = small_run(image_root, tmp_path / "cut", tmp_path / "cache", script)
     run_as_main(f"{script}.py", cut + ["--max-steps", "3"])

@@ -17,8 +17,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_mae(norm_pix_loss=True, patch_size=8):
-    return mae.MaskedAutoencoder(decoder_embed_dim=32, decoder_depth=2, decoder_num_heads=4, norm_pix_loss=norm_pix_loss,
-                                 img_size=32, patch_size=patch_size, embed_dim=64, depth=2, num_heads=4)
+    return mae.MaskedAutoencoder(decoder_embed_dim=32, decoder_depth=2, decoder_num_heads=4,
+                                 norm_pix_loss=norm_pix_loss, img_size=32, patch_size=patch_size, embed_dim=64,
+                                 depth=2, num_heads=4)
 
 
 def test_equals_official_code():
@@ -112,7 +113,8 @@ def _ddp_grads(rank, world_size, out_dir, image_root):
     ddp = DDP(model)
     loss, _, _ = ddp(imgs[half], 0.75, noise[half])
     loss.backward()
-    torch.save({n: p.grad for n, p in model.named_parameters() if p.grad is not None}, os.path.join(out_dir, f"g{rank}.pt"))
+    torch.save({n: p.grad for n, p in model.named_parameters() if p.grad is not None},
+               os.path.join(out_dir, f"g{rank}.pt"))
 
 
 def test_ddp_gradients_equal_single_process(tmp_path, image_root):

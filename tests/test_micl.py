@@ -71,9 +71,11 @@ def test_forward_is_two_views_through_the_encoder():
     assert loss.item() == pytest.approx(slow_loss(a, b, 1 / 64, 0.07), rel=1e-4)
 
 
-@pytest.mark.parametrize("L,ratio,expected", [(64, 0.9, 6), (196, 0.9, 18), (196, 0.75, 48), (256, 0.9, 24), (16, 0.5, 8)])
+@pytest.mark.parametrize("L,ratio,expected", [(64, 0.9, 6), (196, 0.9, 18), (196, 0.75, 48), (256, 0.9, 24),
+                                              (16, 0.5, 8)])
 def test_views_are_disjoint_halves_of_the_kept_patches(L, ratio, expected):
-    model = micl.MiCL(mask_ratio=ratio, img_size=4 * int(math.sqrt(L)), patch_size=4, embed_dim=16, depth=1, num_heads=2)
+    model = micl.MiCL(mask_ratio=ratio, img_size=4 * int(math.sqrt(L)), patch_size=4, embed_dim=16, depth=1,
+                      num_heads=2)
     noise = torch.rand(9, L, generator=torch.Generator().manual_seed(L))
     K = model.len_keep(L)
     assert K == int(L * (1 - ratio)) // 2 * 2 == expected and K % 2 == 0
@@ -99,7 +101,8 @@ def _ddp_grads(rank, world_size, out_dir, image_root, port2):
         loss = model(imgs[half], noise[half])
         loss.backward()
         result[gather] = {"loss": loss.item(),
-                          "grads": {k: p.grad.clone() for k, p in model.module.named_parameters() if p.grad is not None}}
+                          "grads": {k: p.grad.clone() for k, p in model.module.named_parameters()
+                                    if p.grad is not None}}
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
     os.environ["MASTER_PORT"] = str(port2)  # a fresh port: re-using the first store's port can hang gloo's init

@@ -38,7 +38,8 @@ def slow_patch_loss(pred, target, removed, tau, negatives):
     total, count = 0.0, 0
     for b in range(len(p)):
         for i in removed[b]:
-            cands = [(b, j) for j in removed[b]] if negatives == "image" else [(c, j) for c in range(len(p)) for j in removed[c]]
+            cands = ([(b, j) for j in removed[b]] if negatives == "image"
+                     else [(c, j) for c in range(len(p)) for j in removed[c]])
             logits = [float(p[b, i] @ t[c, j]) / tau for c, j in cands]
             total += -(logits[cands.index((b, i))] - math.log(sum(math.exp(x) for x in logits)))
             count += 1
@@ -46,8 +47,8 @@ def slow_patch_loss(pred, target, removed, tau, negatives):
 
 
 def slow_image_loss(q, k, tau):
-    """The image-level InfoNCE, image by image, in float64: -log softmax of cos(q_i, k_i) / tau among cos(q_i, k_j) / tau
-    over all images j; the mean over i."""
+    """The image-level InfoNCE, image by image, in float64: -log softmax of cos(q_i, k_i) / tau among
+    cos(q_i, k_j) / tau over all images j; the mean over i."""
     q, k = F.normalize(q.double(), dim=-1), F.normalize(k.double(), dim=-1)
     total = 0.0
     for i in range(len(q)):
@@ -63,7 +64,8 @@ def removed_positions(noise, mask_ratio):
 
 def test_losses_against_slow_formulas():
     g = torch.Generator().manual_seed(0)
-    pred, target, noise = torch.randn(3, 16, 8, generator=g), torch.randn(3, 16, 8, generator=g), torch.rand(3, 16, generator=g)
+    pred, target, noise = (torch.randn(3, 16, 8, generator=g), torch.randn(3, 16, 8, generator=g),
+                           torch.rand(3, 16, generator=g))
     ids_masked = noise.argsort(1)[:, 4:]  # 12 removed per image
     removed = removed_positions(noise, 0.75)
     for negatives in ("image", "batch"):
@@ -106,7 +108,8 @@ def test_forward_wiring(teacher_feature, negatives, weight):
 
 def test_teacher_frozen_in_eval_mode_and_only_the_student_trained_and_saved():
     """The teacher is a registered submodule (so .to() moves it) that is frozen, stays in eval mode through
-    model.train(), is left out of build_optimizer, and is left out of state_dict() / load_state_dict() (checkpoint.pt)."""
+    model.train(), is left out of build_optimizer, and is left out of state_dict() / load_state_dict()
+    (checkpoint.pt)."""
     model = tiny_mimco()
     teacher = model.teacher
     assert dict(model.named_children())["teacher"] is teacher
@@ -225,7 +228,8 @@ def test_real_images_run_and_exact_resume(image_root, tmp_path):
     vit.load_pretrained(from_ckpt, str(tmp_path / "a" / "checkpoint.pt"), verbose=False)  # encoder.* (graft.py's way)
     for (n, a), b in zip(enc.state_dict().items(), from_ckpt.state_dict().values()):
         assert torch.equal(a, b) and torch.equal(a, full.encoder.state_dict()[n]), n
-    assert not torch.equal(enc.blocks[0].attn.qkv.weight, mimco.MimCo(mini(), mini()).encoder.blocks[0].attn.qkv.weight)  # it trained
+    # it trained
+    assert not torch.equal(enc.blocks[0].attn.qkv.weight, mimco.MimCo(mini(), mini()).encoder.blocks[0].attn.qkv.weight)
     # stopped in the middle of epoch 2 by --max-steps (which saves), then continued with the same command
     mimco.main(tiny_args(image_root, tmp_path / "b", tmp_path / "moco_v3.pth.tar", "--max-steps", "14"))
     assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["step"] == 14

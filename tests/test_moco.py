@@ -82,7 +82,8 @@ def test_init_and_structure():
         assert mlp[-1].weight is None and mlp[1].weight is not None
     for (n, a), b in zip(model.base_encoder.named_parameters(), model.momentum_encoder.parameters()):
         assert torch.equal(a, b), n  # the momentum encoder starts as a copy, projector included
-    no_freeze = moco.moco_vit(vit.VisionTransformer, False, img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4)
+    no_freeze = moco.moco_vit(vit.VisionTransformer, False, img_size=32, patch_size=8, embed_dim=64, depth=2,
+                              num_heads=4)
     assert no_freeze.patch_embed.proj.weight.requires_grad
 
 
@@ -258,7 +259,8 @@ def test_real_images_run_and_exact_resume(image_root, tmp_path):
     vit.load_pretrained(enc, str(tmp_path / "a" / "encoder.pt"), verbose=False)  # vit.py reads what moco.py writes
     assert torch.equal(enc.blocks[0].attn.qkv.weight, full.base_encoder.blocks[0].attn.qkv.weight)
     torch.manual_seed(0)  # the same init as main's (--seed 0): the patch projection stayed frozen, the rest trained
-    fresh = moco.MoCo(functools.partial(moco.moco_vit, vit.MODELS["vit_mini"], True, img_size=32, patch_size=8), 16, 32, 0.2)
+    fresh = moco.MoCo(functools.partial(moco.moco_vit, vit.MODELS["vit_mini"], True, img_size=32, patch_size=8),
+                      16, 32, 0.2)
     assert torch.equal(fresh.base_encoder.patch_embed.proj.weight, full.base_encoder.patch_embed.proj.weight)
     assert not torch.equal(fresh.base_encoder.blocks[0].attn.qkv.weight, full.base_encoder.blocks[0].attn.qkv.weight)
     # stopped in the middle of epoch 2 by --max-steps (which saves), then continued with the same command
@@ -281,7 +283,8 @@ def test_init_from_official_checkpoint_and_encoder(tmp_path):
     moco.load_init(model, str(tmp_path / "e.pt"), verbose=False)
     for k, v in src.base_encoder.state_dict().items():
         if not k.startswith("head."):
-            assert torch.equal(model.base_encoder.state_dict()[k], v) and torch.equal(model.momentum_encoder.state_dict()[k], v), k
+            assert (torch.equal(model.base_encoder.state_dict()[k], v)
+                    and torch.equal(model.momentum_encoder.state_dict()[k], v)), k
 
 
 def test_bad_input_one_line_errors(image_root, tmp_path):

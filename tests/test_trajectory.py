@@ -16,7 +16,8 @@ fixture maker's start_value (the graft's encoders come from a MIM file of those 
 Tolerances. The official loops ran in float64 and so does our side, except where a script computes in float32 on
 purpose, for the deviation 'bf16 autocast by default' of each docstring: mae.py's forward_loss, moco.py's and
 graft.py's contrastive_loss, finetune.py's one-hot targets and soft_cross_entropy. (graft.py's L1 distance was float32
-too and differed from the release's: fixed, see test_graft_trajectory_l1_on_blocks.) That rounding (~6e-8 relative) enters every gradient, so the weights are
+too and differed from the release's: fixed, see test_graft_trajectory_l1_on_blocks.) That rounding (~6e-8 relative)
+enters every gradient, so the weights are
 compared to float32's 1e-6 (measured: <= 2.1e-8) and the losses, float32 numbers, to 1e-6 relative (measured
 <= 2.5e-7; Layer Grafted: 1e-5, see there). The lrs and momenta are float64 on both sides: 1e-12 relative (the
 fractional epoch is epoch + i / n officially and step / n here; measured <= 2.2e-16)."""

@@ -52,7 +52,8 @@ def test_sincos_layouts_match_official():
     mae = torch.load(os.path.join(FIX, "mae_official.pt"), weights_only=True)
     moco = torch.load(os.path.join(FIX, "moco_official.pt"), weights_only=True)
     assert torch.allclose(vit.sincos_pos_embed(64, 4, "mae"), mae["pos_embed_mae_layout_64_4x4"], atol=1e-6)
-    assert torch.allclose(vit.sincos_pos_embed(64, 4, "moco"), moco["pos_embed_moco_layout_64_4x4"].reshape(17, 64), atol=1e-6)
+    assert torch.allclose(vit.sincos_pos_embed(64, 4, "moco"), moco["pos_embed_moco_layout_64_4x4"].reshape(17, 64),
+                          atol=1e-6)
     assert not torch.allclose(vit.sincos_pos_embed(64, 4, "mae"), vit.sincos_pos_embed(64, 4, "moco"))
 
 
@@ -100,7 +101,8 @@ def test_load_official_moco_checkpoint_and_prefixes():
     fx = torch.load(os.path.join(FIX, "moco_official.pt"), weights_only=True)
     m = tiny().double()  # the fixture is float64 but for the fixed pos_embed, which both sides keep in float32 values
     skipped = vit.load_pretrained(m, {"state_dict": fx["state_dict"]}, verbose=False)
-    base = {k[len("module.base_encoder."):]: v for k, v in fx["state_dict"].items() if k.startswith("module.base_encoder.")}
+    base = {k[len("module.base_encoder."):]: v for k, v in fx["state_dict"].items()
+            if k.startswith("module.base_encoder.")}
     for k, v in m.state_dict().items():
         assert torch.equal(v, base[k].double()), k  # the base encoder, not the momentum encoder
     assert any("momentum_encoder" in k for k in skipped) and any("predictor" in k for k in skipped)
