@@ -762,7 +762,7 @@ class Table:
                               "logreg_10shot": metric("logreg", "logreg", "10-shot"),
                               "knn_full_mean": metric("knn_mean", "knn", "100%"),
                               "logreg_1pct_mean": metric("logreg_mean", "logreg", "1%")}
-        rec["eval"] = {"seconds": round(time.monotonic() - t0, 1), "device": results["knn"]["device"],
+        rec["eval"] = {"seconds": round(time.monotonic() - t0, 1), "device": device_name(),  # the pre-training's form
                        "done": True, "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
                        "git": results["knn"]["versions"]["git"]}
         if row != "pixels" and self.p.get("curve_points"):
@@ -775,12 +775,13 @@ class Table:
 
     # ---------------------------------------------------------------------------------- learning curves
     def curve(self, row, rec):
-        """rec['curve']: the tuning k-NN after each kept epoch (epoch 0: the encoder the row starts from, random init
-        or the mae / moco row's) and at the end, and the training loss from log.jsonl (epochs, loss), at most 200
+        """rec['curve']: the tuning k-NN after each kept epoch (epoch 0: the encoder the row starts from: random init,
+        or for graft the mae row's; MimCo's student starts from random init, the moco row is its frozen teacher) and at
+        the end, and the training loss from log.jsonl (epochs, loss), at most 200
         points. A point already measured is not measured again."""
         p, out = self.p, os.path.join(self.runs, row)
         split, cur = tuning_split(p, self.data, self.runs), rec.setdefault("curve", {"tuning_knn": []})
-        points = [(0, "random" if not NEEDS.get(row) else os.path.join(self.runs, NEEDS[row], "encoder.pt"))]
+        points = [(0, os.path.join(self.runs, NEEDS[row], "encoder.pt") if row == "graft" else "random")]
         if row not in UNTRAINED:
             kept = sorted(f for f in os.listdir(out) if f.startswith("checkpoint_epoch") and f.endswith(".pt"))
             points += [(int(f[len("checkpoint_epoch"):-3]), os.path.join(out, f)) for f in kept]
@@ -1138,9 +1139,9 @@ def picture(state, title, path):
             ax.plot([v for _, v in means], [i for i, _ in means], "D", mfc="none", color="#dd8452",
                     label="mean-pooled")
             ax.legend(fontsize=7, loc="lower right")
-        for r, (name, _) in enumerate(rows):
-            if name in UNTRAINED:
-                ax.axvline(top1[r], color="grey", linestyle="--" if name == "random" else ":", linewidth=1)
+        for i, (row, _) in enumerate(rows):  # (not `name`: that is the panel's title)
+            if row in UNTRAINED:
+                ax.axvline(top1[i], color="grey", linestyle="--" if row == "random" else ":", linewidth=1)
         lo = min(top1 + [v for _, v in means]) - max(ci) - 2
         ax.set_xlim(lo, max(top1 + [v for _, v in means]) + max(ci) + 2)
         ax.grid(axis="x", alpha=0.3)

@@ -432,6 +432,12 @@ def test_curve_points_from_kept_checkpoints(image_root, tmp_path):
     split = t.tuning_split(t.PRESETS["toy"], image_root, str(runs))
     assert rec["curve"]["tuning_knn"][1] == {"epoch": 1, **real(t.PRESETS["toy"], split,
                                                                 str(runs / "graft" / "checkpoint_epoch0001.pt"))}
+    # MimCo's student starts from random init (the moco row is its teacher, not its start): epoch 0 is random init
+    calls.clear()
+    os.makedirs(runs / "mimco")
+    (runs / "mimco" / "log.jsonl").write_text(json.dumps({"step": 1, "loss": 1.0}) + "\n")
+    table.curve("mimco", rec := {})
+    assert calls == ["random"] and rec["curve"]["tuning_knn"][0]["epoch"] == 0
 
 
 def test_cpu_preset_plan():
