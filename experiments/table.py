@@ -26,7 +26,7 @@ Rows (in this order; each is independent except where it starts from another row
     random  eval_fewshot.py --checkpoint random: the floor every pre-trained row must clear
     mae     mae.py
     moco    moco.py
-    graft   graft.py --mim-checkpoint RUNS/mae/encoder.pt (Layer Grafted: CL for the same epochs as the moco row)
+    graft   graft.py --mim-checkpoint RUNS/mae/encoder.pt (Layer Grafted's CL stage, its own budget as every row)
     mimco   mimco.py --teacher RUNS/moco/encoder.pt (MimCo's stage 2; its teacher is the moco row)
     micl    micl.py
     hybrid  hybrid.py (lam at its default, 0.2)
