@@ -775,10 +775,10 @@ class Table:
 
     # ---------------------------------------------------------------------------------- learning curves
     def curve(self, row, rec):
-        """rec['curve']: the tuning k-NN after each kept epoch (epoch 0: the encoder the row starts from: random init,
-        or for graft the mae row's; MimCo's student starts from random init, the moco row is its frozen teacher) and at
-        the end, and the training loss from log.jsonl (epochs, loss), at most 200
-        points. A point already measured is not measured again."""
+        """rec['curve']: the tuning k-NN after each kept epoch (epoch 0: the encoder the row starts from, random
+        init or, for graft, the mae row's; MimCo's student starts from random init, the moco row is its teacher) and
+        at the end, and the training loss from log.jsonl (epochs, loss), at most 200 points. A point already
+        measured is not measured again."""
         p, out = self.p, os.path.join(self.runs, row)
         split, cur = tuning_split(p, self.data, self.runs), rec.setdefault("curve", {"tuning_knn": []})
         points = [(0, os.path.join(self.runs, NEEDS[row], "encoder.pt") if row == "graft" else "random")]
@@ -843,8 +843,8 @@ class Table:
         running, failed = {}, None  # (row, blr) -> (process, start time)
 
         def todo():  # the candidates not yet scored of the rows not yet chosen (a choice may add one more)
-            for row in [r for r in rows if r in sw]:
-                self.check_recorded(row)
+            for row in [r for r in rows if r in sw and (not NEEDS[r] or sw.get(NEEDS[r], {}).get("chosen_blr"))]:
+                self.check_recorded(row)  # (graft, mimco: once the row they start from is chosen)
                 self.choose(row)  # returns at once for a row already chosen
             return [(row, blr) for row in rows if sw.get(row, {}).get("chosen_blr") is None
                     for blr in self.candidates(row) if (row, blr) not in running
@@ -856,9 +856,7 @@ class Table:
                     if len(running) >= self.args.jobs or failed or self.signal or \
                             (need and sw.get(need, {}).get("chosen_blr") is None):
                         continue
-                    started = self.start_candidate(row, blr, running)
-                    if started:
-                        running[(row, blr)] = started
+                    running[(row, blr)] = self.start_candidate(row, blr, running)
                 if not running:
                     break  # all chosen, or nothing could start: a candidate failed or a stop came
                 for (row, blr), (child, t0) in list(running.items()):
@@ -890,37 +888,35 @@ class Table:
                        f"the same command resumes")
 
     def candidate_argv(self, row, blr):
-        """A sweep candidate's output folder, the encoder it starts from (graft, mimco: the chosen candidate's of
-        the row they start from; None for the others) and its training argv."""
-        p, sw, need, start = self.p, self.state["sweep"], NEEDS[row], None
+        """A sweep candidate's output folder, the encoder.pt it needs (graft: its start, mimco: its teacher, both
+        the chosen candidate's of the row NEEDS names, in this --runs-dir; None for the others) and its argv."""
+        p, need, start = self.p, NEEDS[row], None
         if need:
-            best = sw[need]["runs"][f"{sw[need]['chosen_blr']:g}"]
-            start = os.path.join(best["argv"][best["argv"].index("--output-dir") + 1], "encoder.pt")
+            chosen = self.state.get("sweep", {})[need]["chosen_blr"]
+            start = os.path.join(self.runs, "sweep", f"{need}_blr{chosen:g}", "encoder.pt")
         out = os.path.join(self.runs, "sweep", f"{row}_blr{blr:g}")
         argv = pretrain_argv(row, p, self.data, self.runs, self.args.in_memory, blr=blr,
                              epochs=sweep_epochs(p, row), out=out, start=start, keep=False)
         return out, start, argv
 
     def check_recorded(self, row):
-        """Stop when a candidate of this row (scored or not) was run with another command than the preset's now:
-        its score would not compare with the others'. Checked once the row it starts from (if any) is chosen."""
-        rec = self.state["sweep"].get(row, {})
-        if NEEDS[row] and self.state["sweep"].get(NEEDS[row], {}).get("chosen_blr") is None:
-            return
-        for key, c in rec.get("runs", {}).items():
-            if "command" in c and c["command"] != shown(self.candidate_argv(row, c["blr"])[2], self.data, self.runs):
-                raise Stop(f"sweep {row} blr {key} was run with another command than the preset's now (recorded: "
-                           f"{c['command']}); pass --redo sweep to start the sweep over")
+        """Stop when a candidate of this row (scored or not) was run with another command than the preset's and
+        these flags give now: its score would not compare with the others'. Call it once NEEDS[row] is chosen."""
+        for key, c in self.state["sweep"].get(row, {}).get("runs", {}).items():
+            now = shown(self.candidate_argv(row, c["blr"])[2], self.data, self.runs) if "command" in c else None
+            if now is not None and c["command"] != now:
+                raise Stop(f"sweep {row} blr {key} was run with another command (recorded: {c['command']}; now: "
+                           f"{now}); pass the flags it was run with, or --redo sweep to start the sweep over")
 
     def start_candidate(self, row, blr, running):
         """Launch one sweep candidate (its recorded command, if any, was checked by check_recorded)."""
         p, sw, key = self.p, self.state["sweep"], f"{blr:g}"
         rec = sw.setdefault(row, {"runs": {}})
         out, start, argv = self.candidate_argv(row, blr)
-        if start and not os.path.isfile(start):
+        if start and not os.path.isfile(start):  # its command was checked by check_recorded(NEEDS[row])
             print(f"[table] sweep: {start} is gone; re-making it by its recorded command", flush=True)
-            best = sw[NEEDS[row]]["runs"][f"{sw[NEEDS[row]]['chosen_blr']:g}"]
-            rc, _ = self.run_child(f"sweep {NEEDS[row]} (re-made)", best["argv"])
+            rc, _ = self.run_child(f"sweep {NEEDS[row]} (re-made)",
+                                   self.candidate_argv(NEEDS[row], sw[NEEDS[row]]["chosen_blr"])[2])
             if self.signal:
                 raise Stop(f"stopped ({self.signal}) while re-making {start}; the same command resumes")
             if rc != 0 or not os.path.isfile(start):

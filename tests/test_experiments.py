@@ -159,15 +159,30 @@ def test_sweep_refuses_a_scored_candidate_of_another_command(image_root, tmp_pat
     runs = table.state["sweep"]["mae"]["runs"]
     runs.update({f"{low:g}": recorded(low, 30.0), f"{high:g}": recorded(high, 31.0)})
     runs[f"{high:g}"]["command"] = runs[f"{high:g}"]["command"].replace("--epochs", "--epochs 9 --was")
-    with pytest.raises(t.Stop, match=f"^sweep mae blr {high:g} was run with another command than the preset's "
-                                     f"now \\(recorded: .*--epochs 9 --was.*\\); pass --redo sweep to start the "
-                                     f"sweep over$"):
+    with pytest.raises(t.Stop, match=f"^sweep mae blr {high:g} was run with another command \\(recorded: "
+                                     f".*--epochs 9 --was.*; now: .*\\); pass the flags it was run with, or "
+                                     f"--redo sweep to start the sweep over$"):
         table.sweep(["mae"])
     assert "chosen_blr" not in table.state["sweep"]["mae"] and not table.children
     runs[f"{high:g}"] = recorded(high, 31.0)
     table.sweep(["mae"])
     assert table.state["sweep"]["mae"]["chosen_blr"] == high
     assert not (tmp_path / "runs" / "sweep").exists()  # nothing was launched
+
+    # graft's candidates start from mae's chosen encoder.pt: recorded under $RUNS, so the same sweep read with
+    # another --runs-dir (a fresh machine) still matches, and graft is chosen without launching anything
+    graft = {}
+    for blr, score in zip(t.sweep_blrs(table.p, "graft"), (40.0, 41.0)):
+        argv = table.candidate_argv("graft", blr)[2]
+        assert f"{tmp_path / 'runs' / 'sweep'}/mae_blr{high:g}/encoder.pt" in argv
+        graft[f"{blr:g}"] = {"blr": blr, "done": True, "score": score, "argv": argv,
+                             "command": t.shown(argv, image_root, str(tmp_path / "runs"))}
+    moved = t.Table(t.get_args(["--preset", "toy", "--data", image_root, "--runs-dir", str(tmp_path / "elsewhere"),
+                                "--json", str(tmp_path / "r2.json"), "--markdown", str(tmp_path / "r2.md")]))
+    moved.state["sweep"] = {"mae": table.state["sweep"]["mae"], "graft": {"runs": graft}}
+    moved.sweep(["graft"])
+    assert moved.state["sweep"]["graft"]["chosen_blr"] == t.sweep_blrs(table.p, "graft")[1]
+    assert not (tmp_path / "elsewhere" / "sweep").exists()
 
 
 def test_sweep_extends_past_the_best_end(image_root, tmp_path):

@@ -106,12 +106,14 @@ def test_line_budgets():
     assert not over, "; ".join(over)
 
 
-PYTHON_FILES = sorted(os.path.relpath(f, ROOT) for folder in ("", "experiments", "benchmarks", "tests")
-                      for f in glob.glob(os.path.join(ROOT, folder, "*.py")))
+PYTHON_FILES = sorted(os.path.relpath(f, ROOT) for pattern in ("*.py", "experiments/**/*.py", "benchmarks/**/*.py",
+                                                                "tests/**/*.py")
+                      for f in glob.glob(os.path.join(ROOT, pattern), recursive=True))
 
 
 @pytest.mark.parametrize("name", PYTHON_FILES)
 def test_no_line_over_120_characters(name):
+    assert len(PYTHON_FILES) > 20  # the scripts, experiments/, benchmarks/, tests/ and tests/fixtures/
     long = [i + 1 for i, line in enumerate(open(os.path.join(ROOT, name)).read().splitlines()) if len(line) > 120]
     assert not long, f"{name}: lines {long} are longer than 120 characters"
 
