@@ -1,7 +1,8 @@
 """experiments/table.py end to end at toy size: every row trained (2 steps of ViT-T/8 on a few CIFAR images) and
 evaluated with its commands in the JSON, a done row skipped, a --max-minutes stop and a stale command refused in one
 line, the markdown written. The numbers of a toy table mean nothing; the harness must not rot. In-process (no
-training): its flags' one-line errors, and what it says of a row whose training script failed."""
+training): its flags' one-line errors, and what it says of a row whose training script failed. And the README's
+CPU table against the committed JSON."""
 import importlib.util
 import json
 import math
@@ -487,3 +488,32 @@ def test_read_log_skips_resume_markers(tmp_path):
     lines = [{"epoch": 0, "step": 5, "loss": 1.5, "img_per_s": 10.0}, {"resumed_at_step": 5}]
     (tmp_path / "log.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     assert load_table().read_log(str(tmp_path)) == (5, 1.5, 10.0)
+
+
+def test_readme_cpu_table_is_the_json():
+    """The README's CPU results table states what experiments/results_cpu.json holds: every accuracy, interval, blr
+    and pre-training minute, in the order of table.py's rows. A re-run table whose README was not updated fails."""
+    t = load_table()
+    with open(os.path.join(ROOT, "experiments", "results_cpu.json")) as f:
+        state = json.load(f)
+    with open(os.path.join(ROOT, "README.md")) as f:
+        lines = f.read().splitlines()
+    start = lines.index("| row | k-NN, CLS / mean | logreg 1% labels, CLS / mean | logreg 10 per class | blr | "
+                        "pre-training |") + 2
+    table = [line.split(" | ") for line in lines[start:start + len(t.ROWS)]]
+
+    def top1(m, ci=True):
+        return f"{m['top1']:.1f}" + (f" ± {m['ci95']:.1f}" if ci and m["ci95"] is not None else "")
+
+    def pair(m, cls, mean, ci=True):
+        return top1(m[cls], ci) + (f" / {top1(m[mean], ci)}" if mean in m else "")
+    for (row, label, _, _), cells in zip(t.ROWS, table):
+        rec, m = state["rows"][row], state["rows"][row]["metrics"]
+        assert cells[0].startswith(f"| {label}"), (row, cells[0])
+        assert cells[1] == pair(m, "knn_full", "knn_full_mean"), row
+        assert cells[2] == pair(m, "logreg_1pct", "logreg_1pct_mean"), row
+        assert cells[3] == top1(m["logreg_10shot"]), row
+        if row in t.UNTRAINED:
+            continue
+        assert float(cells[4]) == pytest.approx(state["sweep"][row]["chosen_blr"], rel=0.05), row
+        assert cells[5].startswith(f"{rec['pretrain']['seconds'] / 60:.1f} min"), row
