@@ -903,8 +903,10 @@ class Table:
         """Stop when a candidate of this row (scored or not) was run with another command than the preset's and
         these flags give now: its score would not compare with the others'. Call it once NEEDS[row] is chosen."""
         for key, c in self.state["sweep"].get(row, {}).get("runs", {}).items():
-            now = shown(self.candidate_argv(row, c["blr"])[2], self.data, self.runs) if "command" in c else None
-            if now is not None and c["command"] != now:
+            if "command" not in c:  # made, never launched (a stop came first)
+                continue
+            now = shown(self.candidate_argv(row, c["blr"])[2], self.data, self.runs)
+            if c["command"] != now:
                 raise Stop(f"sweep {row} blr {key} was run with another command (recorded: {c['command']}; now: "
                            f"{now}); pass the flags it was run with, or --redo sweep to start the sweep over")
 
@@ -914,7 +916,7 @@ class Table:
         rec = sw.setdefault(row, {"runs": {}})
         out, start, argv = self.candidate_argv(row, blr)
         if start and not os.path.isfile(start):  # its command was checked by check_recorded(NEEDS[row])
-            print(f"[table] sweep: {start} is gone; re-making it by its recorded command", flush=True)
+            print(f"[table] sweep: {start} is gone; re-making it by its candidate's command", flush=True)
             rc, _ = self.run_child(f"sweep {NEEDS[row]} (re-made)",
                                    self.candidate_argv(NEEDS[row], sw[NEEDS[row]]["chosen_blr"])[2])
             if self.signal:
@@ -1188,6 +1190,15 @@ def fmt_minutes(s):
     return f"{s / 60:.1f} min" if s is not None else ""
 
 
+def metric_cell(m, key):
+    """One table cell: top-1 (± its 95% interval), then " / " and the mean-pooled tokens' where measured."""
+    if not m or key not in m:
+        return ""
+    ci = m[key]["ci95"]
+    return f"{m[key]['top1']:.1f}" + (f" ± {ci:.1f}" if ci is not None else "") + \
+        (f" / {metric_cell(m, MEAN_OF[key])}" if key in MEAN_OF and MEAN_OF[key] in m else "")
+
+
 def markdown_section(t):
     """The preset's table, its commands and its settings: what the lead copies into the main README."""
     p, state, rows = t.p, t.state, t.state.get("rows", {})
@@ -1203,20 +1214,14 @@ def markdown_section(t):
         m = rec.get("metrics")
         if rec.get("status") != "done":
             pending.append(row)
-
-        def cell(key):
-            if not m or key not in m:
-                return ""
-            ci = m[key]["ci95"]
-            return f"{m[key]['top1']:.1f}" + (f" ± {ci:.1f}" if ci is not None else "") + \
-                (f" / {cell(MEAN_OF[key])}" if key in MEAN_OF and MEAN_OF[key] in m else "")
         pre, blr = rec.get("pretrain", {}), t.blr(row) if row not in UNTRAINED else None
         wall = "none" if row in UNTRAINED else fmt_minutes(pre.get("seconds"))
         if need and pre.get("seconds") is not None:
             wall += f" (+ {LABEL[need]}: {fmt_minutes(pre.get('seconds_with_start_row'))} in all)"
         device = rec.get("eval", {}).get("device", "") if row in UNTRAINED else pre.get("device", "")
         status = rec.get("status", "to run")
-        lines.append(f"| {label} | {cell('knn_full')} | {cell('logreg_1pct')} | {cell('logreg_10shot')} | "
+        lines.append(f"| {label} | {metric_cell(m, 'knn_full')} | {metric_cell(m, 'logreg_1pct')} | "
+                     f"{metric_cell(m, 'logreg_10shot')} | "
                      f"{'' if blr is None else blr if isinstance(blr, str) else f'{blr:g}'} | {wall} | {device} | "
                      f"{status} |")
     done = [rows[r] for r, _, _, _ in ROWS if rows.get(r, {}).get("status") == "done"]
