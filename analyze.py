@@ -416,9 +416,10 @@ def gradient_conflict(model, hargs, device, batches, batch_size, seed=0):
     Grafted does not publish its own: per batch (not per sample), BatchNorm in train mode as in training, momentum 1
     (the momentum encoder stays as it is), one process."""
     import hybrid
-    views = hybrid.Seeded(hybrid.build_dataset(hargs, hybrid.ThreeViews(hargs)))
+    dataset = hybrid.build_dataset(hargs, hybrid.ThreeViews(hargs))
+    views = hybrid.Seeded(dataset)
     g = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(views), generator=g)[:batches * batch_size].tolist()
+    order = torch.randperm(len(dataset), generator=g)[:batches * batch_size].tolist()
     seeds = torch.randint(2**62, (len(order),), generator=g).tolist()
     model.to(device).train()
     torch.manual_seed(seed)  # the masks

@@ -356,32 +356,10 @@ class Seeded(torch.utils.data.Dataset):
     def __init__(self, dataset):
         self.dataset = dataset
 
-    def __len__(self):
-        return len(self.dataset)
-
     def __getitem__(self, index_seed):
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(index_seed[1])  # the CPU one only (torch.manual_seed: CUDA too, slowly)
             return self.dataset[index_seed[0]]
-
-
-class EpochSampler(torch.utils.data.Sampler):
-    """A seeded permutation per epoch, cut to whole global batches (drop_last); global batch k is its positions
-    [k*B, (k+1)*B), process r takes every W-th of them from r. Yields (index, seed of its augmentation) from batch
-    `start` on, so a run resumed mid-epoch sees the rest of the epoch exactly as it would have."""
-    def __init__(self, n, batch_size, world_size, rank, seed):
-        self.n, self.batch_size, self.world_size, self.rank, self.seed = n, batch_size, world_size, rank, seed
-        self.steps, self.epoch, self.start = n // batch_size, 0, 0
-
-    def __len__(self):
-        return (self.steps - self.start) * (self.batch_size // self.world_size)
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = torch.randperm(self.n, generator=g)[:self.steps * self.batch_size].tolist()
-        seeds = torch.randint(-2**63, 2**63 - 1, (len(order),), generator=g).tolist()
-        for pos in range(self.start * self.batch_size + self.rank, len(order), self.world_size):
-            yield order[pos], seeds[pos]
 
 
 def print0(*a, **kw):
@@ -444,23 +422,19 @@ def check_flags(args, rules):
 
 def check_common_args(a):
     """The shared flags' rules; then the lr the optimizer starts from: lr = blr x batch / 256."""
+    at_least = {"batch_size": 1, "epochs": 1, "img_size": 1, "num_workers": 0, "log_every": 1, "save_every_minutes": 0,
+                "keep_every_epochs": 0}
+    check_flags(a, [(getattr(a, k) >= low, "--" + k.replace("_", "-"), f"must be >= {low}")
+                    for k, low in at_least.items()])
     check_flags(a, [
-        (a.batch_size >= 1, "--batch-size", "must be >= 1"),
-        (a.epochs >= 1, "--epochs", "must be >= 1"),
         (a.warmup_epochs == 0 or 0 < a.warmup_epochs < a.epochs, "--warmup-epochs",
          f"must be 0 or shorter than --epochs {a.epochs} (the lr would never reach its peak)"),
         (math.isfinite(a.blr) and a.blr > 0, "--blr", "must be a positive number"),
         (math.isfinite(a.weight_decay) and a.weight_decay >= 0, "--weight-decay", "must be >= 0"),
-        (a.img_size >= 1, "--img-size", "must be >= 1"),
         (a.patch_size is None or 1 <= a.patch_size and a.img_size % a.patch_size == 0, "--patch-size",
          f"must be >= 1 and divide --img-size {a.img_size}"),
-        (a.num_workers >= 0, "--num-workers", "must be >= 0"),
         (0 <= a.seed < 2**63, "--seed", "must be >= 0 and < 2**63"),
-        (a.log_every >= 1, "--log-every", "must be >= 1"),
         (a.max_steps is None or a.max_steps >= 1, "--max-steps", "must be >= 1"),
-        (a.save_every_minutes >= 0, "--save-every-minutes", "must be >= 0 (0: off)"),
-        (a.save_every_steps >= 0, "--save-every-steps", "must be >= 0 (0: off)"),
-        (a.keep_every_epochs >= 0, "--keep-every-epochs", "must be >= 0 (0: off)"),
         (a.in_memory_size is None or a.in_memory and a.in_memory_size >= 1, "--in-memory-size",  # --in-memory
          "must be >= 1 and needs --in-memory"),  # --in-memory
     ])
@@ -470,13 +444,12 @@ def check_common_args(a):
 # The flags a resumed run may change (where things are, how fast, how long, how often), besides those a script adds
 # (Run.resume's may_change); any other would continue another run. The data may move, but must hold as many images.
 RESUME_MAY_CHANGE = {"data", "data_root", "output_dir", "epochs", "num_workers", "amp", "compile", "log_every",
-                     "max_steps", "save_every_minutes", "save_every_steps", "keep_every_epochs", "in_memory"}
+                     "max_steps", "save_every_minutes", "keep_every_epochs", "in_memory"}
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)  # schedulers send SIGTERM (or USR1) before a kill
 
 
 def ignore_stop_signals(worker_id):
-    """In DataLoader workers: a signal to the whole process group (SLURM, scancel, Ctrl-C) is the main process's to
-    handle; a worker killed by it would end the run before the save."""
+    """In DataLoader workers: a signal to the process group (SLURM, Ctrl-C) is for the main process, which saves."""
     for s in STOP_SIGNALS:
         signal.signal(s, signal.SIG_IGN)
 
@@ -523,7 +496,7 @@ class Run:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
         self.ckpt_path, self.lock_path = (os.path.join(args.output_dir, f) for f in ("checkpoint.pt", "run.lock"))
-        self.saved, error = "nothing saved yet", ""
+        self.saved, error = "nothing saved yet", None
         try:
             os.makedirs(args.output_dir, exist_ok=True)
             if self.is_main:
@@ -534,10 +507,7 @@ class Run:
             error = f"--output-dir {args.output_dir}: {e.strerror or e}; pass a folder you can write to"
         except StopRun as e:
             error = str(e)
-        if self.world_size > 1:  # the others stop with rank 0 (which alone takes the lock)
-            failed = torch.tensor([bool(error)], device=self.device)
-            dist.all_reduce(failed, dist.ReduceOp.MAX)
-            error = error or ("rank 0 could not take --output-dir (its line says why)" if failed.item() else "")
+        error = self.agree(error)
         if error:
             raise StopRun(error)
         self.old_handlers = {s: signal.signal(s, self.on_signal) for s in STOP_SIGNALS}
@@ -546,25 +516,39 @@ class Run:
         if self.device.type == "cpu" and torch.get_num_threads() > 1:  # (idle OpenMP threads spin, taking turns)
             print0(f"note: {torch.get_num_threads()} CPU threads; with other work running, OMP_NUM_THREADS=1 is faster")
 
-    def on_signal(self, signum, frame):
-        if not self.signal:
-            self.signal, self.signal_at = signum, time.monotonic()  # end_step saves after this step, then stops
-        elif time.monotonic() - self.signal_at > 5:  # schedulers may send the same one twice at once: not a repeat
-            sys.exit(f"error: {signal.Signals(signum).name} again: stopped at once; {self.saved}")
+    def on_signal(self, signum, frame):  # end_step saves after this step, then stops (a repeat changes nothing)
+        self.signal = self.signal or signum
+
+    def agree(self, error):
+        """A process's error (a message or None) stops them all: one all-reduce, so that none waits for the others."""
+        if self.world_size > 1:
+            failed = torch.tensor([error is not None], device=self.device)
+            dist.all_reduce(failed, dist.ReduceOp.MAX)
+            error = error or ("another process stopped (its line says why)" if failed.item() else None)
+        return error
 
     def loader(self, dataset, batch_transform=None):
-        """Each process its share of each global batch, as many images at every step. batch_transform(images, args):
-        the script's augmentation of a batch on the device, for --in-memory."""
+        """loader(items): a DataLoader of the items epoch_items lists, each process its share of each global batch.
+        batch_transform(images, args): the script's augmentation of a batch on the device, for --in-memory."""
         if len(dataset) < self.args.batch_size:
             raise StopRun(f"--data has {len(dataset)} training images, fewer than one --batch-size "
                           f"{self.args.batch_size}; lower --batch-size")
         self.images, self.steps_per_epoch = len(dataset), len(dataset) // self.args.batch_size
-        sampler = EpochSampler(len(dataset), self.args.batch_size, self.world_size, self.rank, self.args.seed)
         if self.args.in_memory:  # --in-memory
-            return in_memory_loader(self, dataset, sampler, batch_transform)  # --in-memory
-        return torch.utils.data.DataLoader(Seeded(dataset), self.args.batch_size // self.world_size, sampler=sampler,
-                                           num_workers=self.args.num_workers, pin_memory=self.device.type == "cuda",
-                                           drop_last=True, worker_init_fn=ignore_stop_signals)
+            return in_memory_loader(self, dataset, batch_transform)  # --in-memory
+        return lambda items: torch.utils.data.DataLoader(
+            Seeded(dataset), self.args.batch_size // self.world_size, sampler=items, num_workers=self.args.num_workers,
+            pin_memory=self.device.type == "cuda", drop_last=True, worker_init_fn=ignore_stop_signals)
+
+    def epoch_items(self, epoch):
+        """This process's (index, seed of its augmentation) pairs of the epoch, from the step the run is at: a seeded
+        permutation cut to whole global batches; global batch k is its positions [k*B, (k+1)*B), of which process r
+        takes every W-th from r. So a run resumed mid-epoch sees the rest of the epoch as it would have."""
+        n, g = self.steps_per_epoch * self.args.batch_size, torch.Generator().manual_seed(self.args.seed + epoch)
+        order = torch.randperm(self.images, generator=g)[:n].tolist()
+        seeds = torch.randint(-2**63, 2**63 - 1, (n,), generator=g).tolist()
+        start = (self.step - epoch * self.steps_per_epoch) * self.args.batch_size + self.rank
+        return list(zip(order[start::self.world_size], seeds[start::self.world_size]))
 
     def resume(self, model, optimizer, scaler, may_change=()):
         """Load checkpoint.pt if there is one, refusing one of another run (may_change: the script's own flags that a
@@ -638,9 +622,9 @@ class Run:
         if self.args.max_steps is not None and self.step >= self.args.max_steps:
             return
         start = self.step - epoch * self.steps_per_epoch
-        loader.sampler.epoch, loader.sampler.start = epoch, start
-        for self.it, batch in enumerate(tqdm(loader, f"epoch {epoch}", initial=start, total=self.steps_per_epoch,
-                                             disable=not self.is_main, leave=False, dynamic_ncols=True), start):
+        for self.it, batch in enumerate(tqdm(loader(self.epoch_items(epoch)), f"epoch {epoch}", initial=start,
+                                             total=self.steps_per_epoch, disable=not self.is_main, leave=False,
+                                             dynamic_ncols=True), start):
             torch.manual_seed(hash((self.args.seed, self.step, self.rank)))
             if self.args.in_memory:  # --in-memory
                 batch = augment_in_memory(self, batch)  # --in-memory
@@ -651,9 +635,8 @@ class Run:
         self.epoch_done = True
 
     def end_step(self, loss, **logged):
-        """Count one optimizer step; log every --log-every steps; save at the end of the epoch, at --max-steps, every
-        --save-every-steps / -minutes and after a stop signal, then stop. Several processes agree on saving and
-        stopping (one tiny all-reduce per step), so all stop after the same step."""
+        """Count one optimizer step; log every --log-every steps; save at the epoch's end, at --max-steps, every
+        --save-every-minutes and after a stop signal, then stop. The processes agree (one tiny all-reduce a step)."""
         a, self.step, self.n = self.args, self.step + 1, self.n + 1
         for k, v in {"loss": loss, **logged}.items():
             if torch.is_tensor(v):
@@ -665,8 +648,7 @@ class Run:
             dist.all_reduce(flags, dist.ReduceOp.MAX)
             stop, timed = flags.tolist()
         last = self.it == self.steps_per_epoch - 1
-        save = (last or timed or stop or self.step == a.max_steps
-                or (a.save_every_steps > 0 and self.step % a.save_every_steps == 0))
+        save = last or timed or stop or self.step == a.max_steps
         if save or self.step % a.log_every == 0:
             self.log(logged)  # before a save: the loss of every step since the last check is finite
         if save:
@@ -684,8 +666,7 @@ class Run:
             means /= self.world_size
         means = dict(zip(self.sums, means.tolist()))
         if not math.isfinite(means["loss"]):
-            causes = [f"--blr {self.args.blr}", *[f"--{k.replace('_', '-')} {getattr(self.args, k)}"
-                                                  for k in self.nan_suspects]]
+            causes = [f"--{k.replace('_', '-')} {getattr(self.args, k)}" for k in ("blr", *self.nan_suspects)]
             if self.args.amp == "fp16" and self.device.type == "cuda":
                 causes.append("fp16 overflow (use --amp bf16)")
             raise self.stop(f"non-finite loss ({means['loss']}) within steps {self.step - self.n + 1}-{self.step}; "
@@ -713,10 +694,7 @@ class Run:
                     save_checkpoint(state, path)
             except StopRun as e:
                 error = str(e)
-        if self.world_size > 1:
-            failed = torch.tensor([error is not None], device=self.device)
-            dist.broadcast(failed, 0)
-            error = error or ("rank 0 could not save the checkpoint" if failed.item() else None)
+        error = self.agree(error)
         if error:
             raise self.stop(f"{error}; {self.saved}")
         self.saved, self.saved_at = f"{self.ckpt_path} (step {self.step}) is intact", time.monotonic()
@@ -763,7 +741,6 @@ def add_common_args(p, **defaults):
     p.add_argument("--log-every", type=int, default=20, help="steps between log lines (and non-finite loss checks)")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps in total (saved)")
     p.add_argument("--save-every-minutes", type=float, default=30, help="also save checkpoint.pt this often (0: off)")
-    p.add_argument("--save-every-steps", type=int, default=0, help="also save checkpoint.pt every N steps (0: off)")
     p.add_argument("--keep-every-epochs", type=int, default=0, help="keep checkpoint_epochNNNN.pt every K epochs")
     p.add_argument("--in-memory", action="store_true", help="decode once, augment on the device")  # --in-memory
     p.add_argument("--in-memory-size", type=int, help="--in-memory: store images at S x S")  # --in-memory
@@ -774,9 +751,9 @@ def add_common_args(p, **defaults):
 # The train split decoded once into a uint8 tensor on the device, each batch augmented there (a draw per image, seeded
 # by Run.batches). A copy without it deletes this block and the lines that end in "# --in-memory".
 
-def in_memory_loader(run, dataset, sampler, batch_transform):
+def in_memory_loader(run, dataset, batch_transform):
     """run.memory: the training images as uint8 (3, S, S) on the device, the labels, batch_transform; cached by rank 0
-    in --data-root/in_memory/ (keyed by the files, sizes, times). Returns batches of the sampler's (index, seed)."""
+    in --data-root/in_memory/ (keyed by the files, sizes, times). Returns loader(items): the items in batches."""
     # a gloo group that waits a day for rank 0's decoding (NCCL: 10 minutes), made before anything can fail
     wait = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=1)) if run.world_size > 1 else None
     a, S, files = run.args, run.args.in_memory_size, getattr(dataset, "samples", None)
@@ -804,8 +781,8 @@ def in_memory_loader(run, dataset, sampler, batch_transform):
             images, labels = load_or_decode(run, dataset, shape, path)
         dist.barrier(group=wait)
         dist.destroy_process_group(wait)
-    run.memory = images.to(run.device), labels.to(run.device), batch_transform
-    return torch.utils.data.BatchSampler(sampler, a.batch_size // run.world_size, drop_last=False)
+    run.memory, b = (images.to(run.device), labels.to(run.device), batch_transform), a.batch_size // run.world_size
+    return lambda items: [items[i:i + b] for i in range(0, len(items), b)]
 
 
 def load_or_decode(run, dataset, shape, path):

@@ -5,7 +5,7 @@
     python benchmarks/bench_data.py --data cifar10_root --img-size 32 --workers 0,1,2 --json bench_data_c10.json
 
 Pipelines (each timed for --seconds per worker count, after its first batch, which is reported apart: worker start-up):
-    mae          the scripts' loader (mae.build_dataset + mae.Run.loader: ImageFolder, PIL decode, DistributedSampler,
+    mae          the scripts' loader (mae.build_dataset + mae.Run.loader: ImageFolder, PIL decode, Run.epoch_items,
                  pinned memory on CUDA) with mae.train_transform (RandomResizedCrop 0.2-1 bicubic + flip); batches are
                  copied to the device as the training loop does. micl.py and mimco.py use the same transform.
     moco         the same loader with moco.TwoViews (BYOL's two asymmetric views: crop, colour jitter, grey, blur,
@@ -102,21 +102,27 @@ def sync(device):
 
 def script_loader(mod, transform_fn, data, split, batch_size, workers, img_size, device):
     """The method script's own dataset and loader (its appendix's Run.loader, one process), built from its own
-    command-line defaults; the output folder Run makes is a temporary one."""
+    command-line defaults; the output folder Run makes is a temporary one. Returns (epoch -> that epoch's DataLoader,
+    as Run.batches makes it, the number of images)."""
     args = mod.get_args(["--data", data, "--img-size", str(img_size), "--batch-size", str(batch_size),
                          "--num-workers", str(workers), "--output-dir", scratch("bench_data_")])
     dataset = mod.build_dataset(args, transform_fn(args), split)
     run = mod.Run(args)
     loader = run.loader(dataset)  # the PIL path (without --in-memory the batched transform is unused)
     run.stop("loader built")  # the folder's lock closed, this process's signal handlers restored
-    loader.pin_memory = device.type == "cuda"  # Run pins whenever CUDA exists; --device cpu measures an unpinned one
-    return loader
+
+    def epoch_loader(epoch):
+        epoch_batches = loader(run.epoch_items(epoch))
+        epoch_batches.pin_memory = device.type == "cuda"  # Run pins whenever CUDA exists; --device cpu: unpinned
+        return epoch_batches
+    return epoch_loader, run.images
 
 
 def in_memory_batches(mod, transform_fn, batch_fn, data, split, batch_size, img_size, device):
     """--in-memory as the scripts run it: Run.loader decodes the split once (into a temporary --data-root, so the
     decode is timed too), then each batch of indices is augmented on `device` by the script's batched transform,
-    from torch's RNG, as Run.batches does. Returns (batches, consume, seconds the decode took)."""
+    from torch's RNG, as Run.batches does. Returns (epoch -> that epoch's batches, consume, seconds the decode took,
+    the number of images)."""
     args = mod.get_args(["--data", data, "--img-size", str(img_size), "--batch-size", str(batch_size), "--in-memory",
                          "--data-root", scratch("bench_cache_"), "--output-dir", scratch("bench_data_")])
     run = mod.Run(args)
@@ -124,7 +130,8 @@ def in_memory_batches(mod, transform_fn, batch_fn, data, split, batch_size, img_
     t = time.perf_counter()
     batches = run.loader(mod.build_dataset(args, transform_fn(args), split), batch_fn)
     run.stop("loader built")  # the folder's lock closed, this process's signal handlers restored
-    return batches, lambda batch: mod.augment_in_memory(run, batch), time.perf_counter() - t
+    return (lambda epoch: batches(run.epoch_items(epoch)), lambda batch: mod.augment_in_memory(run, batch),
+            time.perf_counter() - t, run.images)
 
 
 def moco_step(data, split, batch_size, img_size, in_memory, workers, steps=40):
@@ -164,8 +171,13 @@ def bytes_loader(data, split, batch_size, workers, device):
     import torchvision.datasets as datasets
     folder = datasets.ImageFolder(os.path.join(data, split))  # only for its sorted file list
     sampler = torch.utils.data.DistributedSampler(folder, 1, 0, shuffle=True, seed=0, drop_last=True)
-    return torch.utils.data.DataLoader(FileBytes([p for p, _ in folder.samples]), batch_size=batch_size,
-                                       sampler=sampler, num_workers=workers, collate_fn=list, drop_last=True)
+    loader = torch.utils.data.DataLoader(FileBytes([p for p, _ in folder.samples]), batch_size=batch_size,
+                                         sampler=sampler, num_workers=workers, collate_fn=list, drop_last=True)
+
+    def epoch_loader(epoch):
+        sampler.set_epoch(epoch)
+        return loader
+    return epoch_loader, len(folder), len(loader)
 
 
 class DecodeOnDevice:
@@ -224,14 +236,13 @@ class DecodeOnDevice:
 # ------------------------------------------------------------------------------------------------------ timing
 
 
-def measure(loader, consume, device, seconds, batch_size):
-    """Iterate (epoch after epoch) until `seconds` have passed after the first batch; returns the figures."""
+def measure(epoch_loader, consume, device, seconds, batch_size):
+    """Iterate epoch_loader(0), epoch_loader(1), ... until `seconds` have passed after the first batch; returns the
+    figures."""
     t_start = time.perf_counter()
     first, t0, n, batches, epoch = None, None, 0, 0, 0
     while True:
-        if hasattr(loader, "sampler") and hasattr(loader.sampler, "set_epoch"):
-            loader.sampler.set_epoch(epoch)
-        for batch in loader:
+        for batch in epoch_loader(epoch):
             consume(batch)
             if first is None:
                 sync(device)
@@ -352,14 +363,10 @@ def run(args, device, report):
                 if pipe.endswith("in-memory"):
                     mod, tf, batch_fn = ((mae, mae.train_transform, mae.train_transform_batch) if pipe.startswith("mae")
                                          else (moco, moco.TwoViews, moco.two_views_batch))
-                    loader, consume, extra["decode_s"] = in_memory_batches(mod, tf, batch_fn, args.data, args.split,
-                                                                           args.batch_size, args.img_size, device)
+                    loader, consume, extra["decode_s"], n_images = in_memory_batches(
+                        mod, tf, batch_fn, args.data, args.split, args.batch_size, args.img_size, device)
                     decode = (f"decoded once, augmented in batches on {device.type}"
                               + (", two views" if mod is moco else ""))
-                    n_images = loader.sampler.n
-                    if len(loader) == 0:
-                        raise ValueError(f"{n_images} images in {args.split}, fewer than one --batch-size "
-                                         f"{args.batch_size}")
                     r = measure(loader, consume, device, args.seconds, args.batch_size)
                     report["results"].append({"pipeline": pipe, "decode": decode, "workers": 0,
                                               "batch": args.batch_size, "img_size": args.img_size,
@@ -367,23 +374,22 @@ def run(args, device, report):
                     print(f"{pipe}: {r['img_per_s']:.1f} img/s (decode once: {extra['decode_s']:.1f} s)", flush=True)
                     continue
                 if pipe == "mae":
-                    loader = script_loader(mae, mae.train_transform, args.data, args.split, args.batch_size, w,
-                                           args.img_size, device)
+                    loader, n_images = script_loader(mae, mae.train_transform, args.data, args.split,
+                                                     args.batch_size, w, args.img_size, device)
                     consume = lambda b: b[0].to(device, non_blocking=True)  # noqa: E731 (the training loop's copy)
                     decode = "PIL in the workers (CPU)"
                 elif pipe == "moco":
-                    loader = script_loader(moco, moco.TwoViews, args.data, args.split, args.batch_size, w,
-                                           args.img_size, device)
+                    loader, n_images = script_loader(moco, moco.TwoViews, args.data, args.split, args.batch_size,
+                                                     w, args.img_size, device)
                     consume = lambda b: [v.to(device, non_blocking=True) for v in b[0]]  # noqa: E731
                     decode = "PIL in the workers (CPU), two views"
                 else:
-                    loader = bytes_loader(args.data, args.split, args.batch_size, w, device)
+                    loader, n_images, n_batches = bytes_loader(args.data, args.split, args.batch_size, w, device)
                     consume = DecodeOnDevice(args.img_size, device)
                     decode = consume.decoder
-                n_images = len(loader.dataset)
-                if len(loader) == 0:
-                    raise ValueError(f"{n_images} images in {args.split}, fewer than one --batch-size "
-                                     f"{args.batch_size}")
+                    if n_batches == 0:
+                        raise ValueError(f"{n_images} images in {args.split}, fewer than one --batch-size "
+                                         f"{args.batch_size}")
                 r = measure(loader, consume, device, args.seconds, args.batch_size)
             except Exception as e:  # noqa: BLE001 (e.g. the scripts' StopRun for a too small folder: report, go on)
                 # a StopRun (each script has its own): its one line

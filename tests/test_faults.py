@@ -30,7 +30,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODULES = {"mae": mae, "moco": moco, "graft": graft, "mimco": mimco, "micl": micl, "hybrid": hybrid}
 # 160 images / batch 32 = 5 steps per epoch, 10 in all; a log line and a checkpoint after every step.
 COMMON = ["--model", "vit_mini", "--img-size", "32", "--patch-size", "8", "--batch-size", "32", "--epochs", "2",
-          "--warmup-epochs", "1", "--blr", "1e-3", "--num-workers", "0", "--log-every", "1", "--save-every-steps", "1"]
+          "--warmup-epochs", "1", "--blr", "1e-3", "--num-workers", "0", "--log-every", "1",
+          "--save-every-minutes", "1e-9"]
 HEADS = ["--moco-dim", "16", "--moco-mlp-dim", "32"]
 DECODER = ["--decoder-embed-dim", "32", "--decoder-depth", "1", "--decoder-num-heads", "2"]
 
@@ -201,7 +202,7 @@ def test_processes_stop_together_and_torchrun_restarts_resume(image_root, stage1
 def test_sigterm_to_the_whole_process_group_saves(image_root, stage1, tmp_path):
     """A scheduler's SIGTERM reaches the DataLoader workers too, often twice in a row (slurmstepd, then torchrun):
     the workers ignore it, the main process finishes its step, saves and stops with its one line."""
-    args = argv("mae", image_root, tmp_path, stage1, "--num-workers", "2", "--save-every-steps", "0")
+    args = argv("mae", image_root, tmp_path, stage1, "--num-workers", "2", "--save-every-minutes", "0")
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "helpers.py"), "mae.py", *args], cwd=ROOT,
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, text=True,
                             stderr=subprocess.PIPE, start_new_session=True)
@@ -222,7 +223,7 @@ def test_a_diverged_run_saves_nothing(script, image_root, stage1, tmp_path):
     """--blr 1e6: the loss or the weights turn non-finite; no checkpoint.pt or encoder.pt is written with them."""
     torch.set_num_threads(1)
     code = run_as_main(f"{script}.py", argv(script, image_root, tmp_path, stage1, "--blr", "1e6", "--max-steps", "5",
-                                            "--save-every-steps", "0", "--log-every", "20"))
+                                            "--save-every-minutes", "0", "--log-every", "20"))
     assert isinstance(code, str) and "\n" not in code, code
     assert "non-finite loss" in code or "are not finite" in code, code
     assert "--blr 1000000.0" in code and "nothing saved yet" in code, code
@@ -363,9 +364,9 @@ def test_output_folder_faults(image_root, stage1, tmp_path):
     original = mae.save_checkpoint
     mae.save_checkpoint = lambda obj, path: (saves.append(obj.get("step")), original(obj, path))
     try:
-        mae.main(argv("mae", image_root, tmp_path / "t", stage1, "--save-every-steps", "0", "--save-every-minutes",
+        mae.main(argv("mae", image_root, tmp_path / "t", stage1, "--save-every-minutes",
                       "1e-9", "--max-steps", "3"))
-        mae.main(argv("mae", image_root, tmp_path / "u", stage1, "--save-every-steps", "0", "--save-every-minutes",
+        mae.main(argv("mae", image_root, tmp_path / "u", stage1, "--save-every-minutes",
                       "0", "--keep-every-epochs", "1"))
     finally:
         mae.save_checkpoint = original
