@@ -516,11 +516,14 @@ class Run:
         if self.device.type == "cpu" and torch.get_num_threads() > 1:  # (idle OpenMP threads spin, taking turns)
             print0(f"note: {torch.get_num_threads()} CPU threads; with other work running, OMP_NUM_THREADS=1 is faster")
 
-    def on_signal(self, signum, frame):  # end_step saves after this step, then stops (a repeat changes nothing)
-        self.signal = self.signal or signum
+    def on_signal(self, signum, frame):
+        if not self.signal:
+            self.signal, self.signal_at = signum, time.monotonic()  # end_step saves after this step, then stops
+        elif time.monotonic() - self.signal_at > 5:  # schedulers may send the same one twice at once: not a repeat
+            sys.exit(f"error: {signal.Signals(signum).name} again: stopped at once; {self.saved}")
 
     def agree(self, error):
-        """A process's error (a message or None) stops them all: one all-reduce, so that none waits for the others."""
+        """Called by every process at the same point: if one has an error (a message, else None), all get one."""
         if self.world_size > 1:
             failed = torch.tensor([error is not None], device=self.device)
             dist.all_reduce(failed, dist.ReduceOp.MAX)
@@ -540,15 +543,16 @@ class Run:
             Seeded(dataset), self.args.batch_size // self.world_size, sampler=items, num_workers=self.args.num_workers,
             pin_memory=self.device.type == "cuda", drop_last=True, worker_init_fn=ignore_stop_signals)
 
-    def epoch_items(self, epoch):
-        """This process's (index, seed of its augmentation) pairs of the epoch, from the step the run is at: a seeded
+    def epoch_items(self, epoch, start=0):
+        """This process's (index, seed of its augmentation) pairs of the epoch from its step `start` on: a seeded
         permutation cut to whole global batches; global batch k is its positions [k*B, (k+1)*B), of which process r
         takes every W-th from r. So a run resumed mid-epoch sees the rest of the epoch as it would have."""
-        n, g = self.steps_per_epoch * self.args.batch_size, torch.Generator().manual_seed(self.args.seed + epoch)
+        g = torch.Generator().manual_seed(self.args.seed + epoch)
+        n = self.steps_per_epoch * self.args.batch_size
         order = torch.randperm(self.images, generator=g)[:n].tolist()
         seeds = torch.randint(-2**63, 2**63 - 1, (n,), generator=g).tolist()
-        start = (self.step - epoch * self.steps_per_epoch) * self.args.batch_size + self.rank
-        return list(zip(order[start::self.world_size], seeds[start::self.world_size]))
+        first = start * self.args.batch_size + self.rank
+        return list(zip(order[first::self.world_size], seeds[first::self.world_size]))
 
     def resume(self, model, optimizer, scaler, may_change=()):
         """Load checkpoint.pt if there is one, refusing one of another run (may_change: the script's own flags that a
@@ -622,7 +626,7 @@ class Run:
         if self.args.max_steps is not None and self.step >= self.args.max_steps:
             return
         start = self.step - epoch * self.steps_per_epoch
-        for self.it, batch in enumerate(tqdm(loader(self.epoch_items(epoch)), f"epoch {epoch}", initial=start,
+        for self.it, batch in enumerate(tqdm(loader(self.epoch_items(epoch, start)), f"epoch {epoch}", initial=start,
                                              total=self.steps_per_epoch, disable=not self.is_main, leave=False,
                                              dynamic_ncols=True), start):
             torch.manual_seed(hash((self.args.seed, self.step, self.rank)))
@@ -781,7 +785,8 @@ def in_memory_loader(run, dataset, batch_transform):
             images, labels = load_or_decode(run, dataset, shape, path)
         dist.barrier(group=wait)
         dist.destroy_process_group(wait)
-    run.memory, b = (images.to(run.device), labels.to(run.device), batch_transform), a.batch_size // run.world_size
+    run.memory = images.to(run.device), labels.to(run.device), batch_transform
+    b = a.batch_size // run.world_size
     return lambda items: [items[i:i + b] for i in range(0, len(items), b)]
 
 

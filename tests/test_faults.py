@@ -199,6 +199,46 @@ def test_processes_stop_together_and_torchrun_restarts_resume(image_root, stage1
     assert_same(weights(tmp_path / "ref"), weights(tmp_path / "cut"))
 
 
+def _ddp_fail(rank, world_size, args, fail, out):
+    """mae.main in one of two processes; rank 0 alone takes run.lock and writes checkpoints. fail == "save": its
+    every save fails (a full disk)."""
+    if rank == 0 and fail == "save":
+        def full_disk(obj, path):
+            raise mae.StopRun(f"could not write {path} (OSError: No space left on device)")
+        mae.save_checkpoint = full_disk
+    try:
+        mae.main(args)
+        message = "done"
+    except mae.StopRun as e:
+        message = str(e)
+    with open(os.path.join(out, f"{fail}{rank}.txt"), "w") as f:
+        f.write(message)
+
+
+@pytest.mark.timeout(240)
+def test_a_failure_of_rank_0_stops_both(image_root, stage1, tmp_path):
+    """When rank 0 cannot take the folder or cannot save, rank 1 stops with it (Run.agree) instead of waiting in the
+    next collective: each ends with one line, and nothing is written."""
+    out = tmp_path / "o"
+    os.makedirs(out)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out / "run.lock")], stdout=subprocess.PIPE,
+                              text=True)
+    child = int(holder.stdout.readline())
+    try:
+        run_ddp(_ddp_fail, argv("mae", image_root, out, stage1, "--max-steps", "2"), "lock", str(tmp_path))
+    finally:
+        holder.kill()
+        holder.wait()
+        os.kill(child, signal.SIGKILL)
+    run_ddp(_ddp_fail, argv("mae", image_root, tmp_path / "s", stage1, "--max-steps", "2"), "save", str(tmp_path))
+    lock0, lock1, save0, save1 = (open(tmp_path / f"{f}{r}.txt").read() for f in ("lock", "save") for r in (0, 1))
+    assert "is in use by another run (host some-node, pid 1234)" in lock0, lock0
+    assert lock1 == "another process stopped (its line says why)", lock1
+    assert save0.startswith("could not write ") and save0.endswith("; nothing saved yet"), save0
+    assert save1 == "another process stopped (its line says why); nothing saved yet", save1
+    assert not os.path.exists(out / "checkpoint.pt") and not os.path.exists(tmp_path / "s" / "checkpoint.pt")
+
+
 def test_sigterm_to_the_whole_process_group_saves(image_root, stage1, tmp_path):
     """A scheduler's SIGTERM reaches the DataLoader workers too, often twice in a row (slurmstepd, then torchrun):
     the workers ignore it, the main process finishes its step, saves and stops with its one line."""
@@ -364,10 +404,9 @@ def test_output_folder_faults(image_root, stage1, tmp_path):
     original = mae.save_checkpoint
     mae.save_checkpoint = lambda obj, path: (saves.append(obj.get("step")), original(obj, path))
     try:
-        mae.main(argv("mae", image_root, tmp_path / "t", stage1, "--save-every-minutes",
-                      "1e-9", "--max-steps", "3"))
-        mae.main(argv("mae", image_root, tmp_path / "u", stage1, "--save-every-minutes",
-                      "0", "--keep-every-epochs", "1"))
+        mae.main(argv("mae", image_root, tmp_path / "t", stage1, "--max-steps", "3"))  # COMMON: 1e-9 minutes
+        mae.main(argv("mae", image_root, tmp_path / "u", stage1, "--save-every-minutes", "0",
+                      "--keep-every-epochs", "1"))
     finally:
         mae.save_checkpoint = original
     # (t) every step, encoder.pt; (u) epoch ends + kept copies, encoder.pt
