@@ -681,9 +681,12 @@ class Run:
         self.images, self.steps_per_epoch = len(dataset), len(dataset) // self.args.batch_size
         if self.args.in_memory:  # --in-memory
             return in_memory_loader(self, dataset, batch_transform)  # --in-memory
-        return lambda items: torch.utils.data.DataLoader(
-            Seeded(dataset), self.args.batch_size // self.world_size, sampler=items, num_workers=self.args.num_workers,
-            pin_memory=self.device.type == "cuda", drop_last=True, worker_init_fn=ignore_stop_signals)
+
+        def epoch_loader(items):  # batches() calls it once an epoch (workers restart every epoch anyway)
+            return torch.utils.data.DataLoader(Seeded(dataset), self.args.batch_size // self.world_size, sampler=items,
+                                               num_workers=self.args.num_workers, pin_memory=self.device.type == "cuda",
+                                               drop_last=True, worker_init_fn=ignore_stop_signals)
+        return epoch_loader
 
     def epoch_items(self, epoch, start=0):
         """This process's (index, seed of its augmentation) pairs of the epoch from its step `start` on: a seeded
