@@ -168,12 +168,17 @@ def _ddp(rank, world_size, args, term_rank, out):
     """mae.main in one of two processes; only term_rank gets SIGTERM, during its 3rd step."""
     if rank == term_rank:
         mae.set_lr = term_at(mae, 3)
+    main_to_file(args, os.path.join(out, f"rank{rank}.txt"))
+
+
+def main_to_file(args, path):
+    """mae.main(args), then its outcome ("done" or the StopRun's message) written to path."""
     try:
         mae.main(args)
         message = "done"
     except mae.StopRun as e:
         message = str(e)
-    with open(os.path.join(out, f"rank{rank}.txt"), "w") as f:
+    with open(path, "w") as f:
         f.write(message)
 
 
@@ -206,13 +211,7 @@ def _ddp_fail(rank, world_size, args, fail, out):
         def full_disk(obj, path):
             raise mae.StopRun(f"could not write {path} (OSError: No space left on device)")
         mae.save_checkpoint = full_disk
-    try:
-        mae.main(args)
-        message = "done"
-    except mae.StopRun as e:
-        message = str(e)
-    with open(os.path.join(out, f"{fail}{rank}.txt"), "w") as f:
-        f.write(message)
+    main_to_file(args, os.path.join(out, f"{fail}{rank}.txt"))
 
 
 @pytest.mark.timeout(240)
