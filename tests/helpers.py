@@ -19,10 +19,20 @@ def vit_mini(cls=vit.VisionTransformer, **kw):
 vit.MODELS.setdefault("vit_mini", vit_mini)
 
 
+_given_ports = set()
+
+
 def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port nothing listens on now and that this process has not handed out before. The OS may give the same
+    ephemeral port twice in a row, and a test that calls free_port() for its second process group while run_ddp
+    takes one for the first must get two ports: one store still bound to the first makes the second EADDRINUSE."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _given_ports:
+            _given_ports.add(port)
+            return port
 
 
 def _entry(rank, world_size, port, fn, args):
